@@ -1,0 +1,32 @@
+"""edgellm convert_weight CONFIG --quantization Q -o DIR"""
+
+from __future__ import annotations
+
+import argparse
+
+from edgellm.quantization.modes import QUANTIZATION_MODES
+from edgellm.weights.source import SOURCE_FORMATS
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="HF model directory, its config.json, or a .gguf file")
+    p.add_argument("--quantization", required=True, help=f"one of {', '.join(QUANTIZATION_MODES)}")
+    p.add_argument("-o", "--output", required=True, help="output directory")
+    p.add_argument("--model-type", default="auto", help="auto (from config.json) or a model type")
+    p.add_argument("--device", default="cpu", help="device used to quantize (cpu, cuda, mps)")
+    p.add_argument("--source", default=None, help="weights path if not beside CONFIG")
+    p.add_argument("--source-format", default="auto", help=f"one of {', '.join(SOURCE_FORMATS)}")
+    p.add_argument("--lora-adapter", default=None, help="PEFT LoRA adapter directory to merge")
+    p.add_argument("--force", action="store_true", help="write into a directory holding other files")
+
+
+def run(args: argparse.Namespace) -> int:
+    from edgellm.weights.convert import convert_weight
+
+    manifest = convert_weight(args.config, args.quantization, args.output, model_type=args.model_type,
+                              device=args.device, source=args.source, source_format=args.source_format,
+                              lora_adapter=args.lora_adapter, force=args.force)
+    meta = manifest["metadata"]
+    print(f"Wrote {len(manifest['records'])} shards to {args.output}: {meta['ParamSize']:,} parameters, "
+          f"{meta['ParamBytes'] / 2**20:.1f} MiB, {meta['BitsPerParam']:.2f} bits/param")
+    return 0

@@ -1,0 +1,72 @@
+"""mlc-chat-config.json: what gen_config writes and every runtime reads."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from edgellm.errors import UserError
+
+CHAT_CONFIG = "mlc-chat-config.json"
+VERSION = "0.1.0"
+
+
+@dataclass
+class ChatConfig:
+    model_type: str
+    quantization: str
+    model_config: dict
+    vocab_size: int
+    context_window_size: int = 4096
+    sliding_window_size: int = -1
+    prefill_chunk_size: int = 2048
+    attention_sink_size: int = -1
+    tensor_parallel_shards: int = 1
+    pipeline_parallel_stages: int = 1
+    max_batch_size: int = 128
+    temperature: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    top_p: float = 1.0
+    conv_template: dict | str = "LM"
+    pad_token_id: int = 0
+    bos_token_id: int | None = 1
+    eos_token_id: int | list[int] | None = 2
+    tokenizer_files: list[str] = field(default_factory=list)
+    tokenizer_info: dict = field(default_factory=dict)
+    version: str = VERSION
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ChatConfig:
+        known = {f.name for f in fields(cls)}
+        missing = [k for k in ("model_type", "quantization", "model_config") if k not in d]
+        if missing:
+            raise UserError(f"{CHAT_CONFIG} lacks {missing[0]!r}")
+        kwargs = {k: v for k, v in d.items() if k in known}
+        kwargs.setdefault("vocab_size", d["model_config"].get("vocab_size", 0))
+        return cls(**kwargs)
+
+    @property
+    def eos_ids(self) -> list[int]:
+        e = self.eos_token_id
+        return [] if e is None else list(e) if isinstance(e, list) else [e]
+
+    def save(self, out_dir: Path) -> Path:
+        path = out_dir / CHAT_CONFIG
+        path.write_text(json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        return path
+
+
+def load_chat_config(model_dir: Path) -> ChatConfig:
+    path = model_dir / CHAT_CONFIG
+    if not path.exists():
+        raise UserError(f"{model_dir} has no {CHAT_CONFIG} (run `edgellm gen_config` first)")
+    try:
+        return ChatConfig.from_dict(json.loads(path.read_text(encoding="utf-8")))
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path} is not valid JSON: {e}") from None

@@ -1,0 +1,115 @@
+"""gen_config: write mlc-chat-config.json and the tokenizer files next to converted weights."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from edgellm.config import ChatConfig
+from edgellm.errors import UserError
+from edgellm.models.registry import get_family
+from edgellm.quantization.modes import get_mode
+from edgellm.weights.hf_reader import hf_config, read_json
+from edgellm.weights.source import find_gguf, resolve_config
+from edgellm.weights.staging import staged_output
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
+                   "tokenizer.model", "added_tokens.json", "special_tokens_map.json")
+SLIDING_WINDOW_FAMILIES = ("mistral", "gemma2")
+
+
+def _sampling_defaults(gen: dict) -> dict:
+    out = {}
+    for key in ("temperature", "top_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
+        if gen.get(key) is not None:
+            out[key] = float(gen[key])
+    if gen.get("do_sample") is False:
+        out["temperature"] = 0.0
+    return out
+
+
+def _conv_template(name: str, tok_config: dict) -> dict | str:
+    if name == "auto":
+        if not tok_config.get("chat_template"):
+            from edgellm.tokenizer.conversation import TEMPLATE_NAMES
+
+            raise UserError("--conv-template auto needs a chat_template in tokenizer_config.json; "
+                            f"this model has none, pick one of: {', '.join(TEMPLATE_NAMES)}")
+        return "auto"
+    from edgellm.tokenizer.conversation import get_template
+
+    return get_template(name).to_dict()
+
+
+def gen_config(config: str | Path, quantization: str, conv_template: str, output: str | Path, *,
+               model_type: str = "auto", context_window_size: int | None = None,
+               sliding_window_size: int | None = None, prefill_chunk_size: int | None = None,
+               tensor_parallel_shards: int | None = None, max_batch_size: int | None = None,
+               force: bool = False) -> ChatConfig:
+    """Write `output/mlc-chat-config.json` and tokenizer files; returns the config written."""
+    get_mode(quantization)
+    path = resolve_config(config)
+    gguf = find_gguf(path)
+    if gguf is not None:
+        from edgellm.weights.gguf_reader import GGUFSource
+
+        src = GGUFSource(gguf)
+        hf, gen, tok_dir = dict(src.hf_config), {}, None
+    else:
+        src = None
+        hf = hf_config(path)
+        gen = read_json(path / "generation_config.json") if (path / "generation_config.json").exists() else {}
+        tok_dir = path
+    mt = hf.get("model_type") if model_type in (None, "", "auto") else model_type
+    family = get_family(mt)
+    arch = family.parse_config(hf)
+    sizes = {"context-window-size": context_window_size, "prefill-chunk-size": prefill_chunk_size,
+             "max-batch-size": max_batch_size, "tensor-parallel-shards": tensor_parallel_shards}
+    for name, value in sizes.items():
+        if value is not None and value <= 0:
+            raise UserError(f"--{name} must be positive, got {value}")
+    if tensor_parallel_shards not in (None, 1):
+        raise UserError("--tensor-parallel-shards > 1 is not supported on CPU; use 1")
+    window = -1
+    hf_window = hf.get("sliding_window")
+    if mt in SLIDING_WINDOW_FAMILIES and hf_window and hf.get("use_sliding_window", True) is not False:
+        window = int(hf_window)
+    if sliding_window_size is not None:
+        window = sliding_window_size
+    ctx = context_window_size or arch.max_position_embeddings
+    chunk = min(prefill_chunk_size or 2048, ctx)
+
+    with staged_output(Path(output), force=force) as stage:
+        written = []
+        if src is not None:
+            written = src.write_tokenizer(stage)
+        else:
+            for fname in TOKENIZER_FILES:
+                if (tok_dir / fname).exists():
+                    shutil.copy(tok_dir / fname, stage / fname)
+                    written.append(fname)
+        if "tokenizer.json" not in written:
+            raise UserError(f"{path} has no tokenizer.json (a fast tokenizer is needed)")
+        tok_config = json.loads((stage / "tokenizer_config.json").read_text(encoding="utf-8")) \
+            if "tokenizer_config.json" in written else {}
+        eos = gen.get("eos_token_id", hf.get("eos_token_id"))
+        cfg = ChatConfig(
+            model_type=family.__name__.rsplit(".", 1)[1],
+            quantization=quantization,
+            model_config=hf,
+            vocab_size=arch.vocab_size,
+            context_window_size=ctx,
+            sliding_window_size=window,
+            prefill_chunk_size=chunk,
+            tensor_parallel_shards=1,
+            max_batch_size=max_batch_size or 128,
+            conv_template=_conv_template(conv_template, tok_config),
+            pad_token_id=int(hf.get("pad_token_id") or gen.get("pad_token_id") or 0),
+            bos_token_id=gen.get("bos_token_id", hf.get("bos_token_id")),
+            eos_token_id=eos,
+            tokenizer_files=written,
+            **_sampling_defaults(gen),
+        )
+        cfg.save(stage)
+    return cfg

@@ -1,0 +1,138 @@
+"""Building blocks shared by the model families.
+
+A forward step takes the new tokens of one or more sequences flattened into one row
+([T] ids), a `Step` that says which sequence owns which rows, and a KV cache object that
+stores keys/values and computes attention (`cache.attend`). Shapes in comments:
+T = tokens in the step, H = query heads, KVH = key/value heads, D = head dim.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class Step:
+    """Which rows of a flattened step belong to which sequence."""
+
+    slots: list[int]  # KV-cache slot of each sequence
+    starts: list[int]  # absolute position of each sequence's first new token
+    lengths: list[int]  # new tokens per sequence (their rows are consecutive, in this order)
+    positions: torch.Tensor = field(default=None)  # [T] int64 absolute positions
+    logit_rows: torch.Tensor | None = None  # rows to compute logits for; None = all rows
+
+    def __post_init__(self) -> None:
+        if self.positions is None:
+            self.positions = torch.cat(
+                [torch.arange(s, s + n, dtype=torch.int64) for s, n in zip(self.starts, self.lengths)])
+
+    @classmethod
+    def single(cls, start: int, length: int, slot: int = 0, last_only: bool = False) -> Step:
+        rows = torch.tensor([length - 1]) if last_only else None
+        return cls([slot], [start], [length], logit_rows=rows)
+
+
+class KVCacheLike(Protocol):
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: Step, *,
+               scale: float, window: int | None = None, softcap: float | None = None) -> torch.Tensor:
+        """Store k, v [T, KVH, D] for the step's rows and return attention output [T, H, D]."""
+        ...
+
+
+class RMSNorm(nn.Module):
+    """RMS norm; `offset=1.0` gives Gemma's (1 + w) scaling."""
+
+    def __init__(self, dim: int, eps: float, offset: float = 0.0):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
+        self.eps, self.offset = eps, offset
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        w = self.weight.float() + self.offset if self.offset else self.weight.float()
+        return (out * w).to(x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [T, heads, D]; cos/sin [T, Drot]; rotates the first Drot dims (partial rotary)."""
+    rot = cos.shape[-1]
+    cos, sin = cos.unsqueeze(1).to(x.dtype), sin.unsqueeze(1).to(x.dtype)
+    if rot == x.shape[-1]:
+        return x * cos + rotate_half(x) * sin
+    xr, xp = x[..., :rot], x[..., rot:]
+    return torch.cat([xr * cos + rotate_half(xr) * sin, xp], dim=-1)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_start: int, k_start: int, *,
+              scale: float, window: int | None = None, softcap: float | None = None) -> torch.Tensor:
+    """Causal attention of one sequence.
+
+    q [H, Tq, D] at positions q_start.., k/v [KVH, Tk, D] at positions k_start..; a key is
+    visible when k_pos <= q_pos and (no window or q_pos - k_pos < window).
+    """
+    tq, tk = q.shape[1], k.shape[1]
+    q_end, k_end = q_start + tq, k_start + tk
+    fits_window = window is None or (q_end - 1 - k_start) < window
+    mask, is_causal = None, False
+    if fits_window and tq == 1 and q_end == k_end:
+        pass  # one new token that sees every cached key
+    elif fits_window and tq == tk and q_start == k_start:
+        is_causal = tq > 1
+    else:
+        qp = torch.arange(q_start, q_end).unsqueeze(1)
+        kp = torch.arange(k_start, k_end).unsqueeze(0)
+        mask = kp <= qp
+        if window is not None:
+            mask &= (qp - kp) < window
+    if softcap is None:
+        return F.scaled_dot_product_attention(
+            q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), attn_mask=mask, is_causal=is_causal,
+            scale=scale, enable_gqa=q.shape[0] != k.shape[0]).squeeze(0)
+    rep = q.shape[0] // k.shape[0]
+    if rep > 1:
+        k, v = k.repeat_interleave(rep, 0), v.repeat_interleave(rep, 0)
+    scores = torch.matmul(q, k.transpose(1, 2)) * scale
+    scores = torch.tanh(scores / softcap) * softcap
+    if is_causal:
+        mask = torch.ones(tq, tk, dtype=torch.bool).tril()
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.matmul(torch.softmax(scores.float(), dim=-1).to(q.dtype), v)
+
+
+ACTIVATIONS = {
+    "silu": F.silu,
+    "swish": F.silu,
+    "gelu": F.gelu,
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_fast": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+}
+
+
+class RopeCache(nn.Module):
+    """cos/sin tables looked up by absolute position."""
+
+    def __init__(self, cos: torch.Tensor, sin: torch.Tensor):
+        super().__init__()
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.cos[positions], self.sin[positions]
+
+
+def select_rows(h: torch.Tensor, step: Step) -> torch.Tensor:
+    return h if step.logit_rows is None else h[step.logit_rows]

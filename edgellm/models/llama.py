@@ -1,0 +1,134 @@
+"""Llama (Llama-2/3/3.1/3.2, SmolLM2, TinyLlama); its layers are reused by the other families.
+
+Fused projections: qkv_proj = [q; k; v] rows, gate_up_proj = [gate; up] rows.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from edgellm.models.base import ACTIVATIONS, KVCacheLike, RMSNorm, RopeCache, Step, apply_rope, select_rows
+from edgellm.models.config import ArchConfig, llama_like
+from edgellm.models.rope import rope_table
+from edgellm.quantization.layers import make_embedding, make_linear, make_lm_head, tied_logits
+from edgellm.quantization.modes import QuantMode
+
+# HF tensors fused into one of ours: ours -> HF parts, in row order.
+HF_FUSED = {
+    "self_attn.qkv_proj": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+    "mlp.gate_up_proj": ["mlp.gate_proj", "mlp.up_proj"],
+}
+# Our names -> MLC-LLM's names on disk (substring renames); none for llama.
+DISK_NAMES: list[tuple[str, str]] = []
+
+
+def parse_config(hf: dict) -> ArchConfig:
+    return llama_like(hf)
+
+
+def hf_rename(name: str) -> str | None:
+    """HF tensor name -> ours (before fusion); None drops it."""
+    return None if "rotary_emb.inv_freq" in name else name
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ArchConfig, layer: int, mode: QuantMode | None, dtype: torch.dtype):
+        super().__init__()
+        self.cfg, self.layer, self.window = cfg, layer, cfg.windows[layer] if cfg.windows else None
+        q_out, kv_out = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        self.qkv_proj = make_linear(cfg.hidden_size, q_out + 2 * kv_out, cfg.attention_bias, mode, dtype)
+        self.o_proj = make_linear(q_out, cfg.hidden_size, cfg.o_bias, mode, dtype)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
+        self.split_sizes = [q_out, kv_out, kv_out]
+
+    def split_qkv(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """[T, (H + 2 KVH) D] -> q [T, H, D], k, v [T, KVH, D]."""
+        t, c = qkv.shape[0], self.cfg
+        q, k, v = qkv.split(self.split_sizes, dim=-1)
+        return (q.view(t, c.num_heads, c.head_dim), k.view(t, c.num_kv_heads, c.head_dim),
+                v.view(t, c.num_kv_heads, c.head_dim))
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, step: Step,
+                cache: KVCacheLike) -> torch.Tensor:
+        q, k, v = self.split_qkv(self.qkv_proj(x))
+        if self.cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        o = cache.attend(self.layer, q, k, v, step, scale=self.cfg.scale, window=self.window,
+                         softcap=self.cfg.attn_softcap)
+        return self.o_proj(o.reshape(x.shape[0], -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ArchConfig, mode: QuantMode | None, dtype: torch.dtype):
+        super().__init__()
+        self.inter = cfg.intermediate_size
+        self.gate_up_proj = make_linear(cfg.hidden_size, 2 * self.inter, cfg.mlp_bias, mode, dtype)
+        self.down_proj = make_linear(self.inter, cfg.hidden_size, cfg.mlp_bias, mode, dtype)
+        self.act = ACTIVATIONS[cfg.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).split(self.inter, dim=-1)
+        return self.down_proj(self.act(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ArchConfig, layer: int, mode: QuantMode | None, dtype: torch.dtype):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.self_attn = Attention(cfg, layer, mode, dtype)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.mlp = MLP(cfg, mode, dtype)
+
+    def forward(self, x, cos, sin, step, cache):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, step, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Inner(nn.Module):
+    """The `model.` prefix of HF names."""
+
+    def __init__(self, cfg: ArchConfig, mode: QuantMode | None, dtype: torch.dtype, block=Block):
+        super().__init__()
+        self.embed_tokens = make_embedding(cfg.vocab_size, cfg.hidden_size, mode, dtype)
+        self.layers = nn.ModuleList(block(cfg, i, mode, dtype) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+
+
+class Model(nn.Module):
+    """Causal LM: token ids [T] -> logits [R, vocab] (float32) for the step's logit rows."""
+
+    block = Block
+
+    def __init__(self, cfg: ArchConfig, mode: QuantMode | None = None, max_positions: int = 4096,
+                 dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.cfg = cfg
+        self.model = Inner(cfg, mode, dtype, self.block)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = make_lm_head(cfg.hidden_size, cfg.vocab_size, mode, dtype)
+        with torch.device("cpu"):  # real tables even when the weights are built on "meta"
+            self.rope = RopeCache(*rope_table(cfg.rope, cfg.rot_dim, max_positions))
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model.embed_tokens(ids)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        if self.cfg.tie_word_embeddings:
+            out = tied_logits(self.model.embed_tokens, h)
+        else:
+            out = self.lm_head(h)
+        out = out.float()
+        if self.cfg.final_softcap:
+            out = torch.tanh(out / self.cfg.final_softcap) * self.cfg.final_softcap
+        return out
+
+    def forward(self, ids: torch.Tensor, step: Step, cache: KVCacheLike) -> torch.Tensor:
+        x = self.embed(ids)
+        cos, sin = self.rope(step.positions)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, step, cache)
+        return self.logits(self.model.norm(select_rows(x, step)))

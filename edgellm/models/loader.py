@@ -1,0 +1,92 @@
+"""Build a model from its chat config and load a converted directory's weights into it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import ModuleType
+
+import torch
+from torch import nn
+
+from edgellm.config import ChatConfig, load_chat_config
+from edgellm.errors import UserError
+from edgellm.models.config import ArchConfig
+from edgellm.models.mapping import from_disk_name
+from edgellm.models.registry import get_family
+from edgellm.quantization.layers import QuantEmbedding, QuantLinear
+from edgellm.quantization.modes import QuantMode, get_mode
+from edgellm.weights.tensor_cache import read_tensors
+
+
+def arch_config(cfg: ChatConfig, family: ModuleType | None = None) -> ArchConfig:
+    """The family's ArchConfig, with gen_config's sliding window override applied."""
+    family = family or get_family(cfg.model_type)
+    arch = family.parse_config(cfg.model_config)
+    if cfg.sliding_window_size and cfg.sliding_window_size > 0:
+        arch.windows = [cfg.sliding_window_size if w is not None else None for w in arch.windows]
+    return arch
+
+
+def build_model(family: ModuleType, arch: ArchConfig, mode: QuantMode | None, max_positions: int,
+                dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The model with its weights on the meta device (no memory), ready for `assign` loading."""
+    with torch.device("meta"):
+        return family.Model(arch, mode, max_positions=max_positions, dtype=dtype)
+
+
+def expected_tensors(model: nn.Module) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Logical weights the converter must produce: name -> (shape, kind).
+
+    kind is "quant" for quantized layers (written as .q_weight/.q_scale), else "plain".
+    """
+    out: dict[str, tuple[tuple[int, ...], str]] = {}
+    quant_prefixes = set()
+    for prefix, mod in model.named_modules():
+        if isinstance(mod, QuantLinear):
+            out[f"{prefix}.weight"] = ((mod.out_features, mod.in_features), "quant")
+            quant_prefixes.add(prefix)
+        elif isinstance(mod, QuantEmbedding):
+            out[f"{prefix}.weight"] = ((mod.num_embeddings, mod.embedding_dim), "quant")
+            quant_prefixes.add(prefix)
+    for name, t in model.state_dict().items():
+        prefix = name.rsplit(".", 1)[0]
+        if prefix in quant_prefixes and name.rsplit(".", 1)[1] in ("q_weight", "q_scale"):
+            continue
+        out[name] = (tuple(t.shape), "plain")
+    return out
+
+
+def load_model(model_dir: str | Path, *, device: str = "cpu", use_mmap: bool = False,
+               dtype: torch.dtype = torch.float32, max_positions: int | None = None,
+               verify: bool = True) -> tuple[nn.Module, ChatConfig]:
+    """(model ready for inference, its chat config) from a converted directory."""
+    model_dir = Path(model_dir)
+    cfg = load_chat_config(model_dir)
+    family = get_family(cfg.model_type)
+    mode = get_mode(cfg.quantization)
+    arch = arch_config(cfg, family)
+    model = build_model(family, arch, mode, max_positions or cfg.context_window_size, dtype)
+    want = model.state_dict()
+    state: dict[str, torch.Tensor] = {}
+    for disk_name, t in read_tensors(model_dir, use_mmap=use_mmap, verify=verify):
+        name = from_disk_name(family, disk_name)
+        if name not in want:
+            if arch.tie_word_embeddings and name.startswith("lm_head."):
+                continue  # some writers keep a copy of the tied embedding
+            raise UserError(f"{model_dir}: unexpected tensor {disk_name} for {cfg.model_type}")
+        ref = want[name]
+        if tuple(t.shape) != tuple(ref.shape):
+            raise UserError(f"{model_dir}: tensor {disk_name} has shape {list(t.shape)}, "
+                            f"the config needs {list(ref.shape)}")
+        if ref.dtype.is_floating_point and t.dtype != ref.dtype:
+            t = t.to(ref.dtype)
+        state[name] = t.to(device) if device != "cpu" else t
+    missing = [k for k in want if k not in state]
+    if missing:
+        raise UserError(f"{model_dir}: weights lack {missing[0]} ({len(missing)} tensors missing)")
+    model.load_state_dict(state, assign=True, strict=True)
+    model.requires_grad_(False)
+    model.eval()
+    if device != "cpu":
+        model.to(device)
+    return model, cfg

@@ -1,0 +1,45 @@
+"""model_type -> family module.
+
+A family module provides: `parse_config(hf: dict) -> ArchConfig`, `Model(cfg, mode,
+max_positions, dtype)`, `HF_FUSED` (our fused tensor -> its HF parts), `hf_rename(name)`
+(HF name -> ours or None) and `DISK_NAMES` (our names -> MLC-LLM's on-disk names).
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+from edgellm.errors import UserError
+
+MODEL_FAMILIES: dict[str, str] = {
+    "llama": "edgellm.models.llama",
+    "mistral": "edgellm.models.mistral",
+    "qwen2": "edgellm.models.qwen2",
+    "qwen3": "edgellm.models.qwen3",
+    "phi3": "edgellm.models.phi3",
+    "gemma2": "edgellm.models.gemma2",
+    "internlm2": "edgellm.models.internlm2",
+    "gpt_neox": "edgellm.models.gpt_neox",
+}
+
+# Spellings seen in the wild for the same families.
+ALIASES = {"phi-3": "phi3", "gptneox": "gpt_neox", "internlm2_5": "internlm2", "smollm": "llama"}
+
+
+def supported() -> str:
+    return ", ".join(MODEL_FAMILIES)
+
+
+def normalize_model_type(model_type: str | None) -> str:
+    if not model_type:
+        raise UserError(f"config.json has no model_type; supported model types: {supported()}")
+    mt = ALIASES.get(model_type, model_type)
+    if mt not in MODEL_FAMILIES:
+        raise UserError(f"unsupported model_type {model_type!r}; supported model types: {supported()}")
+    return mt
+
+
+def get_family(model_type: str | None) -> ModuleType:
+    """The family module for `model_type`, or a UserError naming the supported ones."""
+    return importlib.import_module(MODEL_FAMILIES[normalize_model_type(model_type)])

@@ -1,0 +1,95 @@
+"""Linear and embedding layers that compute with quantized weights.
+
+The buffers are named as on disk (`q_weight`, `q_scale`); `repack()` may later convert them
+into whatever a faster kernel wants, keeping results unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from edgellm.quantization.modes import QuantMode
+from edgellm.quantization.pack import dequantize
+
+
+class QuantLinear(nn.Module):
+    """y = x @ dequant(q_weight, q_scale).T + bias."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, mode: QuantMode,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
+        super().__init__()
+        self.in_features, self.out_features, self.mode = in_features, out_features, mode
+        n_words = mode.packed_shape(out_features, in_features)[1]
+        self.register_buffer(
+            "q_weight", torch.empty(out_features, n_words, dtype=mode.storage_dtype, device=device))
+        self.register_buffer(
+            "q_scale", torch.empty(out_features, mode.num_groups(in_features), dtype=dtype, device=device))
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device),
+                                     requires_grad=False)
+        else:
+            self.bias = None
+
+    def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return dequantize(self.q_weight, self.q_scale, self.mode, self.in_features,
+                          dtype or self.q_scale.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.dequantized_weight(x.dtype), self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, mode={self.mode.name}"
+
+
+class QuantEmbedding(nn.Module):
+    """Embedding lookup that dequantizes only the rows it reads; also usable as a tied lm_head."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, mode: QuantMode,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim, self.mode = num_embeddings, embedding_dim, mode
+        n_words = mode.packed_shape(num_embeddings, embedding_dim)[1]
+        self.register_buffer(
+            "q_weight", torch.empty(num_embeddings, n_words, dtype=mode.storage_dtype, device=device))
+        self.register_buffer(
+            "q_scale", torch.empty(num_embeddings, mode.num_groups(embedding_dim), dtype=dtype,
+                                   device=device))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return dequantize(self.q_weight[ids.flatten()], self.q_scale[ids.flatten()], self.mode,
+                          self.embedding_dim, self.q_scale.dtype).view(*ids.shape, -1)
+
+    def as_linear(self, x: torch.Tensor) -> torch.Tensor:
+        w = dequantize(self.q_weight, self.q_scale, self.mode, self.embedding_dim, x.dtype)
+        return F.linear(x, w)
+
+
+def make_linear(in_features: int, out_features: int, bias: bool, mode: QuantMode | None,
+                dtype: torch.dtype = torch.float32) -> nn.Module:
+    """A plain nn.Linear for unquantized modes, else a QuantLinear."""
+    if mode is None or not mode.quantized:
+        return nn.Linear(in_features, out_features, bias=bias, dtype=dtype)
+    return QuantLinear(in_features, out_features, bias, mode, dtype)
+
+
+def make_embedding(num: int, dim: int, mode: QuantMode | None,
+                   dtype: torch.dtype = torch.float32) -> nn.Module:
+    if mode is None or not mode.quantized or not mode.quantize_embedding:
+        return nn.Embedding(num, dim, dtype=dtype)
+    return QuantEmbedding(num, dim, mode, dtype)
+
+
+def make_lm_head(in_features: int, vocab: int, mode: QuantMode | None,
+                 dtype: torch.dtype = torch.float32) -> nn.Module:
+    if mode is not None and mode.quantized and not mode.quantize_embedding:
+        mode = None
+    return make_linear(in_features, vocab, False, mode, dtype)
+
+
+def tied_logits(embedding: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Logits through the embedding matrix (tied word embeddings)."""
+    if isinstance(embedding, QuantEmbedding):
+        return embedding.as_linear(x)
+    return F.linear(x, embedding.weight)

@@ -1,0 +1,98 @@
+"""convert_weight: stream a checkpoint tensor by tensor, map names, quantize, write shards."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from edgellm.errors import UserError
+from edgellm.models.loader import build_model, expected_tensors
+from edgellm.models.mapping import HFMapper, to_disk_name
+from edgellm.models.registry import get_family
+from edgellm.quantization.modes import QuantMode, get_mode
+from edgellm.quantization.pack import quantize
+from edgellm.weights.lora import LoraMerger
+from edgellm.weights.source import open_source
+from edgellm.weights.staging import staged_output
+from edgellm.weights.tensor_cache import ShardWriter
+
+ROW_CHUNK = 4096  # rows quantized at once: bounds the float32 working copy of big matrices
+
+
+def quantize_rows(weight: torch.Tensor, mode: QuantMode, device: str = "cpu"
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    qs, ss = [], []
+    for start in range(0, weight.shape[0], ROW_CHUNK):
+        chunk = weight[start:start + ROW_CHUNK].to(device=device, dtype=torch.float32)
+        q, s = quantize(chunk, mode)
+        qs.append(q.cpu())
+        ss.append(s.cpu())
+    return torch.cat(qs), torch.cat(ss)
+
+
+def resolve_model_type(hf_cfg: dict, model_type: str) -> str:
+    return hf_cfg.get("model_type") if model_type in (None, "", "auto") else model_type
+
+
+def convert_weight(config: str | Path, quantization: str, output: str | Path, *,
+                   model_type: str = "auto", device: str = "cpu", source: str | Path | None = None,
+                   source_format: str = "auto", lora_adapter: str | Path | None = None,
+                   force: bool = False, progress: bool = True) -> dict:
+    """Convert a model's weights into `output`; returns the tensor-cache manifest."""
+    mode = get_mode(quantization)
+    src, hf_cfg = open_source(config, source, source_format)
+    mt = resolve_model_type(hf_cfg, model_type)
+    family = get_family(mt)
+    arch = family.parse_config(hf_cfg)
+    model = build_model(family, arch, mode, max_positions=1)
+    want = expected_tensors(model)
+    del model
+    lora = LoraMerger(lora_adapter) if lora_adapter else None
+    mapper = HFMapper(family)
+    device = "cpu" if device in ("auto", None) else device
+    written: set[str] = set()
+    with staged_output(Path(output), force=force, replaces_shards=True) as stage:
+        writer = ShardWriter(stage)
+        bar = tqdm(total=len(src.names()), desc="Converting", unit="tensor", disable=not progress,
+                   dynamic_ncols=True)
+        for hf_name, tensor in src.iter_tensors():
+            bar.update(1)
+            if lora is not None:
+                tensor = lora.apply(hf_name, tensor)
+            for name, t in mapper.feed(hf_name, tensor):
+                _write(writer, family, mode, want, name, t, arch.tie_word_embeddings, device)
+                written.add(name)
+            del tensor
+        bar.close()
+        mapper.finish()
+        if lora is not None:
+            lora.finish()
+        missing = [n for n in want if n not in written]
+        if missing:
+            raise UserError(f"the checkpoint lacks {missing[0]} ({len(missing)} tensors missing)")
+        return writer.close()
+
+
+def _write(writer: ShardWriter, family, mode: QuantMode, want: dict, name: str, t: torch.Tensor,
+           tied: bool, device: str) -> None:
+    if name not in want:
+        if tied and name.startswith("lm_head."):
+            return  # a copy of the tied embedding some checkpoints carry
+        raise UserError(f"unexpected tensor {name} for this model_type/config")
+    shape, kind = want[name]
+    if tuple(t.shape) != shape:
+        raise UserError(f"tensor {name} has shape {list(t.shape)}, the config needs {list(shape)}")
+    if kind == "quant":
+        base = name[: -len(".weight")]
+        q, s = quantize_rows(t, mode, device)
+        writer.add(to_disk_name(family, base + ".q_weight"), q,
+                   "uint32" if mode.kind == "group" else "int8", logical_numel=t.numel())
+        writer.add(to_disk_name(family, base + ".q_scale"), s, _dtype_str(mode.model_dtype), 0)
+    else:
+        writer.add(to_disk_name(family, name), t.to(mode.model_dtype), _dtype_str(mode.model_dtype))
+
+
+def _dtype_str(dtype: torch.dtype) -> str:
+    return {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}[dtype]
