@@ -69,7 +69,8 @@ def llama_like(hf: dict, window: int | None = None) -> ArchConfig:
         vocab_size=int(require(hf, "vocab_size")),
         norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
         rope=rope,
-        max_position_embeddings=int(hf.get("max_position_embeddings") or 2048),
+        max_position_embeddings=int(hf.get("max_position_embeddings") or hf.get("context_window_size")
+                                    or hf.get("max_sequence_length") or 2048),
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
         attention_bias=bool(hf.get("attention_bias", False)),
         o_bias=bool(hf.get("attention_bias", False)),

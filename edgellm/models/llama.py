@@ -109,9 +109,14 @@ class Model(nn.Module):
         self.cfg = cfg
         self.model = Inner(cfg, mode, dtype, self.block)
         if not cfg.tie_word_embeddings:
-            self.lm_head = make_lm_head(cfg.hidden_size, cfg.vocab_size, mode, dtype)
+            self.lm_head = self.build_lm_head(cfg, mode, dtype)
         with torch.device("cpu"):  # real tables even when the weights are built on "meta"
             self.rope = RopeCache(*rope_table(cfg.rope, cfg.rot_dim, max_positions))
+
+    @staticmethod
+    def build_lm_head(cfg: ArchConfig, mode: QuantMode | None, dtype: torch.dtype) -> nn.Module:
+        """The untied output layer (a family may quantize it differently)."""
+        return make_lm_head(cfg.hidden_size, cfg.vocab_size, mode, dtype)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.model.embed_tokens(ids)

@@ -15,11 +15,18 @@ class HFMapper:
     Only the parts of one fused tensor are held at a time (e.g. one layer's q, k, v).
     """
 
-    def __init__(self, family: ModuleType):
-        self.family = family
+    def __init__(self, family: ModuleType, arch=None):
+        self.family, self.arch = family, arch
+        self.transform = getattr(family, "hf_transform", None)  # (name, tensor, arch) -> tensor
         self.pending: dict[str, list[torch.Tensor | None]] = {}
 
     def feed(self, hf_name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+        out = self._fuse(hf_name, tensor)
+        if self.transform is not None:
+            out = [(n, self.transform(n, t, self.arch)) for n, t in out]
+        return out
+
+    def _fuse(self, hf_name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
         name = self.family.hf_rename(hf_name)
         if name is None:
             return []

@@ -15,7 +15,8 @@ def rope_parameters(hf: dict) -> dict:
     scaling = hf.get("rope_scaling") or {}
     params.update({k: v for k, v in scaling.items() if k not in params})
     if "rope_theta" not in params:
-        params["rope_theta"] = hf.get("rope_theta", hf.get("rotary_emb_base", 10000.0))
+        params["rope_theta"] = hf.get("rope_theta") or hf.get("position_embedding_base") or \
+            hf.get("rotary_emb_base") or 10000.0
     rtype = params.get("rope_type") or params.get("type") or "default"
     params["rope_type"] = {"su": "longrope"}.get(rtype, rtype)
     return params

@@ -1,0 +1,162 @@
+"""GPT-NeoX (Pythia, RedPajama-INCITE): LayerNorm with bias, biases on every linear, GELU MLP,
+partial rotary embeddings (`rotary_pct`), parallel or sequential residual.
+
+Our names, HF's and MLC's on-disk names are the same (`gpt_neox.embed_in`, `embed_out`, ...),
+except that HF interleaves query_key_value per head ([q_h; k_h; v_h] for each head h); conversion
+relays it out to [all q; all k; all v] as MLC does. transformers >= 5 calls `embed_out` `lm_head`
+in memory, so a state dict saved without its rename map has `lm_head.*`; both are accepted.
+MLC keeps the two MLP biases in float32 on disk whatever the quantization; `FLOAT32_TENSORS` lists
+them for the converter (the runtime casts them to the model dtype when loading).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from edgellm.models.base import ACTIVATIONS, KVCacheLike, RopeCache, Step, apply_rope, select_rows
+from edgellm.models.config import ArchConfig, require
+from edgellm.models.rope import rope_parameters, rope_table
+from edgellm.quantization.layers import make_embedding, make_linear, make_lm_head, tied_logits
+from edgellm.quantization.modes import QuantMode
+
+HF_FUSED: dict[str, list[str]] = {}  # query_key_value is fused already
+DISK_NAMES: list[tuple[str, str]] = []
+FLOAT32_TENSORS = ("mlp.dense_h_to_4h.bias", "mlp.dense_4h_to_h.bias")  # MLC's ffn_out_dtype
+_UNUSED = ("rotary_emb.inv_freq", "attention.masked_bias", "attention.bias")
+
+
+def parse_config(hf: dict) -> ArchConfig:
+    hidden = int(require(hf, "hidden_size"))
+    heads = int(require(hf, "num_attention_heads"))
+    layers = int(require(hf, "num_hidden_layers"))
+    head_dim = hidden // heads
+    rope = rope_parameters(hf)
+    pct = float(hf.get("rotary_pct") or rope.get("partial_rotary_factor") or 0.25)
+    rotary_dim = int(head_dim * pct)
+    return ArchConfig(
+        hidden_size=hidden,
+        intermediate_size=int(hf.get("intermediate_size") or 4 * hidden),
+        num_layers=layers,
+        num_heads=heads,
+        num_kv_heads=heads,
+        head_dim=head_dim,
+        vocab_size=int(require(hf, "vocab_size")),
+        norm_eps=float(hf.get("layer_norm_eps", 1e-5)),
+        rope=rope,
+        max_position_embeddings=int(hf.get("max_position_embeddings") or hf.get("context_window_size")
+                                    or 2048),
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        attention_bias=bool(hf.get("attention_bias", True)),
+        o_bias=bool(hf.get("attention_bias", True)),
+        mlp_bias=True,
+        hidden_act=hf.get("hidden_act") or "gelu",
+        windows=[None] * layers,
+        rotary_dim=rotary_dim if rotary_dim != head_dim else 0,
+        extra={"use_parallel_residual": bool(hf.get("use_parallel_residual", True))},
+    )
+
+
+def hf_rename(name: str) -> str | None:
+    if name.endswith(_UNUSED):
+        return None
+    return "embed_out." + name[len("lm_head."):] if name.startswith("lm_head.") else name
+
+
+def hf_transform(name: str, tensor: torch.Tensor, arch: ArchConfig) -> torch.Tensor:
+    """query_key_value rows [H, (q, k, v), D] -> [(q, k, v), H, D]."""
+    if ".attention.query_key_value." not in name:
+        return tensor
+    per_head = tensor.reshape(arch.num_heads, 3, arch.head_dim, -1)
+    return per_head.transpose(0, 1).reshape(tensor.shape)
+
+
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in float32, returned in the input dtype."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x.float(), self.normalized_shape, self.weight.float(), self.bias.float(),
+                            self.eps).to(x.dtype)
+
+
+def layer_norm(cfg: ArchConfig, dtype: torch.dtype) -> LayerNorm:
+    return LayerNorm(cfg.hidden_size, eps=cfg.norm_eps, dtype=dtype).requires_grad_(False)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ArchConfig, layer: int, mode: QuantMode | None, dtype: torch.dtype):
+        super().__init__()
+        self.cfg, self.layer = cfg, layer
+        h = cfg.hidden_size
+        self.query_key_value = make_linear(h, 3 * h, cfg.attention_bias, mode, dtype)
+        self.dense = make_linear(cfg.hidden_size, cfg.hidden_size, cfg.o_bias, mode, dtype)
+
+    def forward(self, x, cos, sin, step: Step, cache: KVCacheLike) -> torch.Tensor:
+        t, c = x.shape[0], self.cfg
+        q, k, v = self.query_key_value(x).view(t, 3, c.num_heads, c.head_dim).unbind(1)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        o = cache.attend(self.layer, q, k, v, step, scale=c.scale)
+        return self.dense(o.reshape(t, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ArchConfig, mode: QuantMode | None, dtype: torch.dtype):
+        super().__init__()
+        self.dense_h_to_4h = make_linear(cfg.hidden_size, cfg.intermediate_size, True, mode, dtype)
+        self.dense_4h_to_h = make_linear(cfg.intermediate_size, cfg.hidden_size, True, mode, dtype)
+        self.act = ACTIVATIONS[cfg.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dense_4h_to_h(self.act(self.dense_h_to_4h(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ArchConfig, layer: int, mode: QuantMode | None, dtype: torch.dtype):
+        super().__init__()
+        self.parallel = cfg.extra["use_parallel_residual"]
+        self.input_layernorm = layer_norm(cfg, dtype)
+        self.attention = Attention(cfg, layer, mode, dtype)
+        self.post_attention_layernorm = layer_norm(cfg, dtype)
+        self.mlp = MLP(cfg, mode, dtype)
+
+    def forward(self, x, cos, sin, step, cache):
+        attn = self.attention(self.input_layernorm(x), cos, sin, step, cache)
+        if self.parallel:  # x + attn(ln1(x)) + mlp(ln2(x))
+            return self.mlp(self.post_attention_layernorm(x)) + attn + x
+        x = attn + x
+        return self.mlp(self.post_attention_layernorm(x)) + x
+
+
+class Inner(nn.Module):
+    """The `gpt_neox.` prefix of HF names."""
+
+    def __init__(self, cfg: ArchConfig, mode: QuantMode | None, dtype: torch.dtype):
+        super().__init__()
+        self.embed_in = make_embedding(cfg.vocab_size, cfg.hidden_size, mode, dtype)
+        self.layers = nn.ModuleList(Block(cfg, i, mode, dtype) for i in range(cfg.num_layers))
+        self.final_layer_norm = layer_norm(cfg, dtype)
+
+
+class Model(nn.Module):
+    """Causal LM: token ids [T] -> logits [R, vocab] (float32) for the step's logit rows."""
+
+    def __init__(self, cfg: ArchConfig, mode: QuantMode | None = None, max_positions: int = 4096,
+                 dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.cfg = cfg
+        self.gpt_neox = Inner(cfg, mode, dtype)
+        if not cfg.tie_word_embeddings:
+            self.embed_out = make_lm_head(cfg.hidden_size, cfg.vocab_size, mode, dtype)
+        with torch.device("cpu"):  # real tables even when the weights are built on "meta"
+            self.rope = RopeCache(*rope_table(cfg.rope, cfg.rot_dim, max_positions))
+
+    def forward(self, ids: torch.Tensor, step: Step, cache: KVCacheLike) -> torch.Tensor:
+        x = self.gpt_neox.embed_in(ids)
+        cos, sin = self.rope(step.positions)
+        for layer in self.gpt_neox.layers:
+            x = layer(x, cos, sin, step, cache)
+        h = self.gpt_neox.final_layer_norm(select_rows(x, step))
+        if self.cfg.tie_word_embeddings:
+            return tied_logits(self.gpt_neox.embed_in, h).float()
+        return self.embed_out(h).float()

@@ -1,0 +1,23 @@
+"""Mistral (7B v0.1/v0.2/v0.3, and fine-tunes): Llama with a sliding window on every layer.
+
+HF `sliding_window` (MLC-style model_config: `sliding_window_size`); null or <= 0 = full attention.
+Names and fusions are llama's; MLC's Mistral has no tied variant, but a tied HF config is honoured.
+"""
+
+from __future__ import annotations
+
+from edgellm.models.config import ArchConfig, llama_like
+from edgellm.models.llama import DISK_NAMES, HF_FUSED, Model, hf_rename
+
+__all__ = ["DISK_NAMES", "HF_FUSED", "Model", "hf_rename", "parse_config"]
+
+DEFAULT_CONTEXT = 32768  # what Mistral-7B declares; used when an MLC config says -1 (unbounded)
+
+
+def parse_config(hf: dict) -> ArchConfig:
+    window = hf.get("sliding_window", hf.get("sliding_window_size"))
+    window = int(window) if window is not None and int(window) > 0 else None
+    cfg = llama_like(hf, window)
+    if cfg.max_position_embeddings <= 0:  # MLC writes context_window_size -1 with a sliding window
+        cfg.max_position_embeddings = DEFAULT_CONTEXT
+    return cfg

@@ -1,0 +1,32 @@
+"""Qwen2 / Qwen2.5: Llama with biases on q/k/v (none on o_proj); tied or untied embeddings.
+
+On disk MLC calls the fused q/k/v projection `self_attn.c_attn` (weight and bias).
+"""
+
+from __future__ import annotations
+
+from edgellm.models.config import ArchConfig, llama_like, windows_from_layer_types
+from edgellm.models.llama import HF_FUSED, Model, hf_rename
+
+__all__ = ["DISK_NAMES", "HF_FUSED", "Model", "hf_rename", "parse_config", "qwen_windows"]
+
+DISK_NAMES = [("self_attn.qkv_proj", "self_attn.c_attn")]
+
+
+def qwen_windows(hf: dict, layers: int) -> list[int | None]:
+    """Sliding windows as transformers applies them: only with `use_sliding_window`, on the
+    layers `layer_types` marks (or, in older configs, from `max_window_layers` on)."""
+    window = hf.get("sliding_window") if hf.get("use_sliding_window") else None
+    if not window:
+        return [None] * layers
+    if hf.get("layer_types"):
+        return windows_from_layer_types(hf, layers, int(window))
+    first = int(hf.get("max_window_layers") or 0)
+    return [int(window) if i >= first else None for i in range(layers)]
+
+
+def parse_config(hf: dict) -> ArchConfig:
+    cfg = llama_like(hf)
+    cfg.attention_bias, cfg.o_bias = True, False
+    cfg.windows = qwen_windows(hf, cfg.num_layers)
+    return cfg
