@@ -1,0 +1,212 @@
+"""The engine's KV cache: a contiguous, growable region per sequence under one memory budget.
+
+Each sequence owns per-layer tensors k[l], v[l] of shape [KVH, cap, D] holding positions
+base[l] .. base[l] + cap - 1, so attention reads a view of exactly the valid keys (no gather).
+Capacity grows in steps as the sequence does; sliding-window layers drop keys that left the
+window (shifting the kept ones to the front) instead of growing, so they hold about one window.
+Finished sequences can stay as a prefix cache (reuse_kv): a new prompt that starts with their
+tokens takes their KV over. Everything is budgeted in bytes; eviction is LRU.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+
+from edgellm.models.base import Step, attention
+
+GROW = 128  # capacity granularity in tokens
+
+
+class SeqKV:
+    def __init__(self, num_layers: int):
+        self.k: list[torch.Tensor | None] = [None] * num_layers
+        self.v: list[torch.Tensor | None] = [None] * num_layers
+        self.base = [0] * num_layers  # absolute position stored at index 0 of layer l
+        self.length = 0  # positions 0..length-1 have been computed
+        self.tokens: list[int] = []  # the token ids behind those positions (for prefix reuse)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() * 2 for t in self.k if t is not None)
+
+
+class KVPool:
+    """Per-sequence KV regions for a model, within `budget_tokens` tokens' worth of memory."""
+
+    def __init__(self, num_layers: int, kv_heads: int, head_dim: int, windows: list[int | None],
+                 budget_tokens: int, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+        self.num_layers, self.kv_heads, self.head_dim = num_layers, kv_heads, head_dim
+        self.windows, self.dtype, self.device = windows, dtype, device
+        elem = torch.empty(0, dtype=dtype).element_size()
+        self.bytes_per_token = 2 * kv_heads * head_dim * elem * num_layers
+        self.budget_tokens = budget_tokens
+        self.budget_bytes = budget_tokens * self.bytes_per_token
+        self.used_bytes = 0
+        self.seqs: dict[int, SeqKV] = {}
+        self.prefix_cache: OrderedDict[int, SeqKV] = OrderedDict()
+        self._next_slot = 0
+
+    # ---- allocation ---------------------------------------------------------------------
+    def new_slot(self) -> int:
+        slot = self._next_slot
+        self._next_slot += 1
+        self.seqs[slot] = SeqKV(self.num_layers)
+        return slot
+
+    def _drop(self, kv: SeqKV) -> None:
+        self.used_bytes -= kv.nbytes
+        kv.k = [None] * self.num_layers
+        kv.v = [None] * self.num_layers
+
+    def free(self, slot: int, keep_for_reuse: bool = False) -> None:
+        kv = self.seqs.pop(slot, None)
+        if kv is None:
+            return
+        if keep_for_reuse and kv.length > 0:
+            self.prefix_cache[slot] = kv
+            self.prefix_cache.move_to_end(slot)
+        else:
+            self._drop(kv)
+
+    def clear_prefix_cache(self) -> None:
+        while self.prefix_cache:
+            self._drop(self.prefix_cache.popitem(last=False)[1])
+
+    def _evict_for(self, nbytes: int) -> bool:
+        while self.used_bytes + nbytes > self.budget_bytes and self.prefix_cache:
+            self._drop(self.prefix_cache.popitem(last=False)[1])
+        return self.used_bytes + nbytes <= self.budget_bytes
+
+    def reserve(self, slot: int, start: int, end: int) -> bool:
+        """Make room to write positions start..end-1 of `slot`; False if over budget."""
+        for generous in (True, False):  # grow by 1.5x when it fits, else just enough
+            plans, extra = self._plan(self.seqs[slot], start, end, generous)
+            if not extra or self._evict_for(extra):
+                for layer, keep_from, new_cap in plans:
+                    self._relayout(self.seqs[slot], layer, keep_from, new_cap)
+                return True
+        return False
+
+    def _plan(self, kv: SeqKV, start: int, end: int, generous: bool) -> tuple[list, int]:
+        plans, extra = [], 0
+        elem = torch.empty(0, dtype=self.dtype).element_size()
+        for layer in range(self.num_layers):
+            window, base = self.windows[layer], kv.base[layer]
+            cap = 0 if kv.k[layer] is None else kv.k[layer].shape[1]
+            if end - base <= cap:
+                continue
+            keep_from = base if window is None else max(base, start - window + 1)
+            need = end - keep_from
+            if need <= cap:
+                plans.append((layer, keep_from, cap))  # shift the window only
+                continue
+            new_cap = -(-(max(need, int(cap * 1.5)) if generous else need) // GROW) * GROW
+            if window is not None:
+                new_cap = min(new_cap, -(-(need + GROW) // GROW) * GROW)
+            plans.append((layer, keep_from, new_cap))
+            extra += (new_cap - cap) * 2 * self.kv_heads * self.head_dim * elem
+        return plans, extra
+
+    def _relayout(self, kv: SeqKV, layer: int, keep_from: int, new_cap: int) -> None:
+        old_k, old_v, base = kv.k[layer], kv.v[layer], kv.base[layer]
+        keep = max(kv.length - keep_from, 0)
+        if old_k is not None and old_k.shape[1] == new_cap:
+            if keep and keep_from > base:  # shift the kept window to the front, in place
+                s = keep_from - base
+                old_k[:, :keep] = old_k[:, s:s + keep].clone()
+                old_v[:, :keep] = old_v[:, s:s + keep].clone()
+            kv.base[layer] = keep_from
+            return
+        shape = (self.kv_heads, new_cap, self.head_dim)
+        k = torch.empty(shape, dtype=self.dtype, device=self.device)
+        v = torch.empty(shape, dtype=self.dtype, device=self.device)
+        if old_k is not None and keep:
+            s = keep_from - base
+            k[:, :keep] = old_k[:, s:s + keep]
+            v[:, :keep] = old_v[:, s:s + keep]
+        self.used_bytes += (k.numel() + v.numel()) * k.element_size()
+        if old_k is not None:
+            self.used_bytes -= (old_k.numel() + old_v.numel()) * old_k.element_size()
+        kv.k[layer], kv.v[layer], kv.base[layer] = k, v, keep_from
+
+    def commit(self, slot: int, tokens: list[int]) -> None:
+        """Record that the KV of `tokens` (all positions 0..len-1) is now computed."""
+        kv = self.seqs[slot]
+        kv.length = len(tokens)
+        kv.tokens = tokens
+
+    # ---- prefix reuse -----------------------------------------------------------------------
+    def take_prefix(self, prompt: list[int]) -> tuple[int | None, int]:
+        """(slot, reused tokens) of the cached sequence sharing the longest prefix with `prompt`.
+
+        At least the last prompt token is always left to compute (its logits are needed).
+        """
+        best, best_len = None, 0
+        for slot, kv in self.prefix_cache.items():
+            n = 0
+            limit = min(kv.length, len(prompt) - 1)
+            toks = kv.tokens
+            while n < limit and toks[n] == prompt[n]:
+                n += 1
+            if n > best_len and self._window_keeps(kv, n):
+                best, best_len = slot, n
+        if best is None:
+            return None, 0
+        kv = self.prefix_cache.pop(best)
+        kv.length, kv.tokens = best_len, kv.tokens[:best_len]
+        slot = self._next_slot
+        self._next_slot += 1
+        self.seqs[slot] = kv
+        return slot, best_len
+
+    def _window_keeps(self, kv: SeqKV, n: int) -> bool:
+        """Whether a windowed layer still holds the keys a continuation at position n needs."""
+        return all(w is None or kv.base[i] <= max(0, n - w + 1) for i, w in enumerate(self.windows))
+
+    def fork(self, src: int) -> int | None:
+        """A new slot holding a copy of `src`'s KV (n > 1 choices share one prefill)."""
+        kv = self.seqs[src]
+        if not self._evict_for(kv.nbytes):
+            return None
+        slot = self.new_slot()
+        dst = self.seqs[slot]
+        dst.k = [t.clone() if t is not None else None for t in kv.k]
+        dst.v = [t.clone() if t is not None else None for t in kv.v]
+        dst.base, dst.length, dst.tokens = list(kv.base), kv.length, list(kv.tokens)
+        self.used_bytes += dst.nbytes
+        return slot
+
+    # ---- attention ----------------------------------------------------------------------------
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: Step, *,
+               scale: float, window: int | None = None, softcap: float | None = None) -> torch.Tensor:
+        out = torch.empty_like(q)
+        row = 0
+        for slot, start, n in zip(step.slots, step.starts, step.lengths):
+            kv = self.seqs[slot]
+            kc, vc, base = kv.k[layer], kv.v[layer], kv.base[layer]
+            i0 = start - base
+            kc[:, i0:i0 + n] = k[row:row + n].transpose(0, 1).to(self.dtype)
+            vc[:, i0:i0 + n] = v[row:row + n].transpose(0, 1).to(self.dtype)
+            k_from = base if window is None else max(base, start - window + 1)
+            keys = kc[:, k_from - base:i0 + n].to(q.dtype)
+            vals = vc[:, k_from - base:i0 + n].to(q.dtype)
+            o = attention(q[row:row + n].transpose(0, 1), keys, vals, start, k_from,
+                          scale=scale, window=window, softcap=softcap)
+            out[row:row + n] = o.transpose(0, 1)
+            row += n
+        return out
+
+    def stats(self) -> dict:
+        active = sum(kv.length for kv in self.seqs.values())
+        cached = sum(kv.length for kv in self.prefix_cache.values())
+        return {
+            "kv_cache_bytes_used": self.used_bytes,
+            "kv_cache_bytes_budget": self.budget_bytes,
+            "kv_cache_tokens_active": active,
+            "kv_cache_tokens_prefix_cache": cached,
+            "kv_cache_blocks_used": -(-self.used_bytes // (self.bytes_per_token * 16)),
+            "kv_cache_blocks_free": max(self.budget_bytes - self.used_bytes, 0) // (self.bytes_per_token * 16),
+            "kv_cache_sequences": len(self.seqs),
+        }

@@ -1,0 +1,146 @@
+"""A request, its sampling parameters, and the sequences (one per choice) it generates."""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass
+class SamplingParams:
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # <= 0: off
+    min_p: float = 0.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    seed: int | None = None
+    max_tokens: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    logprobs: bool = False
+    top_logprobs: int = 0
+    grammar: Any = None  # compiled grammar (response_format), or None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0 or self.top_k == 1
+
+    @property
+    def needs_penalties(self) -> bool:
+        return bool(self.frequency_penalty or self.presence_penalty or self.repetition_penalty != 1.0)
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class TokenOutput:
+    """What one choice produced in one step."""
+
+    index: int
+    token_ids: list[int]
+    text: str
+    logprobs: list[dict] | None = None  # per token: {"token_id", "logprob", "top": [(id, lp), ...]}
+    finish_reason: str | None = None
+
+
+_ids = itertools.count()
+
+
+class Sequence:
+    """One choice of a request: prompt + generated tokens and their KV cache slot."""
+
+    def __init__(self, request: Request, index: int, prompt_ids: list[int]):
+        self.request, self.index = request, index
+        self.seq_id = next(_ids)
+        self.prompt_ids = list(prompt_ids)
+        self.output_ids: list[int] = []
+        self.status = Status.WAITING
+        self.slot: int | None = None
+        self.num_computed = 0  # tokens whose keys/values are in the cache
+        self.cached_tokens = 0  # of which reused from an earlier request
+        self.finish_reason: str | None = None
+        self.generator: torch.Generator | None = None
+        seed = request.params.seed
+        if seed is not None:
+            self.generator = torch.Generator().manual_seed(int(seed) + index)
+        self.decoder = None  # StreamDecoder
+        self.stopper = None  # StopMatcher
+        self.text = ""
+        self.grammar_matcher = None
+        self.t_prefill_start: float | None = None
+        self.t_first_token: float | None = None
+        self.t_last_token: float | None = None
+        self.token_times: list[float] = []
+
+    @property
+    def params(self) -> SamplingParams:
+        return self.request.params
+
+    @property
+    def all_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def total_len(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def remaining(self) -> int:
+        """Known tokens not yet in the KV cache (prompt remainder, or the newest output token)."""
+        return self.total_len - self.num_computed
+
+
+class Request:
+    """A chat or text completion with n choices; outputs go to `sink` as they are produced."""
+
+    def __init__(self, request_id: str, prompt_ids: list[int], params: SamplingParams, n: int,
+                 sink: Callable[[Request, list[TokenOutput]], None], stop_ids: set[int] | None = None):
+        self.request_id, self.params, self.n = request_id, params, n
+        self.prompt_ids = prompt_ids
+        self.sink = sink
+        self.stop_ids = stop_ids or set()
+        self.arrival = time.perf_counter()
+        self.sequences = [Sequence(self, i, prompt_ids) for i in range(n)]
+        self.cancelled = False
+        self.error: BaseException | None = None
+
+    @property
+    def finished(self) -> bool:
+        return all(s.status is Status.FINISHED for s in self.sequences)
+
+    def usage(self) -> dict:
+        """Token counts and speeds over all choices."""
+        seqs = self.sequences
+        completion = sum(len(s.output_ids) for s in seqs)
+        first = [s.t_first_token for s in seqs if s.t_first_token]
+        start = [s.t_prefill_start for s in seqs if s.t_prefill_start]
+        prompt = len(self.prompt_ids)
+        cached = seqs[0].cached_tokens
+        prefill_s = (min(first) - min(start)) if first and start else 0.0
+        decode_tokens = sum(max(len(s.output_ids) - 1, 0) for s in seqs)
+        decode_s = max((s.t_last_token - s.t_first_token) for s in seqs
+                       if s.t_first_token and s.t_last_token) if first else 0.0
+        return {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+            "cached_tokens": cached,
+            "prefill_tokens": prompt - cached,
+            "prefill_tokens_per_s": (prompt - cached) / prefill_s if prefill_s > 0 else 0.0,
+            "decode_tokens_per_s": decode_tokens / decode_s if decode_s > 0 else 0.0,
+            "ttft_s": (min(first) - self.arrival) if first else 0.0,
+        }

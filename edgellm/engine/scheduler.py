@@ -1,0 +1,107 @@
+"""Continuous batching: which sequences run in the next step, and how many of their tokens.
+
+Every step runs one forward pass over a flattened batch: one token for each decoding sequence
+plus prompt chunks of prefilling sequences, up to `prefill_chunk_size` prompt tokens. New
+requests join between steps while fewer than `max_num_sequence` run. If the KV budget runs
+out, the most recently admitted sequence is preempted (its KV freed; it is recomputed later).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from edgellm.engine.kv_pool import KVPool
+from edgellm.engine.request import Sequence, Status
+
+
+@dataclass
+class ScheduledChunk:
+    seq: Sequence
+    start: int  # first position computed in this step
+    length: int  # tokens computed in this step
+
+    @property
+    def completes(self) -> bool:
+        """All known tokens are in the cache after this step: the next token can be sampled."""
+        return self.start + self.length == self.seq.total_len
+
+
+class Scheduler:
+    def __init__(self, pool: KVPool, max_num_sequence: int, prefill_chunk_size: int, reuse_kv: bool):
+        self.pool = pool
+        self.max_num_sequence = max_num_sequence
+        self.prefill_chunk_size = prefill_chunk_size
+        self.reuse_kv = reuse_kv
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preempted = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def add_running(self, seq: Sequence) -> None:
+        """A sequence that already holds KV (a forked choice) joins the running set directly."""
+        seq.status = Status.RUNNING
+        self.running.append(seq)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def _admit(self) -> None:
+        while self.waiting and len(self.running) < self.max_num_sequence:
+            seq = self.waiting[0]
+            if seq.slot is None:
+                slot, reused = (None, 0)
+                if self.reuse_kv and not seq.output_ids:
+                    slot, reused = self.pool.take_prefix(seq.all_ids)
+                if slot is None:
+                    slot = self.pool.new_slot()
+                seq.slot, seq.num_computed, seq.cached_tokens = slot, reused, reused
+            seq.status = Status.RUNNING
+            self.running.append(self.waiting.popleft())
+
+    def preempt(self, seq: Sequence) -> None:
+        self.pool.free(seq.slot)
+        seq.slot, seq.num_computed, seq.status = None, 0, Status.WAITING
+        self.running.remove(seq)
+        self.waiting.appendleft(seq)
+        self.num_preempted += 1
+
+    def remove(self, seq: Sequence, keep_for_reuse: bool) -> None:
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        if seq.slot is not None:
+            if keep_for_reuse:
+                self.pool.commit(seq.slot, seq.all_ids[:seq.num_computed])
+            self.pool.free(seq.slot, keep_for_reuse=keep_for_reuse and self.reuse_kv)
+            seq.slot = None
+
+    def schedule(self) -> list[ScheduledChunk]:
+        """The next step's chunks; decodes first (cheap), then prompt chunks within the budget."""
+        self._admit()
+        budget = self.prefill_chunk_size
+        chunks: list[ScheduledChunk] = []
+        ordered = sorted(self.running, key=lambda s: s.remaining > 1)  # decodes first, stable
+        for seq in ordered:
+            if seq.status is not Status.RUNNING or seq.slot is None:
+                continue
+            n = seq.remaining
+            if n > 1:
+                if budget <= 0:
+                    continue
+                n = min(n, budget)
+                budget -= n
+            start = seq.num_computed
+            while not self.pool.reserve(seq.slot, start, start + n):
+                victim = self.running[-1]
+                self.preempt(victim)
+                chunks = [c for c in chunks if c.seq is not victim]
+                if victim is seq:
+                    break
+            else:
+                chunks.append(ScheduledChunk(seq, start, n))
+        return chunks
