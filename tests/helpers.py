@@ -91,10 +91,17 @@ def greedy(model_dir: Path, ids: torch.Tensor, n: int) -> list[int]:
 
 
 def hf_greedy(model: torch.nn.Module, ids: torch.Tensor, n: int) -> list[int]:
+    """Plain argmax decoding with transformers (no generation-config logits processors)."""
+    out: list[int] = []
+    past = None
+    cur = ids[None]
     with torch.inference_mode():
-        out = model.generate(ids[None], max_new_tokens=n, do_sample=False, min_new_tokens=n,
-                             pad_token_id=0, eos_token_id=None)
-    return out[0, len(ids):].tolist()
+        for _ in range(n):
+            res = model(cur, past_key_values=past, use_cache=True)
+            past = res.past_key_values
+            out.append(int(res.logits[0, -1].argmax()))
+            cur = torch.tensor([[out[-1]]])
+    return out
 
 
 def smollm2_gguf() -> Path | None:

@@ -124,6 +124,7 @@ class EngineCore:
         row = 0
         for c in chunks:
             c.seq.num_computed = c.start + c.length
+            self.pool.seqs[c.seq.slot].length = c.seq.num_computed
             if c.completes:
                 ready.append((c.seq, row))
                 row += 1

@@ -75,6 +75,11 @@ class EngineBase:
         chunk = opts.prefill_chunk_size or self.config.prefill_chunk_size or 2048
         self.scheduler = Scheduler(self.pool, opts.num_sequences, chunk, opts.reuse_kv)
         self.runner = ModelRunner(self.model, self.pool, self.device)
+        self.model_lib = model_lib
+        if model_lib is not None:
+            from edgellm.compile.runtime import load_library
+
+            self.runner = load_library(model_lib, self)
         self.core = EngineCore(self.runner, self.pool, self.scheduler, Sampler(), self.tokenizer,
                                self.context_window)
         self.terminated = False
@@ -151,7 +156,8 @@ class EngineBase:
                 seq.grammar_matcher = params.grammar.matcher()
         include_usage = bool(r.stream and r.stream_options and r.stream_options.include_usage)
         builder = ResponseBuilder(kind, req.request_id, r.model or self.model_id, r.n, self.tokenizer,
-                                  echo_text=echo, include_usage=include_usage)
+                                  echo_text=echo, include_usage=include_usage,
+                                  tokens_as_ids=r.return_tokens_as_token_ids)
         return req, builder, r
 
     # ---- lifecycle ---------------------------------------------------------------------------
@@ -212,7 +218,7 @@ class Engine(EngineBase):
         self.core.add(req)
         if r.stream:
             return self._stream(req, builder, q)
-        while not req.finished:
+        while not builder.done:
             builder.add(q.get())
         self._raise_if_failed(req)
         return builder.final(req)
@@ -220,13 +226,13 @@ class Engine(EngineBase):
     def _stream(self, req: Request, builder: ResponseBuilder, q: queue.SimpleQueue) -> Iterator:
         try:
             yield from builder.first_chunks()
-            while not req.finished:
+            while not builder.done:
                 yield from builder.chunks(q.get())
             self._raise_if_failed(req)
             if builder.include_usage:
                 yield builder.usage_chunk(req)
         finally:
-            if not req.finished:
+            if not builder.done:
                 self.core.abort(req.request_id)  # the consumer stopped early
 
     def _raise_if_failed(self, req: Request) -> None:

@@ -57,6 +57,8 @@ class SamplingFields(BaseModel):
     ignore_eos: bool = False
     response_format: ResponseFormat | None = None
     user: str | None = None
+    # vLLM's extension: logprob tokens as "token_id:<id>" (exact ids, no decoding ambiguity)
+    return_tokens_as_token_ids: bool = False
 
     @field_validator("logit_bias")
     @classmethod

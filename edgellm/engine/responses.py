@@ -18,12 +18,18 @@ class ResponseBuilder:
     """Accumulates outputs of one request and renders them as chat or text completion objects."""
 
     def __init__(self, kind: str, request_id: str, model: str, n: int, tokenizer,
-                 echo_text: str = "", include_usage: bool = False):
+                 echo_text: str = "", include_usage: bool = False, tokens_as_ids: bool = False):
         self.kind, self.id, self.model, self.tokenizer = kind, request_id, model, tokenizer
         self.choices = [ChoiceState() for _ in range(n)]
         self.echo_text = echo_text
         self.include_usage = include_usage
         self.sent_role = [False] * n
+        self.tokens_as_ids = tokens_as_ids
+
+    @property
+    def done(self) -> bool:
+        """Every choice has reported its finish reason (so no output is still in flight)."""
+        return all(c.finish_reason is not None for c in self.choices)
 
     def add(self, outs: list[TokenOutput]) -> None:
         for o in outs:
@@ -37,6 +43,8 @@ class ResponseBuilder:
 
     # ---- logprobs ------------------------------------------------------------------------
     def _token_str(self, tid: int) -> str:
+        if self.tokens_as_ids:
+            return f"token_id:{tid}"
         return self.tokenizer.decode([tid], skip_special_tokens=False)
 
     def _chat_logprobs(self, infos: list[dict] | None) -> P.ChoiceLogprobs | None:
