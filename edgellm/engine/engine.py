@@ -39,6 +39,15 @@ def pick_device(device: str) -> str:
     return device
 
 
+def _get(q: queue.SimpleQueue):
+    """q.get() that a Ctrl-C can interrupt promptly."""
+    while True:
+        try:
+            return q.get(timeout=0.2)
+        except queue.Empty:
+            continue
+
+
 class EngineBase:
     """Loads the model and turns OpenAI-style requests into engine requests."""
 
@@ -74,7 +83,7 @@ class EngineBase:
                            self.device)
         chunk = opts.prefill_chunk_size or self.config.prefill_chunk_size or 2048
         self.scheduler = Scheduler(self.pool, opts.num_sequences, chunk, opts.reuse_kv)
-        self.runner = ModelRunner(self.model, self.pool, self.device)
+        self.runner = ModelRunner(self.model, self.pool, self.device, opt=opts.opt)
         self.model_lib = model_lib
         if model_lib is not None:
             from edgellm.compile.runtime import load_library
@@ -219,7 +228,7 @@ class Engine(EngineBase):
         if r.stream:
             return self._stream(req, builder, q)
         while not builder.done:
-            builder.add(q.get())
+            builder.add(_get(q))
         self._raise_if_failed(req)
         return builder.final(req)
 
@@ -227,7 +236,7 @@ class Engine(EngineBase):
         try:
             yield from builder.first_chunks()
             while not builder.done:
-                yield from builder.chunks(q.get())
+                yield from builder.chunks(_get(q))
             self._raise_if_failed(req)
             if builder.include_usage:
                 yield builder.usage_chunk(req)

@@ -1,0 +1,99 @@
+"""edgellm chat [MODEL]: chat in the terminal (or one message per line from a pipe)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", nargs="?", default=None,
+                   help="converted directory, HF model directory or .gguf file (default: bundled SmolLM2)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    p.add_argument("--model-lib", default=None, help="a compiled model library (.pt2)")
+    p.add_argument("--overrides", default=None,
+                   help='engine options, e.g. "context_window_size=2048;prefill_chunk_size=256;threads=2"')
+
+
+def _interactive(session) -> None:
+    from prompt_toolkit import PromptSession
+    from prompt_toolkit.key_binding import KeyBindings
+
+    from edgellm.chat import HELP
+    from edgellm.errors import UserError
+
+    kb = KeyBindings()
+
+    @kb.add("escape", "enter")
+    def _newline(event) -> None:
+        event.current_buffer.insert_text("\n")
+
+    prompt = PromptSession(key_bindings=kb)
+    print(HELP, flush=True)
+    while True:
+        try:
+            line = prompt.prompt(">>> ")
+        except KeyboardInterrupt:
+            continue  # Ctrl-C at the prompt clears the line
+        except EOFError:
+            break  # Ctrl-D
+        if not line.strip():
+            continue
+        if line.lstrip().startswith("/"):
+            out = session.command(line)
+            if out is None:
+                break
+            print(out, flush=True)
+            continue
+        reply = session.send(line)
+        try:
+            for piece in reply:
+                print(piece, end="", flush=True)
+            print(flush=True)
+        except KeyboardInterrupt:
+            reply.close()
+            print("\n[stopped]", flush=True)
+        except UserError as e:
+            print(f"error: {e}", flush=True)
+
+
+def _piped(session) -> None:
+    from edgellm.errors import UserError
+
+    for raw in sys.stdin:
+        line = raw.rstrip("\n")
+        if not line.strip():
+            continue
+        if line.lstrip().startswith("/"):
+            out = session.command(line)
+            if out is None:
+                return
+            print(out, flush=True)
+            continue
+        try:
+            for piece in session.send(line):
+                print(piece, end="", flush=True)
+            print(flush=True)
+        except UserError as e:
+            print(f"error: {e}", flush=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    from edgellm.chat import ChatSession
+    from edgellm.engine.engine import Engine
+    from edgellm.engine.options import make_options, parse_overrides
+    from edgellm.prepare import prepare_model
+
+    overrides = parse_overrides(args.overrides)
+    make_options(overrides)  # reject bad overrides before any slow work
+    model_dir = prepare_model(args.model, log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    engine = Engine(str(model_dir), args.model_lib, args.device, **overrides)
+    try:
+        session = ChatSession(engine)
+        if sys.stdin.isatty():
+            _interactive(session)
+        else:
+            _piped(session)
+    finally:
+        engine.terminate()
+    return 0
