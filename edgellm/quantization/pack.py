@@ -1,6 +1,7 @@
 """Quantize, pack and unpack weights in the on-disk layouts of SPEC.md.
 
-Group modes (q4*, q3*): `q = clamp(round(w / scale) + max_int, 0, 2 * max_int)` with
+Group modes (q4*, q3*): `q = clamp(round(w / scale + max_int), 0, 2 * max_int)` (ties to even,
+the offset added before rounding as MLC-LLM does; each step in the model dtype) with
 `scale = max|w| / max_int` per group of consecutive input (K) elements; value j of a word sits
 at bits `bits*j ... bits*j + bits - 1` (lowest first). Words are kept as int32 in memory (the
 same bytes as MLC's uint32). int8 mode: `q = clamp(round(w / scale), -127, 127)`, `scale =
@@ -9,6 +10,8 @@ max|w| / 127` per group of 32.
 
 from __future__ import annotations
 
+import sys
+
 import torch
 import torch.nn.functional as F
 
@@ -16,23 +19,51 @@ from edgellm.quantization.modes import QuantMode
 
 
 def quantize(weight: torch.Tensor, mode: QuantMode) -> tuple[torch.Tensor, torch.Tensor]:
-    """[N, K] float weight -> (q_weight, q_scale) in `mode`'s disk layout."""
+    """[N, K] float weight -> (q_weight, q_scale) in `mode`'s disk layout.
+
+    Arithmetic runs in the mode's model dtype (f16 for q4f16_1), as MLC-LLM does, so codes
+    match its converter; padding past K gets code 0.
+    """
     n, k = weight.shape
     kp, gs = mode.padded_k(k), mode.group_size
-    w = F.pad(weight.float(), (0, kp - k)).view(n, kp // gs, gs)
-    scale = (w.abs().amax(-1) / mode.max_int).to(mode.model_dtype)  # [N, groups], as stored
-    s = scale.float()
-    s = torch.where(s == 0, torch.ones_like(s), s).unsqueeze(-1)
+    md = mode.model_dtype
+    if kp != k:
+        weight = F.pad(weight, (0, kp - k))
+    # max|w| in the input dtype, then rounded: rounding to the model dtype is monotonic and
+    # symmetric, so this equals the max of the rounded values, and is much faster than f16 amax.
+    scale = weight.view(n, kp // gs, gs).abs().amax(-1).to(md) / mode.max_int  # as stored
+    zero = scale == 0
+    safe = torch.where(zero, torch.ones_like(scale), scale).unsqueeze(-1)
+    # Few, small temporaries (this runs on every weight of a multi-GB model): one copy in the
+    # model dtype, updated in place, then 1-byte codes. Rounding of the integral results is
+    # exact in f16, so rounding here equals rounding a float32 copy.
+    x = weight.to(md).view(n, kp // gs, gs) / safe
     if mode.kind == "int8":
-        q = torch.clamp(torch.round(w / s), -127, 127).to(torch.int8)
-        return q.view(n, kp), scale
-    q = torch.clamp(torch.round(w / s) + mode.max_int, 0, 2 * mode.max_int).to(torch.int64)
+        return x.round_().clamp_(-127, 127).to(torch.int8).view(n, kp), scale
+    x += mode.max_int  # the offset is added before rounding, as MLC-LLM does
+    q = x.round_().clamp_(0, 2 * mode.max_int).to(torch.uint8)
+    del x
+    if zero.any():
+        q[zero] = 0
+    q = q.view(n, kp)
+    if kp != k:
+        q[:, k:] = 0
+    return _pack(q, mode), scale
+
+
+def _pack(q: torch.Tensor, mode: QuantMode) -> torch.Tensor:
+    """uint8 codes [N, Kp] -> int32 words [N, Kp / elems_per_word], code r at bits r*bits..."""
+    n, kp = q.shape
+    if mode.bits == 4 and sys.byteorder == "little":
+        # Two codes per byte, low nibble first; four bytes read little-endian are the word.
+        pairs = q.view(n, kp // 2, 2)
+        return (pairs[..., 0] | (pairs[..., 1] << 4)).view(torch.int32)
     epw = mode.elems_per_word
     q = q.view(n, kp // epw, epw)
-    shifts = torch.arange(epw, dtype=torch.int64) * mode.bits
-    words = (q << shifts).sum(-1)  # < 2**32, fits int64
-    words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
-    return words, scale
+    words = q[..., 0].to(torch.int64)
+    for r in range(1, epw):
+        words |= q[..., r].to(torch.int64) << (r * mode.bits)  # < 2**32, fits int64
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
 
 
 def unpack(q_weight: torch.Tensor, mode: QuantMode) -> torch.Tensor:

@@ -18,18 +18,21 @@ from edgellm.weights.source import open_source
 from edgellm.weights.staging import staged_output
 from edgellm.weights.tensor_cache import ShardWriter
 
-ROW_CHUNK = 4096  # rows quantized at once: bounds the float32 working copy of big matrices
+ROW_CHUNK = 1024  # rows quantized at once: bounds the working copies of big matrices
 
 
 def quantize_rows(weight: torch.Tensor, mode: QuantMode, device: str = "cpu"
                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    qs, ss = [], []
-    for start in range(0, weight.shape[0], ROW_CHUNK):
+    n, k = weight.shape
+    # Filled in place: concatenating per-chunk results would hold the output twice.
+    q_all = torch.empty(mode.packed_shape(n, k), dtype=mode.storage_dtype)
+    s_all = torch.empty(n, mode.num_groups(k), dtype=mode.model_dtype)
+    for start in range(0, n, ROW_CHUNK):
         chunk = weight[start:start + ROW_CHUNK].to(device=device, dtype=torch.float32)
         q, s = quantize(chunk, mode)
-        qs.append(q.cpu())
-        ss.append(s.cpu())
-    return torch.cat(qs), torch.cat(ss)
+        q_all[start:start + q.shape[0]] = q.cpu()
+        s_all[start:start + s.shape[0]] = s.cpu()
+    return q_all, s_all
 
 
 def resolve_model_type(hf_cfg: dict, model_type: str) -> str:
@@ -50,22 +53,28 @@ def convert_weight(config: str | Path, quantization: str, output: str | Path, *,
     want = expected_tensors(model)
     del model
     lora = LoraMerger(lora_adapter) if lora_adapter else None
-    mapper = HFMapper(family)
+    mapper = HFMapper(family, arch)
     device = "cpu" if device in ("auto", None) else device
     written: set[str] = set()
     with staged_output(Path(output), force=force, replaces_shards=True) as stage:
         writer = ShardWriter(stage)
-        bar = tqdm(total=len(src.names()), desc="Converting", unit="tensor", disable=not progress,
-                   dynamic_ncols=True)
-        for hf_name, tensor in src.iter_tensors():
-            bar.update(1)
-            if lora is not None:
-                tensor = lora.apply(hf_name, tensor)
-            for name, t in mapper.feed(hf_name, tensor):
-                _write(writer, family, mode, want, name, t, arch.tie_word_embeddings, device)
-                written.add(name)
-            del tensor
-        bar.close()
+        # disable=None: the bar is drawn on a terminal only, so an error stays one line in logs.
+        bar = tqdm(total=len(src.names()), desc="Converting", unit="tensor",
+                   disable=None if progress else True, dynamic_ncols=True)
+        try:
+            for hf_name, tensor in src.iter_tensors():
+                bar.update(1)
+                if lora is not None:
+                    tensor = lora.apply(hf_name, tensor)
+                for name, t in mapper.feed(hf_name, tensor):
+                    _write(writer, family, mode, want, name, t, arch.tie_word_embeddings, device)
+                    written.add(name)
+                del tensor
+        except BaseException:
+            bar.leave = False  # erase the bar: the error message is the last word
+            raise
+        finally:
+            bar.close()
         mapper.finish()
         if lora is not None:
             lora.finish()

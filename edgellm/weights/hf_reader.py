@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -36,6 +37,33 @@ def _shard_files(model_dir: Path, single: str, index: str) -> list[Path]:
     return []
 
 
+_ST_DTYPES = {
+    "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+
+
+def _safetensors_entries(path: Path) -> dict[str, tuple[int, int, torch.dtype, list[int]]]:
+    """name -> (absolute byte offset, byte count, dtype, shape) from a safetensors header."""
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n))
+    except (OSError, struct.error, ValueError) as e:
+        raise UserError(f"{path} is truncated or not a safetensors file ({e})") from None
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = _ST_DTYPES.get(info.get("dtype"))
+        if dtype is None:
+            raise UserError(f"{path}: tensor {name} has dtype {info.get('dtype')}, which edgellm cannot read")
+        begin, end = info["data_offsets"]
+        out[name] = (8 + n + begin, end - begin, dtype, list(info["shape"]))
+    return out
+
+
 class SafetensorsSource:
     """Tensors of `model.safetensors` or the shards in `model.safetensors.index.json`."""
 
@@ -49,9 +77,13 @@ class SafetensorsSource:
         if not self.files:
             raise UserError(f"no .safetensors files in {model_dir}")
         self._names: dict[str, Path] = {}
+        self._entries: dict[str, tuple[int, int, torch.dtype, list[int]]] = {}
         for path in self.files:
-            for name in self._open(path).keys():
+            names = self._open(path).keys()  # validates the header against the file size
+            entries = _safetensors_entries(path)
+            for name in names:
                 self._names[name] = path
+                self._entries[name] = entries[name]
 
     @staticmethod
     def _open(path: Path):
@@ -65,14 +97,30 @@ class SafetensorsSource:
 
     def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         for name, path in self._names.items():
-            # Reopen per tensor: the file mapping is dropped after each read, so resident
-            # memory stays near one tensor instead of growing to the whole file.
+            # Read with plain read() into the tensor's own buffer, not through a file mapping:
+            # mapped pages count in resident memory, which would double the peak (the
+            # mapping and the copy) on the largest tensor, e.g. a 150k-row embedding.
+            offset, nbytes, dtype, shape = self._entries[name]
+            buf = torch.empty(nbytes, dtype=torch.uint8)
+            view = memoryview(buf.numpy())
             try:
-                with safe_open(str(path), framework="pt") as f:
-                    tensor = f.get_tensor(name)
-            except (SafetensorError, OSError, ValueError) as e:
-                raise UserError(f"cannot read tensor {name} from {path}: {e}") from None
+                with open(path, "rb", buffering=0) as f:
+                    f.seek(offset)
+                    got = 0
+                    while got < nbytes:
+                        n = f.readinto(view[got:])
+                        if not n:
+                            break
+                        got += n
+            except OSError as e:
+                raise UserError(f"cannot read tensor {name} from {path}: {e.strerror}") from None
+            if got != nbytes:
+                raise UserError(f"{path} is truncated: tensor {name} needs {nbytes} bytes at offset "
+                                f"{offset}, found {got}")
+            tensor = buf.view(dtype).reshape(shape)
+            del view, buf
             yield name, tensor
+            del tensor  # before reading the next one (e.g. lm_head then the embedding)
 
 
 class TorchBinSource:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -40,8 +41,9 @@ def dtype_name(t: torch.Tensor, packed: bool = False) -> str:
 class ShardWriter:
     """Appends tensors to params_shard_N.bin files and writes tensor-cache.json on close."""
 
-    def __init__(self, out_dir: Path, shard_bytes: int = SHARD_BYTES):
-        self.out_dir, self.shard_bytes = out_dir, shard_bytes
+    def __init__(self, out_dir: Path, shard_bytes: int | None = None):
+        # SHARD_BYTES is read at call time so it can be changed (tests, tuning).
+        self.out_dir, self.shard_bytes = out_dir, shard_bytes or SHARD_BYTES
         self.shards: list[dict] = []
         self._file = None
         self._md5 = None
@@ -63,12 +65,14 @@ class ShardWriter:
 
     def add(self, name: str, tensor: torch.Tensor, dtype: str, logical_numel: int | None = None) -> None:
         data = tensor.detach().contiguous().cpu()
-        raw = data.view(torch.uint8).numpy().tobytes() if data.numel() else b""
-        if not self.shards or (self.shards[-1]["nbytes"] and
-                               self.shards[-1]["nbytes"] + len(raw) > self.shard_bytes):
+        # A view of the tensor's bytes (no copy: a quantized embedding is ~100 MB).
+        raw = memoryview(data.reshape(-1).view(torch.uint8).numpy()) if data.numel() else memoryview(b"")
+        used = self.shards[-1]["nbytes"] if self.shards else 0
+        pad = -used % 16  # aligned records can be viewed in place when memory-mapped
+        if not self.shards or (used and used + pad + len(raw) > self.shard_bytes):
             self._new_shard()
+            pad = 0
         shard = self.shards[-1]
-        pad = -shard["nbytes"] % 16  # aligned records can be viewed in place when memory-mapped
         if pad:
             self._file.write(b"\0" * pad)
             self._md5.update(b"\0" * pad)
@@ -87,8 +91,9 @@ class ShardWriter:
         meta = {"ParamSize": self.param_count, "ParamBytes": self.param_bytes,
                 "BitsPerParam": round(8.0 * self.param_bytes / max(self.param_count, 1), 4)}
         manifest = {"metadata": meta, "records": self.shards}
-        with open(self.out_dir / "tensor-cache.json", "w", encoding="utf-8") as f:
-            json.dump(manifest, f, indent=1)
+        text = json.dumps(manifest, indent=1)
+        for name in CACHE_NAMES:  # older MLC runtimes and apps only know ndarray-cache.json
+            (self.out_dir / name).write_text(text, encoding="utf-8")
         return manifest
 
 
@@ -146,6 +151,14 @@ def read_tensors(model_dir: Path, use_mmap: bool = False, verify: bool = True
         verify_shards(model_dir, manifest)
     for shard in manifest["records"]:
         path = model_dir / shard["dataPath"]
+        # The size check is cheap, so it runs even without verify: a truncated shard is named,
+        # never read as garbage (md5 is only checked when verifying).
+        size = path.stat().st_size if path.is_file() else None
+        if size is None:
+            raise CorruptWeightsError(f"shard {shard['dataPath']} is missing from {model_dir}")
+        if size != shard["nbytes"]:
+            raise CorruptWeightsError(f"shard {shard['dataPath']} is corrupted or truncated: {size} bytes, "
+                                      f"expected {shard['nbytes']}")
         if shard["nbytes"] == 0:
             buf = np.zeros(0, dtype=np.uint8)
         elif use_mmap:
@@ -157,7 +170,17 @@ def read_tensors(model_dir: Path, use_mmap: bool = False, verify: bool = True
             if dtype is None:
                 raise UserError(f"{rec['name']}: unsupported dtype {rec['dtype']!r} in {path.name}")
             off, n = rec["byteOffset"], rec["nbytes"]
+            bf16 = rec["dtype"] == "float32" and rec.get("format") == "f32-to-bf16"
+            numel = math.prod(rec["shape"])
+            if off < 0 or off + n > len(buf) or n != numel * (2 if bf16 else dtype.itemsize):
+                raise CorruptWeightsError(f"{rec['name']}: its record (offset {off}, {n} bytes, shape "
+                                          f"{rec['shape']}) does not fit shard {shard['dataPath']}")
             raw = buf[off:off + n]
+            if bf16:
+                # MLC-LLM stores float32 as the top 16 bits (bfloat16) of each value.
+                half = torch.from_numpy(raw.copy()).view(torch.bfloat16).reshape(rec["shape"])
+                yield rec["name"], half.float()
+                continue
             if off % dtype.itemsize:
                 raw = raw.copy()  # misaligned record (other writers pack tightly)
             t = torch.from_numpy(raw).view(dtype).reshape(rec["shape"])
