@@ -49,7 +49,8 @@ class AsyncEngine(EngineBase):
         def sink(_req: Request, outs) -> None:
             loop.call_soon_threadsafe(q.put_nowait, outs)
 
-        req, builder, r = self._build(kind, kwargs, sink)
+        # Tokenizing and template rendering are CPU work: keep them off the event loop.
+        req, builder, r = await asyncio.to_thread(self._build, kind, kwargs, sink)
         self.core.add(req)
         if r.stream:
             return self._stream(req, builder, q)

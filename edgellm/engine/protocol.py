@@ -51,7 +51,7 @@ class SamplingFields(BaseModel):
     seed: int | None = None
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
-    n: int = Field(default=1, ge=1, le=128)
+    n: int = Field(default=1, ge=1, le=16)  # each choice is a full sequence on a CPU: keep it bounded
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False
@@ -90,7 +90,7 @@ class SamplingFields(BaseModel):
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    role: str
+    role: Literal["system", "user", "assistant", "tool", "developer"]
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
 

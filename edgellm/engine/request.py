@@ -33,7 +33,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0 or self.top_k == 1
+        # Temperatures this small make exp() overflow; they mean "greedy" in practice.
+        return self.temperature < 1e-5 or self.top_k == 1
 
     @property
     def needs_penalties(self) -> bool:
@@ -76,7 +77,7 @@ class Sequence:
         self.generator: torch.Generator | None = None
         seed = request.params.seed
         if seed is not None:
-            self.generator = torch.Generator().manual_seed(int(seed) + index)
+            self.generator = torch.Generator().manual_seed((int(seed) + index) % 2**63)
         self.decoder = None  # StreamDecoder
         self.stopper = None  # StopMatcher
         self.text = ""

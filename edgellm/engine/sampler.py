@@ -74,4 +74,6 @@ class Sampler:
             drop = (cum - sorted_p) > p.top_p  # keep the smallest set reaching top_p
             sorted_p = sorted_p.masked_fill(drop, 0.0)
             probs = torch.zeros_like(probs).scatter(0, idx, sorted_p)
+        if not torch.isfinite(probs).all() or float(probs.sum()) <= 0:
+            return int(row.argmax())  # degenerate distribution (e.g. every token masked): stay defined
         return int(torch.multinomial(probs, 1, generator=seq.generator))

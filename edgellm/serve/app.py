@@ -1,0 +1,190 @@
+"""The OpenAI-compatible HTTP API over an AsyncEngine. The server only translates HTTP to requests."""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import time
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from edgellm.engine.protocol import ChatCompletionRequest, CompletionRequest
+from edgellm.errors import BadRequestError, EngineTerminatedError, UserError
+from edgellm.serve.metrics import render_prometheus
+
+log = logging.getLogger("edgellm.serve")
+MAX_BODY_BYTES = 4 * 1024 * 1024
+
+
+def error_response(status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+                   code: str | None = None) -> JSONResponse:
+    return JSONResponse(status_code=status,
+                        content={"error": {"message": message, "type": type_, "param": param, "code": code}})
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over `limit` bytes gets 413 before it reaches the app."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        length = headers.get(b"content-length")
+        too_big = error_response(413, f"request body exceeds {self.limit} bytes", code="request_too_large")
+        if length is not None and length.isdigit() and int(length) > self.limit:
+            return await too_big(scope, receive, send)
+        seen = 0
+
+        async def limited_receive():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise _TooLarge()
+            return message
+
+        try:
+            await self.app(scope, limited_receive, send)
+        except _TooLarge:
+            await too_big(scope, receive, send)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def create_app(engine, api_key: str | None = None, model_aliases: tuple[str, ...] = (),
+               max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
+    """A FastAPI app serving `engine` (an AsyncEngine)."""
+    app = FastAPI(title="edgellm", version=_version(), description="OpenAI-compatible API served by edgellm")
+    names = {engine.model_id, *model_aliases}
+
+    @app.middleware("http")
+    async def auth(request: Request, call_next):
+        if api_key and request.url.path.startswith("/v1"):
+            given = request.headers.get("authorization", "")
+            if not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+                return error_response(401, "invalid or missing API key (use 'Authorization: Bearer <key>')",
+                                      type_="authentication_error", code="invalid_api_key")
+        return await call_next(request)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_request: Request, exc: RequestValidationError):
+        err = (exc.errors() or [{}])[0]
+        loc = [str(p) for p in err.get("loc", ()) if p != "body" and not isinstance(p, int)]
+        param = ".".join(loc) or None
+        msg = str(err.get("msg", "invalid request")).removeprefix("Value error, ")
+        if err.get("type") == "json_invalid":
+            msg, param = "request body is not valid JSON", None
+        return error_response(400, f"{param}: {msg}" if param else msg, param=param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_request: Request, exc: StarletteHTTPException):
+        type_ = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return error_response(exc.status_code, str(exc.detail), type_=type_)
+
+    @app.exception_handler(Exception)
+    async def _crash(_request: Request, exc: Exception):
+        log.exception("unhandled error")
+        return error_response(500, "internal server error", type_="server_error")
+
+    def check_model(model: str | None):
+        if model is not None and model not in names:
+            return error_response(404, f"model {model!r} is not served here; available: {', '.join(sorted(names))}",
+                                  type_="not_found_error", param="model", code="model_not_found")
+        return None
+
+    async def run(kind: str, body):
+        bad = check_model(body.model)
+        if bad is not None:
+            return bad
+        kwargs = body.model_dump(exclude_unset=True, by_alias=True)
+        api = engine.chat.completions if kind == "chat" else engine.completions
+        try:
+            result = await api.create(**kwargs)
+        except BadRequestError as e:
+            return error_response(400, str(e), param=e.param, code=e.code)
+        except EngineTerminatedError as e:
+            return error_response(503, str(e), type_="server_error")
+        except UserError as e:
+            return error_response(400, str(e))
+        if not body.stream:
+            return JSONResponse(result.model_dump(exclude_none=True))
+        return StreamingResponse(_sse(result), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest):
+        return await run("chat", body)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest):
+        return await run("text", body)
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [_model_card(engine)]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str):
+        bad = check_model(model_id)
+        return bad if bad is not None else _model_card(engine)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok" if not engine.terminated else "terminated"}
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    async def metrics():
+        return PlainTextResponse(render_prometheus(engine.metrics()), media_type="text/plain; version=0.0.4")
+
+    def openapi() -> dict:
+        # The served model names are the only valid "model" values: say so in the schema.
+        if app.openapi_schema is None:
+            from fastapi.openapi.utils import get_openapi
+
+            schema = get_openapi(title=app.title, version=app.version, description=app.description,
+                                 routes=app.routes)
+            for name in ("ChatCompletionRequest", "CompletionRequest"):
+                props = schema.get("components", {}).get("schemas", {}).get(name, {}).get("properties", {})
+                if "model" in props:
+                    props["model"] = {"anyOf": [{"type": "string", "enum": sorted(names)}, {"type": "null"}],
+                                      "title": "Model", "description": "a served model id (GET /v1/models)"}
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi
+    app.add_middleware(BodyLimit, limit=max_body_bytes)
+    return app
+
+
+async def _sse(stream):
+    try:
+        async for chunk in stream:
+            yield f"data: {json.dumps(chunk.model_dump(exclude_none=True), ensure_ascii=False)}\n\n"
+    except Exception as e:  # mid-stream failure: tell the client in-band, then end the stream
+        log.exception("stream failed")
+        err = {"error": {"message": str(e), "type": "server_error", "param": None, "code": None}}
+        yield f"data: {json.dumps(err)}\n\n"
+    yield "data: [DONE]\n\n"
+
+
+def _model_card(engine) -> dict[str, Any]:
+    return {"id": engine.model_id, "object": "model", "created": int(time.time()), "owned_by": "edgellm",
+            "root": str(engine.model_dir), "max_model_len": engine.context_window,
+            "quantization": engine.config.quantization, "model_type": engine.config.model_type}
+
+
+def _version() -> str:
+    from edgellm.config import VERSION
+
+    return VERSION
