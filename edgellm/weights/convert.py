@@ -42,7 +42,7 @@ def resolve_model_type(hf_cfg: dict, model_type: str) -> str:
 def convert_weight(config: str | Path, quantization: str, output: str | Path, *,
                    model_type: str = "auto", device: str = "cpu", source: str | Path | None = None,
                    source_format: str = "auto", lora_adapter: str | Path | None = None,
-                   force: bool = False, progress: bool = True) -> dict:
+                   force: bool = False, progress: bool | None = None) -> dict:
     """Convert a model's weights into `output`; returns the tensor-cache manifest."""
     mode = get_mode(quantization)
     src, hf_cfg = open_source(config, source, source_format)
@@ -58,9 +58,10 @@ def convert_weight(config: str | Path, quantization: str, output: str | Path, *,
     written: set[str] = set()
     with staged_output(Path(output), force=force, replaces_shards=True) as stage:
         writer = ShardWriter(stage)
-        # disable=None: the bar is drawn on a terminal only, so an error stays one line in logs.
+        # progress=None: the bar is drawn on a terminal only, so an error stays one line in logs;
+        # True: always (first-run preparation, where showing progress matters more).
         bar = tqdm(total=len(src.names()), desc="Converting", unit="tensor",
-                   disable=None if progress else True, dynamic_ncols=True)
+                   disable={None: None, True: False, False: True}[progress], dynamic_ncols=True)
         try:
             for hf_name, tensor in src.iter_tensors():
                 bar.update(1)
