@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from edgellm.config import load_chat_config
 from edgellm.engine import protocol as P
 from edgellm.engine.core import EngineCore
 from edgellm.engine.kv_pool import KVPool
@@ -19,7 +20,7 @@ from edgellm.engine.runner import ModelRunner
 from edgellm.engine.sampler import Sampler
 from edgellm.engine.scheduler import Scheduler
 from edgellm.errors import BadRequestError, ContextWindowError, EngineTerminatedError, UserError
-from edgellm.models.loader import load_model
+from edgellm.models.loader import arch_config, load_model, runtime_context
 from edgellm.prepare import prepare_model
 from edgellm.tokenizer.conversation import Conversation, load_template, render
 from edgellm.tokenizer.tokenizer import Tokenizer
@@ -58,13 +59,12 @@ class EngineBase:
         self.device = pick_device(device)
         opts = self.options
         torch.set_num_threads(opts.thread_count)
+        cfg = load_chat_config(Path(self.model_dir))
+        ctx = opts.context_window_size or runtime_context(cfg, arch_config(cfg))
         self.model, self.config = load_model(self.model_dir, device=self.device, use_mmap=opts.use_mmap,
-                                             max_positions=None, verify=opts.verify_weights)
+                                             max_positions=ctx, verify=opts.verify_weights)
         arch = self.model.cfg
-        ctx = opts.context_window_size or self.config.context_window_size
-        if ctx is None or ctx <= 0:
-            ctx = arch.max_position_embeddings
-        self.context_window = min(ctx, self.model.rope.cos.shape[0]) if hasattr(self.model, "rope") else ctx
+        self.context_window = ctx
         self.tokenizer = Tokenizer.from_dir(self.model_dir)
         self.model_id = Path(self.model_dir).name
         self.conv: Conversation | None = None

@@ -22,9 +22,20 @@ def arch_config(cfg: ChatConfig, family: ModuleType | None = None) -> ArchConfig
     """The family's ArchConfig, with gen_config's sliding window override applied."""
     family = family or get_family(cfg.model_type)
     arch = family.parse_config(cfg.model_config)
-    if cfg.sliding_window_size and cfg.sliding_window_size > 0:
-        arch.windows = [cfg.sliding_window_size if w is not None else None for w in arch.windows]
+    w = cfg.sliding_window_size
+    if w and w > 0:
+        if any(x is not None for x in arch.windows):
+            arch.windows = [w if x is not None else None for x in arch.windows]
+        elif cfg.model_type == "mistral":  # as MLC: --sliding-window-size turns it on for Mistral
+            arch.windows = [w] * arch.num_layers
     return arch
+
+
+def runtime_context(cfg: ChatConfig, arch: ArchConfig) -> int:
+    """Positions the runtime supports: the chat config's window, or the model's own maximum when it is
+    -1 (MLC writes -1 for sliding-window Mistral: unbounded, the KV cache keeps only the window)."""
+    ctx = cfg.context_window_size
+    return ctx if ctx and ctx > 0 else arch.max_position_embeddings
 
 
 def build_model(family: ModuleType, arch: ArchConfig, mode: QuantMode | None, max_positions: int,
@@ -65,7 +76,7 @@ def load_model(model_dir: str | Path, *, device: str = "cpu", use_mmap: bool = F
     family = get_family(cfg.model_type)
     mode = get_mode(cfg.quantization)
     arch = arch_config(cfg, family)
-    model = build_model(family, arch, mode, max_positions or cfg.context_window_size, dtype)
+    model = build_model(family, arch, mode, max_positions or runtime_context(cfg, arch), dtype)
     want = model.state_dict()
     state: dict[str, torch.Tensor] = {}
     for disk_name, t in read_tensors(model_dir, use_mmap=use_mmap, verify=verify):

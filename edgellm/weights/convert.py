@@ -101,7 +101,10 @@ def _write(writer: ShardWriter, family, mode: QuantMode, want: dict, name: str, 
                    "uint32" if mode.kind == "group" else "int8", logical_numel=t.numel())
         writer.add(to_disk_name(family, base + ".q_scale"), s, _dtype_str(mode.model_dtype), 0)
     else:
-        writer.add(to_disk_name(family, name), t.to(mode.model_dtype), _dtype_str(mode.model_dtype))
+        # MLC keeps a few tensors in float32 whatever the mode (gpt_neox MLP biases)
+        keep32 = any(name.endswith(s) for s in getattr(family, "FLOAT32_TENSORS", ()))
+        dtype = torch.float32 if keep32 else mode.model_dtype
+        writer.add(to_disk_name(family, name), t.to(dtype), _dtype_str(dtype))
 
 
 def _dtype_str(dtype: torch.dtype) -> str:

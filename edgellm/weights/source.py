@@ -63,6 +63,9 @@ def open_source(config: str | Path, source: str | Path | None = None, source_for
     if not cfg_path.is_dir():
         raise UserError(f"{config}: expected a model directory, its config.json, or a .gguf file")
     cfg = hf_config(cfg_path)
+    quant_method = str((cfg.get("quantization_config") or {}).get("quant_method", "")).lower()
+    if source_format == "auto" and quant_method in ("awq", "gptq"):
+        source_format = quant_method
     if source_format in ("awq", "gptq"):
         from edgellm.weights.gptq_reader import open_prequantized
 
