@@ -285,3 +285,13 @@ def test_json_response_format(engine):
     if r.choices[0].finish_reason == "stop":
         obj = json.loads(text)
         assert set(obj) == {"name", "age"} and isinstance(obj["age"], int)
+
+
+def test_seed_001_snippet_runs_with_only_the_import_changed(tiny_model):
+    from edgellm import AsyncMLCEngine, MLCEngine
+
+    assert MLCEngine is Engine and AsyncMLCEngine is AsyncEngine
+    engine = MLCEngine(model=str(tiny_model))
+    r = engine.chat.completions.create(messages=[{"role": "user", "content": "hello"}])
+    assert r.choices[0].message.role == "assistant" and r.choices[0].finish_reason in ("stop", "length")
+    engine.terminate()
