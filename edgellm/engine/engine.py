@@ -83,12 +83,13 @@ class EngineBase:
                            self.device)
         chunk = opts.prefill_chunk_size or self.config.prefill_chunk_size or 2048
         self.scheduler = Scheduler(self.pool, opts.num_sequences, chunk, opts.reuse_kv)
-        self.runner = ModelRunner(self.model, self.pool, self.device, opt=opts.opt)
         self.model_lib = model_lib
-        if model_lib is not None:
+        if model_lib is not None:  # the library's runner keeps its own weights and caches
             from edgellm.compile.runtime import load_library
 
             self.runner = load_library(model_lib, self)
+        else:
+            self.runner = ModelRunner(self.model, self.pool, self.device, opt=opts.opt)
         self.core = EngineCore(self.runner, self.pool, self.scheduler, Sampler(), self.tokenizer,
                                self.context_window)
         self.terminated = False

@@ -1,0 +1,275 @@
+"""Run a compiled model library in the engine in place of the eager model.
+
+`load_library(path, engine)` checks that the library was compiled for the engine's model and
+returns a runner with ModelRunner's interface (`step(chunks) -> logits [R, vocab]`).
+
+The compiled programs handle one sequence per call and keep their own static KV caches, one
+per sequence slot (an AOTInductor library: key and value tensors per layer and slot; an
+ExecuTorch program: one loaded copy of the program per slot, the cache inside it). The
+engine's KV pool is not used. A runner state remembers which tokens its cache holds, so a
+sequence whose cache is missing (more sequences than states, a forked choice, a reused prefix)
+is rebuilt by copying a state with the same prefix or by recomputing it: results always equal
+the eager engine's.
+"""
+
+from __future__ import annotations
+
+import tarfile
+import zipfile
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+
+from edgellm.compile import target as T
+from edgellm.errors import UserError
+
+
+def sniff(path: Path) -> str:
+    """'pt2', 'pte' or 'tar' from the file's content."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if head[:4] == b"PK\x03\x04" or zipfile.is_zipfile(path):
+        return "pt2"
+    if head[4:6] == b"ET":
+        return "pte"
+    if tarfile.is_tarfile(path):
+        return "tar"
+    raise UserError(f"{path}: not a model library (expected an AOTInductor .pt2, an ExecuTorch .pte "
+                    "or an edgellm .tar)")
+
+
+def inspect_library(path: str | Path) -> tuple[dict, Path, str]:
+    """(metadata, artifact path, artifact kind) of a library file; UserError if it is not one."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise UserError(f"model library {path}: no such file")
+    kind = sniff(path)
+    if kind == "tar":
+        from edgellm.compile.archive import extract_artifact, read_tar_metadata
+        from edgellm.prepare import edgellm_home
+
+        meta = read_tar_metadata(path)
+        if meta is None:
+            raise UserError(f"{path}: not an edgellm model library archive (no metadata.json)")
+        art = extract_artifact(path, edgellm_home() / "libs")
+        return meta, art, meta.get("artifact", "pt2")
+    if kind == "pt2":
+        from edgellm.compile.aoti import read_pt2_metadata
+
+        meta = read_pt2_metadata(path)
+    else:
+        from edgellm.compile.executorch_export import read_pte_metadata
+
+        meta = read_pte_metadata(path)
+    if meta is None:
+        raise UserError(f"{path}: not an edgellm model library (no edgellm metadata; compile it with "
+                        "`edgellm compile`)")
+    return meta, path, kind
+
+
+class _State:
+    __slots__ = ("slot", "tokens", "handle")
+
+    def __init__(self, slot: int, handle):
+        self.slot, self.tokens, self.handle = slot, [], handle
+
+
+def _common(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    if a[:n] == b[:n]:
+        return n
+    lo, hi = 0, n  # binary search the first difference
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if a[:mid + 1] == b[:mid + 1]:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
+class StaticRunner:
+    """Per-slot states over a one-sequence step program; subclasses run the program."""
+
+    fused = None  # ModelRunner's attribute (a fused native decode step); none here
+
+    def __init__(self, meta: dict, engine, lib: Path):
+        self.meta, self.lib = meta, lib
+        self.max_len = int(meta["context_window_size"])
+        self.chunk = int(meta["prefill_chunk_size"])
+        self.vocab = int(meta["vocab_size"])
+        self.pool = getattr(engine, "pool", None)
+        opts = getattr(engine, "options", None)
+        want = getattr(opts, "num_sequences", None) or 1
+        self.capacity = max(1, min(int(meta.get("max_batch_size") or 1), want)) + 1  # +1 keeps a prefix
+        self.states: OrderedDict[int, _State] = OrderedDict()  # LRU order
+
+    # ---- subclass API -------------------------------------------------------------------------
+    def _new_handle(self):
+        raise NotImplementedError
+
+    def _forward(self, handle, ids: torch.Tensor, start: int) -> torch.Tensor:
+        """Logits [1, vocab] of the last of `ids`, written at positions start.. of the handle's cache."""
+        raise NotImplementedError
+
+    def _copy(self, src, dst, n: int) -> bool:
+        """Copy the first n cached positions; False if this program cannot."""
+        return False
+
+    # ---- state bookkeeping --------------------------------------------------------------------
+    def _alive(self, slot: int) -> bool:
+        if self.pool is None:
+            return True
+        return slot in getattr(self.pool, "seqs", {}) or slot in getattr(self.pool, "prefix_cache", {})
+
+    def _take_state(self, slot: int, keep: set[int]) -> _State:
+        if len(self.states) < self.capacity:
+            return _State(slot, self._new_handle())
+        victims = [s for s in self.states if s not in keep]
+        dead = [s for s in victims if not self._alive(s)]
+        if not victims:
+            raise RuntimeError("more sequences in one step than the library's states")
+        victim = self.states.pop((dead or victims)[0])
+        return _State(slot, victim.handle)
+
+    def _state_for(self, seq, start: int, keep: set[int]) -> _State:
+        ids = seq.all_ids
+        st = self.states.get(seq.slot)
+        if st is not None and len(st.tokens) >= start and st.tokens[:start] == ids[:start]:
+            del st.tokens[start:]
+            self.states.move_to_end(seq.slot)
+            return st
+        if st is None:
+            st = self._take_state(seq.slot, keep)
+            self.states[seq.slot] = st
+        have = _common(st.tokens, ids[:start])
+        for other in self.states.values():  # a fork or a cached prefix: copy instead of recomputing
+            if other is st or have >= start:
+                continue
+            n = _common(other.tokens, ids[:start])
+            if n > have and self._copy(other.handle, st.handle, n):
+                st.tokens, have = other.tokens[:n], n
+        del st.tokens[have:]
+        if have < start:
+            self._run(st, ids[have:start], have)
+        self.states.move_to_end(seq.slot)
+        return st
+
+    def _run(self, st: _State, ids: list[int], start: int) -> torch.Tensor:
+        end = start + len(ids)
+        if end > self.max_len:
+            raise UserError(f"sequence of {end} tokens exceeds the library's context window "
+                            f"({self.max_len}); compile with --overrides context_window_size=N")
+        logits = None
+        for s in range(0, len(ids), self.chunk):
+            piece = ids[s:s + self.chunk]
+            logits = self._forward(st.handle, torch.tensor(piece, dtype=torch.long), start + s)
+            st.tokens.extend(piece)
+        return logits
+
+    def step(self, chunks) -> torch.Tensor:
+        rows = []
+        keep = {c.seq.slot for c in chunks}
+        for c in chunks:
+            st = self._state_for(c.seq, c.start, keep)
+            logits = self._run(st, c.seq.all_ids[c.start:c.start + c.length], c.start)
+            if c.completes:
+                rows.append(logits.reshape(1, -1).float().cpu())
+        if not rows:
+            return torch.empty(0, self.vocab)
+        return torch.cat(rows)
+
+
+class AOTIRunner(StaticRunner):
+    """An AOTInductor package, fed the engine model's weights."""
+
+    def __init__(self, meta: dict, engine, lib: Path, artifact: Path):
+        super().__init__(meta, engine, lib)
+        from edgellm.compile.aoti import load_pt2
+
+        self.device = engine.device
+        self.program = load_pt2(artifact)
+        # The engine's model may be repacked for its native kernels: take the weights afresh.
+        from edgellm.compile.lowering import float_model
+        from edgellm.models.loader import load_model
+
+        fresh, _ = load_model(engine.model_dir, device=self.device, verify=False)
+        model = float_model(fresh)
+        del fresh
+        self.model = model  # the program reads these tensors in place
+        named = {f"model.{k}": v for k, v in model.named_parameters()}
+        named.update({f"model.{k}": v for k, v in model.named_buffers()})
+        wanted = self.program.get_constant_fqns()
+        missing = [k for k in wanted if k not in named]
+        if missing:
+            raise UserError(f"model library {lib.name} needs weight {missing[0]!r}, which this model does not "
+                            "have (compiled by another edgellm version?); compile it again")
+        consts = {}
+        for k in wanted:
+            consts[k] = named[k]
+        try:
+            self.program.load_constants(consts, check_full_update=True, user_managed=True)
+        except RuntimeError as e:
+            raise UserError(f"model library {lib.name} does not accept this model's weights ({e}); "
+                            "compile it again") from None
+        self.positions = torch.arange(self.max_len, dtype=torch.long, device=self.device)
+
+    def _new_handle(self):
+        from edgellm.compile.aoti import new_caches
+
+        return new_caches(self.model, self.max_len, self.device)
+
+    def _forward(self, handle, ids, start):
+        t = ids.shape[0]
+        k, v = handle
+        with torch.inference_mode():
+            return self.program(ids.to(self.device), self.positions[start:start + t],
+                                self.positions[:start + t], k, v)
+
+    def _copy(self, src, dst, n):
+        for s, d in zip(src[0] + src[1], dst[0] + dst[1]):
+            d[:n].copy_(s[:n])
+        return True
+
+
+class PteRunner(StaticRunner):
+    """An ExecuTorch program through ExecuTorch's Python runtime (CPU)."""
+
+    def __init__(self, meta: dict, engine, lib: Path, artifact: Path):
+        super().__init__(meta, engine, lib)
+        self.artifact = artifact
+        self._new_handle()  # fail here, not at the first request, if the program does not load
+
+    def _new_handle(self):
+        # Methods of one loaded program share their planned memory (the KV cache): every state
+        # loads the program anew (the file is memory-mapped, so the weights are not duplicated).
+        from edgellm.compile.executorch_export import PteProgram
+
+        prog = PteProgram(self.artifact)
+        return prog, prog.new_method()
+
+    def _forward(self, handle, ids, start):
+        from edgellm.compile.executorch_export import run_method
+
+        return run_method(handle[1], ids, start)
+
+
+def load_library(model_lib: str | Path, engine) -> StaticRunner:
+    """The runner for `model_lib`, checked against the engine's model."""
+    meta, artifact, kind = inspect_library(model_lib)
+    lib = Path(model_lib)
+    T.check_match(meta, lib, engine.config, engine.model.cfg, Path(engine.model_dir))
+    dev = meta.get("device")
+    if kind == "pt2":
+        want = str(engine.device).split(":")[0]
+        if dev != want:
+            raise UserError(f"model library {lib.name} was compiled for {dev}, but the engine runs on {want}; "
+                            f"pass device={dev!r} (--device {dev}) or compile for {want}")
+    elif str(engine.device) != "cpu":
+        raise UserError(f"model library {lib.name} is an ExecuTorch program for {dev}; it runs on the CPU "
+                        "here: pass device='cpu' (--device cpu)")
+    ctx = getattr(engine, "context_window", None)
+    engine.context_window = min(ctx or 1 << 62, int(meta["context_window_size"]))
+    runner = AOTIRunner if kind == "pt2" else PteRunner
+    return runner(meta, engine, lib, artifact)

@@ -1,0 +1,127 @@
+"""Export-friendly KV cache and the step programs that compiled libraries are made of.
+
+A compiled step handles one sequence: token ids [T] at absolute positions [T] (consecutive),
+a KV cache of fixed length `max_len` per layer, and returns float32 logits of the last row
+[1, vocab]. Attention is pure tensor ops: the new keys/values are written with `index_copy_`
+at the tensor positions and every query sees the cached keys through a position mask, so the
+same graph serves every position without Python control flow.
+
+Two cache layouts:
+- `ExternalKVCache`: the cache tensors are inputs of the step (one [max_len, KVH, D] tensor per
+  layer for keys and for values), written in place (AOTInductor). Key positions [S] are an input too: S = start + T, so
+  attention reads only the first S cached positions (S is a dynamic dimension).
+- the ExecuTorch program keeps the cache inside as mutable buffers and attends over all
+  `max_len` positions with the mask (static shapes; positions not yet written are masked).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from edgellm.models.base import Step
+
+
+def masked_attention(q: torch.Tensor, keys: torch.Tensor, vals: torch.Tensor, positions: torch.Tensor,
+                     key_pos: torch.Tensor, *, scale: float, window: int | None,
+                     softcap: float | None) -> torch.Tensor:
+    """q [T, H, D] at `positions` [T]; keys/vals [KVH, S, D] at `key_pos` [S] -> [T, H, D].
+
+    Grouped-query attention as two batched matmuls over the KV heads (the query heads that share
+    a KV head are stacked as rows), so the cache is read in place, never repeated per head.
+    """
+    t, h, d = q.shape
+    kvh = keys.shape[0]
+    rep = h // kvh
+    qp, kp = positions.unsqueeze(1), key_pos.unsqueeze(0)
+    mask = kp <= qp  # [T, S]
+    if window is not None:
+        mask = mask & ((qp - kp) < window)
+    qg = q.reshape(t, kvh, rep, d).permute(1, 2, 0, 3).reshape(kvh, rep * t, d)  # row r*T + i
+    scores = torch.bmm(qg, keys.transpose(1, 2)) * scale  # [KVH, rep*T, S]
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    if rep > 1:
+        mask = mask.repeat(rep, 1)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+    o = torch.bmm(probs, vals)  # [KVH, rep*T, D]
+    return o.reshape(kvh, rep, t, d).permute(2, 0, 1, 3).reshape(t, h, d)
+
+
+class ExternalKVCache:
+    """`attend` over cache tensors passed in by the caller (written in place)."""
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, key_pos: torch.Tensor):
+        self.k, self.v, self.positions, self.key_pos = k, v, positions, key_pos
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: Step, *,
+               scale: float, window: int | None = None, softcap: float | None = None) -> torch.Tensor:
+        kc, vc = self.k[layer], self.v[layer]  # [max_len, KVH, D], one tensor per layer
+        # index_put_ on a graph input is updated in place by inductor (no copy of the cache)
+        kc.index_put_((self.positions,), k.to(kc.dtype))
+        vc.index_put_((self.positions,), v.to(vc.dtype))
+        s = self.key_pos.shape[0]
+        keys = kc.narrow(0, 0, s).transpose(0, 1).to(q.dtype)
+        vals = vc.narrow(0, 0, s).transpose(0, 1).to(q.dtype)
+        return masked_attention(q, keys, vals, self.positions, self.key_pos, scale=scale, window=window,
+                                softcap=softcap)
+
+
+class BufferKVCache:
+    """`attend` over the wrapper's own cache buffers (static length, mask over every position)."""
+
+    def __init__(self, owner: nn.Module, positions: torch.Tensor):
+        self.owner, self.positions = owner, positions
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: Step, *,
+               scale: float, window: int | None = None, softcap: float | None = None) -> torch.Tensor:
+        kc, vc = getattr(self.owner, f"k_cache_{layer}"), getattr(self.owner, f"v_cache_{layer}")
+        # an index_put on a mutable buffer: ExecuTorch's reinplace pass keeps it in place
+        kc[:, self.positions] = k.transpose(0, 1).to(kc.dtype)
+        vc[:, self.positions] = v.transpose(0, 1).to(vc.dtype)
+        return masked_attention(q, kc.to(q.dtype), vc.to(q.dtype), self.positions, self.owner.key_pos,
+                                scale=scale, window=window, softcap=softcap)
+
+
+def _step(positions: torch.Tensor) -> Step:
+    # Only `positions` and `logit_rows` are read by the models; the rest is bookkeeping.
+    return Step([0], [0], [1], positions=positions, logit_rows=slice(-1, None))
+
+
+class ExternalCacheStep(nn.Module):
+    """(ids [T], positions [T], key_pos [S], k_caches, v_caches) -> logits [1, vocab]; caches written.
+
+    k_caches/v_caches are lists with one [max_len, KVH, D] tensor per layer.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor, key_pos: torch.Tensor,
+                k_caches: list[torch.Tensor], v_caches: list[torch.Tensor]) -> torch.Tensor:
+        cache = ExternalKVCache(k_caches, v_caches, positions, key_pos)
+        return self.model(ids, _step(positions), cache)
+
+
+class BufferCacheStep(nn.Module):
+    """(tokens [1, T], input_pos [1]) -> logits [1, vocab]; the KV cache lives in the module's buffers.
+
+    The signature is ExecuTorch's LLM runner convention (KV cache on, dynamic shape): tokens of
+    one sequence and the position of the first of them.
+    """
+
+    def __init__(self, model: nn.Module, max_len: int, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.model = model
+        a = model.cfg
+        for i in range(a.num_layers):
+            self.register_buffer(f"k_cache_{i}", torch.zeros(a.num_kv_heads, max_len, a.head_dim, dtype=dtype))
+            self.register_buffer(f"v_cache_{i}", torch.zeros(a.num_kv_heads, max_len, a.head_dim, dtype=dtype))
+        self.register_buffer("key_pos", torch.arange(max_len, dtype=torch.int64))
+
+    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        ids = tokens.reshape(-1)
+        positions = input_pos + torch.arange(ids.shape[0], dtype=torch.int64)
+        return self.model(ids, _step(positions), BufferKVCache(self, positions))
