@@ -80,7 +80,12 @@ class KVPool:
         return self.used_bytes + nbytes <= self.budget_bytes
 
     def reserve(self, slot: int, start: int, end: int) -> bool:
-        """Make room to write positions start..end-1 of `slot`; False if over budget."""
+        """Make room to write positions start..end-1 of `slot`; False if over budget.
+
+        Positions before `start` are computed (the scheduler reserves from a sequence's
+        num_computed), so a region that grows or slides keeps exactly those.
+        """
+        self.seqs[slot].length = start
         for generous in (True, False):  # grow by 1.5x when it fits, else just enough
             plans, extra = self._plan(self.seqs[slot], start, end, generous)
             if not extra or self._evict_for(extra):

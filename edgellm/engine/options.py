@@ -35,7 +35,7 @@ class EngineOptions:
     use_mmap: bool = False
     threads: int | None = None
     max_tokens: int | None = None  # default max_tokens of a request
-    opt: str = "O1"  # O0: plain eager; O1: repacked kernels; O2: + compiled decode step
+    opt: str = "O2"  # O0: reference eager; O1: native quantized kernels; O2: + one native call per decode step
     seed: int | None = None
     verify_weights: bool = True
 

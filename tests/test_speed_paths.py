@@ -1,0 +1,259 @@
+"""The speed paths compute the same function as the reference.
+
+- native quantized kernels (repacked weights) equal the float32 dequantized reference within
+  1e-3, per layer and as whole-model logits, for q4f16_1, q4f32_1, q3f16_1 and q8f16_1;
+- --opt O0 (reference) and O2 (repacked kernels + fused decode step) give identical greedy
+  tokens, on a tiny q4f16_1 model and on the real SmolLM2 q4f16_1 model;
+- decoding several sequences in one batch equals decoding each alone.
+No timing is asserted here (see `edgellm bench` and benchmarks/vs_llamacpp.py).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from edgellm.engine.kv_cache import SlotKVCache
+from edgellm.engine.kv_pool import KVPool
+from edgellm.engine.request import Request, SamplingParams, Status
+from edgellm.engine.runner import ModelRunner
+from edgellm.engine.sampler import Sampler
+from edgellm.engine.scheduler import Scheduler
+from edgellm.models.base import Step
+from edgellm.models.loader import load_model
+from edgellm.quantization import kernels
+from edgellm.quantization.layers import QuantEmbedding, QuantLinear, repack_model
+from edgellm.quantization.modes import get_mode
+from edgellm.quantization.pack import dequantize, quantize
+from tests.helpers import convert, run_logits, save_hf
+
+pytestmark = pytest.mark.skipif(not kernels.available(),
+                                reason=f"native kernels unavailable: {kernels.unavailable_reason()}")
+
+QUANTS = ["q4f16_1", "q4f32_1", "q3f16_1", "q8f16_1"]
+TOL = 1e-3
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, tol: float = TOL) -> float:
+    """Largest difference relative to the reference's largest magnitude."""
+    err = ((a - b).abs().max() / b.abs().max().clamp_min(1e-6)).item()
+    assert err <= tol, err
+    return err
+
+
+# ---- per layer ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("quant", QUANTS)
+@pytest.mark.parametrize("n,k", [(100, 200), (96, 64), (1536, 576), (40, 1000)])
+def test_kernel_matches_dequantized_reference(quant, n, k):
+    mode = get_mode(quant)
+    torch.manual_seed(n + k)
+    w = torch.randn(n, k) * torch.linspace(0.2, 3.0, k)  # groups of different scales
+    qw, qs = quantize(w, mode)
+    ref_w = dequantize(qw, qs, mode, k, torch.float32)
+    bias = torch.randn(n)
+    pw = kernels.PackedWeight.from_quantized(qw, qs, mode, n, k, bias)
+    assert torch.equal(pw.dequantize(), ref_w)
+    ids = torch.tensor([[0, n - 1], [n // 2, 3]])
+    assert torch.equal(pw.gather(ids), ref_w[ids])
+    for m in (1, 2, 3, 4, 5, 8, 9, 33):  # fused integer product up to 8 rows, dequantize + GEMM beyond
+        x = torch.randn(m, k) * 3
+        x[0, : min(k, 7)] = 0.0  # an all-zero start of a group
+        ref = x @ ref_w.T + bias
+        got = pw.linear(x)
+        assert got.shape == ref.shape
+        assert _close(got, ref, 1e-5) <= 1e-5
+
+
+def test_layers_repack_in_place_and_free_disk_buffers():
+    mode = get_mode("q4f16_1")
+    lin = QuantLinear(64, 48, True, mode)
+    emb = QuantEmbedding(48, 64, mode)
+    w = torch.randn(48, 64)
+    qw, qs = quantize(w, mode)
+    for m in (lin, emb):
+        m.q_weight.copy_(qw)
+        m.q_scale.copy_(qs)
+    lin.bias.data.normal_()
+    x = torch.randn(3, 64)
+    ref_lin, ref_logits, ref_rows = lin(x), emb.as_linear(x), emb(torch.tensor([[1, 2], [3, 47]]))
+    lin.repack()
+    emb.repack()
+    assert lin.q_weight is None and emb.q_weight is None and "q_weight" not in lin.state_dict()
+    _close(lin(x), ref_lin, 1e-5)
+    _close(emb.as_linear(x), ref_logits, 1e-5)
+    assert torch.equal(emb(torch.tensor([[1, 2], [3, 47]])), ref_rows)
+    assert torch.equal(lin.dequantized_weight(), dequantize(qw, qs, mode, 64, torch.float32))
+
+
+# ---- tiny models ------------------------------------------------------------------------------------
+def _tiny_family(kind: str, out, seed: int = 1):
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    common = dict(vocab_size=384, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=512, bos_token_id=3, eos_token_id=2, pad_token_id=0)
+    if kind == "qwen2":
+        model = tf.Qwen2ForCausalLM(tf.Qwen2Config(**common, tie_word_embeddings=True))
+    elif kind == "qwen3":
+        model = tf.Qwen3ForCausalLM(tf.Qwen3Config(**common, head_dim=32, tie_word_embeddings=False))
+    elif kind == "mistral":
+        model = tf.MistralForCausalLM(tf.MistralConfig(**common, sliding_window=8, tie_word_embeddings=False))
+    else:
+        model = tf.LlamaForCausalLM(tf.LlamaConfig(**common, tie_word_embeddings=False))
+    with torch.no_grad():  # peaked logits: greedy choices are not decided by float noise
+        model.lm_head.weight.mul_(40.0)
+    return save_hf(model.eval(), out)
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_hf(tmp_path_factory):
+    return _tiny_family("llama", tmp_path_factory.mktemp("speed") / "llama_hf")
+
+
+@pytest.fixture(scope="module")
+def tiny_quantized(tiny_llama_hf, tmp_path_factory):
+    root = tmp_path_factory.mktemp("speed_q")
+    return {q: convert(tiny_llama_hf, root / q, q) for q in QUANTS + ["q0f32"]}
+
+
+def generate(model_dir, prompts: list[list[int]], n: int, opt: str, *, max_seqs: int = 8, chunk: int = 16,
+             kv_dtype: torch.dtype = torch.float32):
+    """Greedy tokens and the logits of every sampled position, through the engine's runner."""
+    model, _ = load_model(model_dir)
+    a = model.cfg
+    pool = KVPool(a.num_layers, a.num_kv_heads, a.head_dim, list(a.windows), 4096, kv_dtype)
+    runner = ModelRunner(model, pool, "cpu", opt=opt)
+    sched = Scheduler(pool, max_seqs, chunk, reuse_kv=False)
+    params = SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
+    seqs = []
+    for i, p in enumerate(prompts):
+        seq = Request(str(i), p, params, 1, lambda *_: None).sequences[0]
+        seqs.append(seq)
+        sched.add(seq)
+    logits: dict[int, list[torch.Tensor]] = {id(s): [] for s in seqs}
+    sampler = Sampler()
+    fused_steps = 0
+    while True:
+        chunks = sched.schedule()
+        if not chunks:
+            break
+        fused_steps += runner.fused is not None and all(c.length == 1 for c in chunks)
+        out = runner.step(chunks)
+        ready = []
+        for c in chunks:
+            c.seq.num_computed = c.start + c.length
+            if c.completes:
+                ready.append(c.seq)
+        tokens, _ = sampler(out, ready)
+        for row, (s, tok) in enumerate(zip(ready, tokens)):
+            s.output_ids.append(tok)
+            logits[id(s)].append(out[row])
+            if len(s.output_ids) >= n:
+                s.status = Status.FINISHED
+                sched.remove(s, keep_for_reuse=False)
+    return [s.output_ids for s in seqs], [torch.stack(logits[id(s)]) for s in seqs], runner, fused_steps
+
+
+PROMPTS = [[3, 17, 99, 5, 250, 31, 8, 77, 120, 64, 11], [3, 200, 201, 9], list(range(5, 40)),
+           [(7 * i) % 380 + 4 for i in range(200)]]  # long enough for attention split into key ranges
+
+
+@pytest.mark.parametrize("quant", QUANTS)
+def test_whole_model_logits_match_reference(quant, tiny_quantized):
+    d = tiny_quantized[quant]
+    ids = torch.tensor(PROMPTS[2])
+    ref = run_logits(d, ids)  # O0: dequantize every call
+    model, cfg = load_model(d)
+    assert repack_model(model) > 0
+    for chunk in (len(ids), 5, 1):  # GEMM path, few-row integer path, one row at a time
+        a = model.cfg
+        cache = SlotKVCache(a.num_layers, 1, cfg.context_window_size, a.num_kv_heads, a.head_dim)
+        outs = []
+        with torch.inference_mode():
+            for s in range(0, len(ids), chunk):
+                part = ids[s:s + chunk]
+                outs.append(model(part, Step.single(s, len(part)), cache))
+        _close(torch.cat(outs), ref)
+
+
+@pytest.mark.parametrize("quant", QUANTS + ["q0f32"])
+def test_fused_decode_matches_reference(quant, tiny_quantized):
+    ref_tokens, ref_logits, _, _ = generate(tiny_quantized[quant], PROMPTS, 12, "O0")
+    tokens, logits, runner, fused = generate(tiny_quantized[quant], PROMPTS, 12, "O2")
+    assert runner.fused is not None and fused > 0
+    assert tokens == ref_tokens
+    for a, b in zip(logits, ref_logits):
+        _close(a, b)
+
+
+def test_kv_pool_growth_keeps_computed_positions(tiny_quantized):
+    """A prompt prefilled in chunks across several cache growths decodes like the fixed-size cache."""
+    from tests.helpers import greedy
+
+    d = tiny_quantized["q0f32"]
+    tokens, _, _, _ = generate(d, [PROMPTS[3]], 8, "O0", chunk=16)
+    assert tokens[0] == greedy(d, torch.tensor(PROMPTS[3]), 8)
+
+
+def test_o0_o1_o2_same_greedy_tokens_tiny_q4(tiny_quantized):
+    d = tiny_quantized["q4f16_1"]
+    ref, _, _, _ = generate(d, PROMPTS, 24, "O0")
+    for opt in ("O1", "O2"):
+        got, _, _, _ = generate(d, PROMPTS, 24, opt)
+        assert got == ref, opt
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "qwen3", "mistral"])
+def test_fused_decode_other_llama_families(kind, tmp_path):
+    d = convert(_tiny_family(kind, tmp_path / "hf"), tmp_path / "q4", "q4f16_1")
+    prompts = [list(range(3, 30)), [3, 44, 45]]  # the first is longer than mistral's window of 8
+    ref_tokens, ref_logits, _, _ = generate(d, prompts, 10, "O0")
+    tokens, logits, runner, fused = generate(d, prompts, 10, "O2")
+    assert runner.fused is not None and fused > 0
+    assert tokens == ref_tokens
+    for a, b in zip(logits, ref_logits):
+        _close(a, b)
+
+
+def test_batched_decode_equals_single(tiny_quantized):
+    d = tiny_quantized["q4f16_1"]
+    for opt in ("O1", "O2"):
+        batch_tokens, batch_logits, _, _ = generate(d, PROMPTS, 16, opt, max_seqs=8)
+        for i, p in enumerate(PROMPTS):
+            tokens, logits, _, _ = generate(d, [p], 16, opt, max_seqs=1)
+            assert tokens[0] == batch_tokens[i]
+            _close(logits[0], batch_logits[i], 1e-5)
+
+
+def test_fused_decode_float16_kv_cache(tiny_quantized):
+    d = tiny_quantized["q4f16_1"]
+    ref_tokens, ref_logits, _, _ = generate(d, PROMPTS, 10, "O0", kv_dtype=torch.float16)
+    tokens, logits, runner, fused = generate(d, PROMPTS, 10, "O2", kv_dtype=torch.float16)
+    assert runner.fused is not None and fused > 0
+    assert tokens == ref_tokens
+    for a, b in zip(logits, ref_logits):
+        _close(a, b)
+
+
+# ---- the real model ---------------------------------------------------------------------------------------
+def test_smollm2_q4_o0_and_o2_same_greedy_tokens(smollm2_q4):
+    prompts = [[1, 504, 3458, 282, 4649, 314, 7042, 30, 378, 3458, 282, 4649, 314],
+               [1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 3365, 28, 7018, 457, 2]]
+    ref_tokens, ref_logits, _, _ = generate(smollm2_q4, prompts, 12, "O0", chunk=64)
+    tokens, logits, runner, fused = generate(smollm2_q4, prompts, 12, "O2", chunk=64)
+    assert runner.fused is not None and fused > 0
+    assert tokens == ref_tokens
+    for a, b in zip(logits, ref_logits):
+        assert (a - b).abs().max().item() < 1e-3 * max(1.0, b.abs().max().item())
+
+
+def test_smollm2_engine_o2_chat_matches_o0(smollm2_q4):
+    from edgellm import Engine
+
+    msgs = [{"role": "user", "content": "What is the capital of France?"}]
+    texts = {}
+    for opt in ("O0", "O2"):
+        with Engine(str(smollm2_q4), opt=opt) as eng:
+            r = eng.chat.completions.create(messages=msgs, temperature=0, max_tokens=12)
+            texts[opt] = r.choices[0].message.content
+    assert texts["O0"] == texts["O2"] and "Paris" in texts["O2"]
