@@ -117,7 +117,7 @@ class BenchSession:
 
     def __init__(self, model: str | Path | None, *, threads: int | None = None, opt: str = "O2",
                  device: str = "cpu", batch: int = 1, prompt_len: int = 512, gen_len: int = 128,
-                 quantization: str = "q4f16_1", use_mmap: bool = False, kv_cache_dtype: str = "float32",
+                 quantization: str = "q4f16_1", use_mmap: bool = False, kv_cache_dtype: str = "auto",
                  seed: int = 0, log=print, model_lib: str | Path | None = None):
         from edgellm.engine.engine import pick_device
         from edgellm.engine.kv_pool import KVPool
@@ -143,8 +143,10 @@ class BenchSession:
         if prompt_len + gen_len + 1 > ctx:
             raise UserError(f"--prompt-len + --gen-len = {prompt_len + gen_len} exceeds the model's context "
                             f"window of {ctx} tokens")
-        kv_dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}.get(
-            kv_cache_dtype, torch.float32)
+        from edgellm.quantization.modes import get_mode
+
+        kv_dtype = opts.kv_dtype(get_mode(self.config.quantization).model_dtype)
+        self.kv_dtype = kv_dtype
         budget = batch * (prompt_len + gen_len + 256) * 2
         self.pool = KVPool(arch.num_layers, arch.num_kv_heads, arch.head_dim, list(arch.windows), budget, kv_dtype,
                            self.device)
@@ -212,7 +214,7 @@ class BenchSession:
 
 def run_bench(model: str | Path | None = None, *, prompt_len: int = 512, gen_len: int = 128, batch: int = 1,
               threads: int | None = None, repeat: int = 5, opt: str = "O2", device: str = "cpu",
-              quantization: str = "q4f16_1", use_mmap: bool = False, kv_cache_dtype: str = "float32",
+              quantization: str = "q4f16_1", use_mmap: bool = False, kv_cache_dtype: str = "auto",
               bandwidth: bool = True, log=print, model_lib: str | Path | None = None) -> dict[str, Any]:
     """Benchmark a model; returns the report as a dict (see `format_report`)."""
     if repeat < 1:
@@ -236,6 +238,7 @@ def run_bench(model: str | Path | None = None, *, prompt_len: int = 512, gen_len
         "device": s.device,
         "opt": s.opt,
         "fused_decode": s.fused,
+        "kv_cache_dtype": str(getattr(s, "kv_dtype", "")).replace("torch.", ""),
         "model_lib": str(model_lib) if model_lib is not None else None,
         "batch": batch,
         "prompt_len": prompt_len,
@@ -277,6 +280,7 @@ def format_report(r: dict[str, Any]) -> str:
     lines.append(line)
     if r.get("peak_rss_bytes"):
         lines.append(f"peak RSS {r['peak_rss_bytes'] / 2**20:.0f} MiB; load {r['load_s']:.2f} s; "
-                     f"device {r['device']}; fused decode {'on' if r['fused_decode'] else 'off'}"
+                     f"device {r['device']}; fused decode {'on' if r['fused_decode'] else 'off'}; "
+                     f"KV cache {r.get('kv_cache_dtype') or '-'}"
                      + (f"; model library {r['model_lib']}" if r.get("model_lib") else ""))
     return "\n".join(lines)

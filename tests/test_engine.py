@@ -295,3 +295,21 @@ def test_seed_001_snippet_runs_with_only_the_import_changed(tiny_model):
     r = engine.chat.completions.create(messages=[{"role": "user", "content": "hello"}])
     assert r.choices[0].message.role == "assistant" and r.choices[0].finish_reason in ("stop", "length")
     engine.terminate()
+
+
+def test_kv_cache_dtype_follows_the_model_and_int8_is_refused(tiny_model, tiny_model_q4):
+    """auto: float16 keys/values for a model stored in float16 (as MLC-LLM), float32 otherwise; an int8
+    cache (kv_cache_dtype=int8 or MNN's quant_qkv) is refused in one line, never silently replaced."""
+    from edgellm.errors import UserError
+
+    for model, want in ((tiny_model, torch.float32), (tiny_model_q4, torch.float16)):
+        with Engine(str(model), max_num_sequence=1) as eng:
+            assert eng.pool.dtype == want
+            r = eng.chat.completions.create(messages=msgs("Hello"), temperature=0, max_tokens=4, ignore_eos=True)
+            assert r.usage.completion_tokens == 4
+    for opts, want in (({"kv_cache_dtype": "float32"}, torch.float32), ({"quant_qkv": 0}, torch.float16)):
+        with Engine(str(tiny_model_q4), max_num_sequence=1, **opts) as eng:
+            assert eng.pool.dtype == want
+    for bad in ({"kv_cache_dtype": "int8"}, {"quant_qkv": 1}):
+        with pytest.raises(UserError, match="int8"):
+            Engine(str(tiny_model_q4), **bad)

@@ -22,6 +22,7 @@ from edgellm.engine.scheduler import Scheduler
 from edgellm.errors import BadRequestError, ContextWindowError, EngineTerminatedError, UserError
 from edgellm.models.loader import arch_config, load_model, runtime_context
 from edgellm.prepare import prepare_model
+from edgellm.quantization.modes import get_mode
 from edgellm.tokenizer.conversation import Conversation, load_template, render
 from edgellm.tokenizer.tokenizer import Tokenizer
 
@@ -77,8 +78,7 @@ class EngineBase:
             self.stop_ids.add(self.tokenizer.eos_token_id)
         budget = opts.max_total_seq_length or max(self.context_window, 4 * min(self.context_window, 4096))
         windows = [w if opts.sliding_window_size is None else opts.sliding_window_size for w in arch.windows]
-        kv_dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}.get(
-            opts.kv_cache_dtype, torch.float32)
+        kv_dtype = opts.kv_dtype(get_mode(self.config.quantization).model_dtype)
         self.pool = KVPool(arch.num_layers, arch.num_kv_heads, arch.head_dim, windows, budget, kv_dtype,
                            self.device)
         chunk = opts.prefill_chunk_size or self.config.prefill_chunk_size or 2048

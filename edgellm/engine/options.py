@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, fields
 
+import torch
+
 from edgellm.errors import UserError
 
 # MNN-LLM / MLC-LLM spellings -> ours
@@ -16,7 +18,7 @@ ALIASES = {
     "num_threads": "threads",
     "max_total_sequence_length": "max_total_seq_length",
 }
-KV_DTYPES = ("float32", "float16", "bfloat16", "int8")
+KV_DTYPES = ("auto", "float32", "float16", "bfloat16")
 MODES = ("local", "interactive", "server")
 
 
@@ -31,7 +33,7 @@ class EngineOptions:
     context_window_size: int | None = None  # None = from mlc-chat-config.json
     sliding_window_size: int | None = None
     reuse_kv: bool = True
-    kv_cache_dtype: str = "float32"
+    kv_cache_dtype: str = "auto"  # auto: float16 for models stored in float16 (MLC's choice), else float32
     use_mmap: bool = False
     threads: int | None = None
     max_tokens: int | None = None  # default max_tokens of a request
@@ -44,7 +46,12 @@ class EngineOptions:
             raise UserError(f"unknown mode {self.mode!r}; choose from {', '.join(MODES)}")
         if isinstance(self.kv_cache_dtype, int) or str(self.kv_cache_dtype).isdigit():
             # MNN's quant_qkv: 0 = no quantization, anything else = int8 keys/values
-            self.kv_cache_dtype = "float32" if int(self.kv_cache_dtype) == 0 else "int8"
+            if int(self.kv_cache_dtype) != 0:
+                raise UserError("quant_qkv (an int8 KV cache) is not supported; kv_cache_dtype=float16 halves "
+                                "the cache instead")
+            self.kv_cache_dtype = "auto"
+        if self.kv_cache_dtype == "int8":
+            raise UserError("kv_cache_dtype=int8 is not supported; float16 halves the cache instead")
         if self.kv_cache_dtype not in KV_DTYPES:
             raise UserError(f"kv_cache_dtype must be one of {', '.join(KV_DTYPES)}, got {self.kv_cache_dtype!r}")
         if self.opt not in ("O0", "O1", "O2", "O3"):
@@ -54,6 +61,12 @@ class EngineOptions:
             v = getattr(self, name)
             if v is not None and v <= 0:
                 raise UserError(f"{name} must be positive, got {v}")
+
+    def kv_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
+        """The KV cache element type for a model stored in `model_dtype`."""
+        if self.kv_cache_dtype == "auto":
+            return torch.float16 if model_dtype == torch.float16 else torch.float32
+        return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[self.kv_cache_dtype]
 
     @property
     def num_sequences(self) -> int:

@@ -14,8 +14,9 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[dict | None]]:
         """logits [R, V] float32 (one row per sequence) -> (token ids, logprob info per row)."""
         raw = logits
-        logits = logits.clone()
         vocab = logits.shape[-1]
+        if any(s.params.needs_penalties or s.params.logit_bias or s.grammar_matcher is not None for s in seqs):
+            logits = logits.clone()  # raw stays the model's distribution for logprobs
         for row, seq in enumerate(seqs):
             p = seq.params
             if p.needs_penalties:
@@ -26,9 +27,14 @@ class Sampler:
                 logits[row, ids] += vals
             if seq.grammar_matcher is not None:
                 seq.grammar_matcher.mask(logits[row])
-        tokens: list[int] = []
+        greedy = [r for r, s in enumerate(seqs) if s.params.greedy]
+        tokens: list[int] = [0] * len(seqs)
+        if greedy:  # one argmax over all greedy rows
+            for r, t in zip(greedy, logits[greedy].argmax(dim=-1).tolist()):
+                tokens[r] = t
         for row, seq in enumerate(seqs):
-            tokens.append(self._sample_row(logits[row], seq))
+            if not seq.params.greedy:
+                tokens[row] = self._sample_row(logits[row], seq)
         infos: list[dict | None] = [None] * len(seqs)
         want = [r for r, s in enumerate(seqs) if s.params.logprobs]
         if want:

@@ -13,11 +13,12 @@
 //   scales: [row blocks][groups][16] (f16 or f32);
 //   fmt 32: plain float32 [N][K] weights (unquantized models).
 //
-// Quantized products: each group of `gs` activations is written as a 21-bit (fmt 4) or 20-bit
-// (fmt 8) integer times a per-group float scale, split into three signed bytes, and multiplied
-// with the unsigned weight codes by AVX512-VNNI (vpdpbusd). The integer dot product of a group
-// is exact; the only rounding is the activation's 2^-20 relative step (below float32's own error
-// over a dot product), so results match the float32 dequantized reference to about 1e-6.
+// Quantized products: each group of `gs` activations is written as a 16-bit integer (magnitude
+// up to ACT_MAX) times a per-group float scale, split into two signed bytes, and multiplied with
+// the unsigned weight codes by AVX512-VNNI (vpdpbusd). The integer dot product of a group is
+// exact; the only rounding is the activation's 2^-15 relative step, far below the f16 rounding
+// of the weights' own scales: results match the float32 dequantized reference to about 1e-5, and
+// a row's result never depends on the other rows in the product (batching changes no token).
 
 #include <cmath>
 #include <cstdint>
@@ -54,7 +55,7 @@ struct ELinear {
     const void* scale;    // [Nb][G][16], f16 (half=1) or f32
     const float* bias;    // [N] or null
     const float* wf;      // fmt 32: [N][K] float32
-    int32_t N, K, Kp, G, gs, fmt, half, off, abits;
+    int32_t N, K, Kp, G, gs, fmt, half, off;
 };
 
 struct ELayer {
@@ -73,7 +74,7 @@ struct EModel {
     const ELayer* layers;
 };
 
-EL_API int el_version() { return 3; }
+EL_API int el_version() { return 4; }
 EL_API int el_has_vnni() { return EL_VNNI; }
 EL_API int el_isa() { return EL_VNNI ? 512 : EL_AVX2 ? 256 : 0; }
 
@@ -340,8 +341,10 @@ EL_API void el_gather(const ELinear* L, const int64_t* ids, int n, float* out, i
 }
 
 // ------------------------------------------------------------------------------------------
-// activation quantization: x [M][K] (row stride ldx) -> per row: planes int8 [3][Kp],
-// group scales [G], corrections [G][3] = -off * sum(plane values in the group)
+// activation quantization: x [M][K] (row stride ldx) -> per row: planes int8 [2][Kp] (value =
+// plane0 + 256 * plane1), group scales [G], corrections [G][2] = -off * sum(plane values in the group)
+
+static const int ACT_MAX = 127 * 256 + 127;  // the largest value two signed bytes hold
 
 struct EAct {
     int8_t* planes;
@@ -350,13 +353,12 @@ struct EAct {
     int Kp, G;
 };
 
-static void quant_row(const float* x, int K, int Kp, int gs, int off, int abits, int8_t* pl, float* gsc,
-                      int32_t* corr) {
+static void quant_row(const float* x, int K, int Kp, int gs, int off, int8_t* pl, float* gsc, int32_t* corr) {
     const int G = Kp / gs;
-    const float A = (float)((1 << abits) - 1);
+    const float A = (float)ACT_MAX;
     for (int g = 0; g < G; ++g) {
         const int k0 = g * gs, k1 = k0 + gs < K ? k0 + gs : K;
-        int32_t s0 = 0, s1 = 0, s2 = 0;
+        int32_t s0 = 0, s1 = 0;
 #if EL_VNNI
         if (gs == 32 && k1 - k0 == 32) {
             __m512 x0 = _mm512_loadu_ps(x + k0), x1 = _mm512_loadu_ps(x + k0 + 16);
@@ -365,24 +367,20 @@ static void quant_row(const float* x, int K, int Kp, int gs, int off, int abits,
             gsc[g] = amax > 0.f ? amax / A : 0.f;
             const __m512 vi = _mm512_set1_ps(inv);
             const __m512i c128 = _mm512_set1_epi32(128), m255 = _mm512_set1_epi32(255);
-            __m512i t0 = _mm512_setzero_si512(), t1 = t0, t2 = t0;
+            __m512i t0 = _mm512_setzero_si512(), t1 = t0;
             for (int h = 0; h < 2; ++h) {
                 __m512i a = _mm512_cvt_roundps_epi32(_mm512_mul_ps(h ? x1 : x0, vi),
                                                      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+                a = _mm512_max_epi32(_mm512_min_epi32(a, _mm512_set1_epi32(ACT_MAX)), _mm512_set1_epi32(-ACT_MAX));
                 __m512i a0 = _mm512_sub_epi32(_mm512_and_si512(_mm512_add_epi32(a, c128), m255), c128);
-                __m512i r = _mm512_srai_epi32(_mm512_sub_epi32(a, a0), 8);
-                __m512i a1 = _mm512_sub_epi32(_mm512_and_si512(_mm512_add_epi32(r, c128), m255), c128);
-                __m512i a2 = _mm512_srai_epi32(_mm512_sub_epi32(r, a1), 8);
+                __m512i a1 = _mm512_srai_epi32(_mm512_sub_epi32(a, a0), 8);
                 _mm_storeu_si128((__m128i*)(pl + k0 + 16 * h), _mm512_cvtepi32_epi8(a0));
                 _mm_storeu_si128((__m128i*)(pl + Kp + k0 + 16 * h), _mm512_cvtepi32_epi8(a1));
-                _mm_storeu_si128((__m128i*)(pl + 2 * Kp + k0 + 16 * h), _mm512_cvtepi32_epi8(a2));
                 t0 = _mm512_add_epi32(t0, a0);
                 t1 = _mm512_add_epi32(t1, a1);
-                t2 = _mm512_add_epi32(t2, a2);
             }
-            corr[3 * g + 0] = -off * _mm512_reduce_add_epi32(t0);
-            corr[3 * g + 1] = -off * _mm512_reduce_add_epi32(t1);
-            corr[3 * g + 2] = -off * _mm512_reduce_add_epi32(t2);
+            corr[2 * g + 0] = -off * _mm512_reduce_add_epi32(t0);
+            corr[2 * g + 1] = -off * _mm512_reduce_add_epi32(t1);
             continue;
         }
 #endif
@@ -402,27 +400,23 @@ static void quant_row(const float* x, int K, int Kp, int gs, int off, int abits,
             gsc[g] = amax > 0.f ? amax / A : 0.f;
             const __m256 vi = _mm256_set1_ps(inv);
             const __m256i c128 = _mm256_set1_epi32(128), m255 = _mm256_set1_epi32(255);
-            alignas(32) int32_t t0[32], t1[32], t2[32];
+            const __m256i lim = _mm256_set1_epi32(ACT_MAX), nlim = _mm256_set1_epi32(-ACT_MAX);
+            alignas(32) int32_t t0[32], t1[32];
             for (int h = 0; h < 4; ++h) {
-                const __m256i a = _mm256_cvtps_epi32(_mm256_mul_ps(xv[h], vi));
+                __m256i a = _mm256_cvtps_epi32(_mm256_mul_ps(xv[h], vi));
+                a = _mm256_max_epi32(_mm256_min_epi32(a, lim), nlim);
                 const __m256i a0 = _mm256_sub_epi32(_mm256_and_si256(_mm256_add_epi32(a, c128), m255), c128);
-                const __m256i r = _mm256_srai_epi32(_mm256_sub_epi32(a, a0), 8);
-                const __m256i a1 = _mm256_sub_epi32(_mm256_and_si256(_mm256_add_epi32(r, c128), m255), c128);
                 _mm256_store_si256((__m256i*)(t0 + 8 * h), a0);
-                _mm256_store_si256((__m256i*)(t1 + 8 * h), a1);
-                _mm256_store_si256((__m256i*)(t2 + 8 * h), _mm256_srai_epi32(_mm256_sub_epi32(r, a1), 8));
+                _mm256_store_si256((__m256i*)(t1 + 8 * h), _mm256_srai_epi32(_mm256_sub_epi32(a, a0), 8));
             }
             for (int i = 0; i < 32; ++i) {
                 pl[k0 + i] = (int8_t)t0[i];
                 pl[Kp + k0 + i] = (int8_t)t1[i];
-                pl[2 * Kp + k0 + i] = (int8_t)t2[i];
                 s0 += t0[i];
                 s1 += t1[i];
-                s2 += t2[i];
             }
-            corr[3 * g + 0] = -off * s0;
-            corr[3 * g + 1] = -off * s1;
-            corr[3 * g + 2] = -off * s2;
+            corr[2 * g + 0] = -off * s0;
+            corr[2 * g + 1] = -off * s1;
             continue;
         }
 #endif
@@ -432,25 +426,22 @@ static void quant_row(const float* x, int K, int Kp, int gs, int off, int abits,
         gsc[g] = amax > 0.f ? amax / A : 0.f;
         for (int k = k0; k < k0 + gs; ++k) {
             int32_t a = k < k1 ? (int32_t)nearbyintf(x[k] * inv) : 0;
-            const int32_t a0 = ((a + 128) & 255) - 128, r = (a - a0) >> 8;
-            const int32_t a1 = ((r + 128) & 255) - 128, a2 = (r - a1) >> 8;
+            a = a > ACT_MAX ? ACT_MAX : a < -ACT_MAX ? -ACT_MAX : a;
+            const int32_t a0 = ((a + 128) & 255) - 128, a1 = (a - a0) >> 8;
             pl[k] = (int8_t)a0;
             pl[Kp + k] = (int8_t)a1;
-            pl[2 * Kp + k] = (int8_t)a2;
             s0 += a0;
             s1 += a1;
-            s2 += a2;
         }
-        corr[3 * g + 0] = -off * s0;
-        corr[3 * g + 1] = -off * s1;
-        corr[3 * g + 2] = -off * s2;
+        corr[2 * g + 0] = -off * s0;
+        corr[2 * g + 1] = -off * s1;
     }
 }
 
 static void quant_act_rows(const ELinear& L, const float* x, int ldx, int m0, int m1, const EAct& A) {
     for (int m = m0; m < m1; ++m)
-        quant_row(x + (size_t)m * ldx, L.K, L.Kp, L.gs, L.off, L.abits, A.planes + (size_t)m * 3 * A.Kp,
-                  A.gsc + (size_t)m * A.G, A.corr + (size_t)m * A.G * 3);
+        quant_row(x + (size_t)m * ldx, L.K, L.Kp, L.gs, L.off, A.planes + (size_t)m * 2 * A.Kp,
+                  A.gsc + (size_t)m * A.G, A.corr + (size_t)m * A.G * 2);
 }
 
 // ------------------------------------------------------------------------------------------
@@ -486,9 +477,9 @@ static inline void store_block(const ELinear& L, int rb, __m512 acc, float* y) {
 template <int NB>
 static void block_m1(const ELinear& L, const EAct& A, int m, const int* rbs, float* y) {
     const int G = L.G, Kp = L.Kp;
-    const int8_t* pl = A.planes + (size_t)m * 3 * Kp;
+    const int8_t* pl = A.planes + (size_t)m * 2 * Kp;
     const float* gsc = A.gsc + (size_t)m * G;
-    const int32_t* corr = A.corr + (size_t)m * G * 3;
+    const int32_t* corr = A.corr + (size_t)m * G * 2;
     __m512 acc[NB];
     const uint8_t* w[NB];
     const size_t stride = (size_t)Kp * (L.fmt == 4 ? 8 : 16);
@@ -498,18 +489,17 @@ static void block_m1(const ELinear& L, const EAct& A, int m, const int* rbs, flo
     }
     const __m512i mask = _mm512_set1_epi8(0x0F);
     for (int g = 0; g < G; ++g) {
-        __m512i a0[NB], a1[NB], a2[NB], b0[NB], b1[NB], b2[NB];
+        __m512i a0[NB], a1[NB], b0[NB], b1[NB];
         for (int i = 0; i < NB; ++i) {
-            a0[i] = _mm512_set1_epi32(corr[3 * g]);
-            a1[i] = _mm512_set1_epi32(corr[3 * g + 1]);
-            a2[i] = _mm512_set1_epi32(corr[3 * g + 2]);
-            b0[i] = b1[i] = b2[i] = _mm512_setzero_si512();
+            a0[i] = _mm512_set1_epi32(corr[2 * g]);
+            a1[i] = _mm512_set1_epi32(corr[2 * g + 1]);
+            b0[i] = b1[i] = _mm512_setzero_si512();
         }
         const int8_t* p0 = pl + g * L.gs;
         if (L.fmt == 4) {
             for (int p = 0; p < L.gs / 8; ++p, p0 += 8) {
-                const __m512i x0 = bcast(p0), x1 = bcast(p0 + Kp), x2 = bcast(p0 + 2 * Kp);
-                const __m512i y0 = bcast(p0 + 4), y1 = bcast(p0 + Kp + 4), y2 = bcast(p0 + 2 * Kp + 4);
+                const __m512i x0 = bcast(p0), x1 = bcast(p0 + Kp);
+                const __m512i y0 = bcast(p0 + 4), y1 = bcast(p0 + Kp + 4);
                 for (int i = 0; i < NB; ++i) {
 #if EL_PF
                     _mm_prefetch((const char*)w[i] + EL_PF, _MM_HINT_T0);
@@ -520,18 +510,16 @@ static void block_m1(const ELinear& L, const EAct& A, int m, const int* rbs, flo
                     const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), mask);
                     a0[i] = _mm512_dpbusd_epi32(a0[i], lo, x0);
                     a1[i] = _mm512_dpbusd_epi32(a1[i], lo, x1);
-                    a2[i] = _mm512_dpbusd_epi32(a2[i], lo, x2);
                     b0[i] = _mm512_dpbusd_epi32(b0[i], hi, y0);
                     b1[i] = _mm512_dpbusd_epi32(b1[i], hi, y1);
-                    b2[i] = _mm512_dpbusd_epi32(b2[i], hi, y2);
                 }
             }
         } else {
             const int C = L.gs / 4;
             int c = 0;
             for (; c + 2 <= C; c += 2, p0 += 8) {
-                const __m512i x0 = bcast(p0), x1 = bcast(p0 + Kp), x2 = bcast(p0 + 2 * Kp);
-                const __m512i y0 = bcast(p0 + 4), y1 = bcast(p0 + Kp + 4), y2 = bcast(p0 + 2 * Kp + 4);
+                const __m512i x0 = bcast(p0), x1 = bcast(p0 + Kp);
+                const __m512i y0 = bcast(p0 + 4), y1 = bcast(p0 + Kp + 4);
                 for (int i = 0; i < NB; ++i) {
 #if EL_PF
                     _mm_prefetch((const char*)w[i] + EL_PF, _MM_HINT_T0);
@@ -541,29 +529,24 @@ static void block_m1(const ELinear& L, const EAct& A, int m, const int* rbs, flo
                     w[i] += 128;
                     a0[i] = _mm512_dpbusd_epi32(a0[i], v, x0);
                     a1[i] = _mm512_dpbusd_epi32(a1[i], v, x1);
-                    a2[i] = _mm512_dpbusd_epi32(a2[i], v, x2);
                     b0[i] = _mm512_dpbusd_epi32(b0[i], u, y0);
                     b1[i] = _mm512_dpbusd_epi32(b1[i], u, y1);
-                    b2[i] = _mm512_dpbusd_epi32(b2[i], u, y2);
                 }
             }
             for (; c < C; ++c, p0 += 4) {
-                const __m512i x0 = bcast(p0), x1 = bcast(p0 + Kp), x2 = bcast(p0 + 2 * Kp);
+                const __m512i x0 = bcast(p0), x1 = bcast(p0 + Kp);
                 for (int i = 0; i < NB; ++i) {
                     const __m512i v = _mm512_loadu_si512(w[i]);
                     w[i] += 64;
                     a0[i] = _mm512_dpbusd_epi32(a0[i], v, x0);
                     a1[i] = _mm512_dpbusd_epi32(a1[i], v, x1);
-                    a2[i] = _mm512_dpbusd_epi32(a2[i], v, x2);
                 }
             }
         }
         const __m512 gs = _mm512_set1_ps(gsc[g]);
         for (int i = 0; i < NB; ++i) {
-            const __m512i d = _mm512_add_epi32(
-                _mm512_add_epi32(a0[i], b0[i]),
-                _mm512_add_epi32(_mm512_slli_epi32(_mm512_add_epi32(a1[i], b1[i]), 8),
-                                 _mm512_slli_epi32(_mm512_add_epi32(a2[i], b2[i]), 16)));
+            const __m512i d = _mm512_add_epi32(_mm512_add_epi32(a0[i], b0[i]),
+                                               _mm512_slli_epi32(_mm512_add_epi32(a1[i], b1[i]), 8));
             acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_mul_ps(load_scales(L, rbs[i], g), gs), acc[i]);
         }
     }
@@ -579,12 +562,11 @@ static void block_mb(const ELinear& L, const EAct& A, int m0, int rb, float* y, 
     const __m512i mask = _mm512_set1_epi8(0x0F);
     const uint8_t* w = L.w + (size_t)rb * Kp * (L.fmt == 4 ? 8 : 16);
     for (int g = 0; g < G; ++g) {
-        __m512i a0[MB], a1[MB], a2[MB];
+        __m512i a0[MB], a1[MB];
         for (int m = 0; m < MB; ++m) {
-            const int32_t* c = A.corr + ((size_t)(m0 + m) * G + g) * 3;
+            const int32_t* c = A.corr + ((size_t)(m0 + m) * G + g) * 2;
             a0[m] = _mm512_set1_epi32(c[0]);
             a1[m] = _mm512_set1_epi32(c[1]);
-            a2[m] = _mm512_set1_epi32(c[2]);
         }
         const int kg = g * L.gs;
         if (L.fmt == 4) {
@@ -596,13 +578,11 @@ static void block_mb(const ELinear& L, const EAct& A, int m0, int rb, float* y, 
                 const __m512i lo = _mm512_and_si512(v, mask);
                 const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), mask);
                 for (int m = 0; m < MB; ++m) {
-                    const int8_t* p0 = A.planes + (size_t)(m0 + m) * 3 * Kp + kg + 8 * p;
+                    const int8_t* p0 = A.planes + (size_t)(m0 + m) * 2 * Kp + kg + 8 * p;
                     a0[m] = _mm512_dpbusd_epi32(a0[m], lo, bcast(p0));
                     a1[m] = _mm512_dpbusd_epi32(a1[m], lo, bcast(p0 + Kp));
-                    a2[m] = _mm512_dpbusd_epi32(a2[m], lo, bcast(p0 + 2 * Kp));
                     a0[m] = _mm512_dpbusd_epi32(a0[m], hi, bcast(p0 + 4));
                     a1[m] = _mm512_dpbusd_epi32(a1[m], hi, bcast(p0 + Kp + 4));
-                    a2[m] = _mm512_dpbusd_epi32(a2[m], hi, bcast(p0 + 2 * Kp + 4));
                 }
             }
         } else {
@@ -612,17 +592,15 @@ static void block_mb(const ELinear& L, const EAct& A, int m0, int rb, float* y, 
 #endif
                 const __m512i v = _mm512_loadu_si512(w);
                 for (int m = 0; m < MB; ++m) {
-                    const int8_t* p0 = A.planes + (size_t)(m0 + m) * 3 * Kp + kg + 4 * c;
+                    const int8_t* p0 = A.planes + (size_t)(m0 + m) * 2 * Kp + kg + 4 * c;
                     a0[m] = _mm512_dpbusd_epi32(a0[m], v, bcast(p0));
                     a1[m] = _mm512_dpbusd_epi32(a1[m], v, bcast(p0 + Kp));
-                    a2[m] = _mm512_dpbusd_epi32(a2[m], v, bcast(p0 + 2 * Kp));
                 }
             }
         }
         const __m512 sc = load_scales(L, rb, g);
         for (int m = 0; m < MB; ++m) {
-            __m512i d = _mm512_add_epi32(a0[m], _mm512_add_epi32(_mm512_slli_epi32(a1[m], 8),
-                                                                 _mm512_slli_epi32(a2[m], 16)));
+            __m512i d = _mm512_add_epi32(a0[m], _mm512_slli_epi32(a1[m], 8));
             acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d),
                                      _mm512_mul_ps(sc, _mm512_set1_ps(A.gsc[(size_t)(m0 + m) * G + g])), acc[m]);
         }
@@ -635,14 +613,14 @@ static void block_mb(const ELinear& L, const EAct& A, int m0, int rb, float* y, 
 // Portable path (no AVX2/AVX-512): the same integer arithmetic, scalar.
 static void block_generic(const ELinear& L, const EAct& A, int m, int rb, float* y) {
     const int G = L.G, Kp = L.Kp;
-    const int8_t* pl = A.planes + (size_t)m * 3 * Kp;
+    const int8_t* pl = A.planes + (size_t)m * 2 * Kp;
     float acc[16] = {0};
     for (int r = 0; r < 16; ++r) {
         const int n = rb * 16 + r;
         if (n >= L.N) break;
         for (int g = 0; g < G; ++g) {
-            const int32_t* c = A.corr + ((size_t)m * G + g) * 3;
-            int32_t a0 = c[0], a1 = c[1], a2 = c[2];
+            const int32_t* c = A.corr + ((size_t)m * G + g) * 2;
+            int32_t a0 = c[0], a1 = c[1];
             for (int k = g * L.gs; k < (g + 1) * L.gs; ++k) {
                 int code;
                 if (L.fmt == 4) {
@@ -652,9 +630,8 @@ static void block_generic(const ELinear& L, const EAct& A, int m, int rb, float*
                 }
                 a0 += code * pl[k];
                 a1 += code * pl[Kp + k];
-                a2 += code * pl[2 * Kp + k];
             }
-            const int32_t d = (int32_t)((uint32_t)a0 + ((uint32_t)a1 << 8) + ((uint32_t)a2 << 16));
+            const int32_t d = (int32_t)((uint32_t)a0 + ((uint32_t)a1 << 8));
             acc[r] += (float)d * (scale_at(L, ((size_t)rb * G + g) * 16 + r) * A.gsc[(size_t)m * G + g]);
         }
     }
@@ -687,19 +664,18 @@ static inline __m256i bc8(const int8_t* p) {
 // one activation row, rows 0-7 and 8-15 of the block in two 256-bit halves
 static void block_avx2(const ELinear& L, const EAct& A, int m, int rb, float* y) {
     const int G = L.G, Kp = L.Kp;
-    const int8_t* pl = A.planes + (size_t)m * 3 * Kp;
+    const int8_t* pl = A.planes + (size_t)m * 2 * Kp;
     const float* gsc = A.gsc + (size_t)m * G;
-    const int32_t* corr = A.corr + (size_t)m * G * 3;
+    const int32_t* corr = A.corr + (size_t)m * G * 2;
     const __m256i mask = _mm256_set1_epi8(0x0F), flip = _mm256_set1_epi8((char)0x80);
     const uint8_t* w = L.w + (size_t)rb * Kp * (L.fmt == 4 ? 8 : 16);
     __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
     for (int g = 0; g < G; ++g) {
         const int8_t* p0 = pl + g * L.gs;
-        __m256i x0, x1, x2, y0, y1, y2;
+        __m256i x0, x1, y0, y1;
         if (L.fmt == 4) {
-            x0 = y0 = _mm256_set1_epi32(corr[3 * g]);
-            x1 = y1 = _mm256_set1_epi32(corr[3 * g + 1]);
-            x2 = y2 = _mm256_set1_epi32(corr[3 * g + 2]);
+            x0 = y0 = _mm256_set1_epi32(corr[2 * g]);
+            x1 = y1 = _mm256_set1_epi32(corr[2 * g + 1]);
             for (int p = 0; p < L.gs / 8; ++p, w += 64, p0 += 8) {
 #if EL_PF
                 _mm_prefetch((const char*)w + EL_PF, _MM_HINT_T0);
@@ -707,34 +683,30 @@ static void block_avx2(const ELinear& L, const EAct& A, int m, int rb, float* y)
                 const __m256i v0 = _mm256_loadu_si256((const __m256i*)w), v1 = _mm256_loadu_si256((const __m256i*)(w + 32));
                 const __m256i lo0 = _mm256_and_si256(v0, mask), hi0 = _mm256_and_si256(_mm256_srli_epi16(v0, 4), mask);
                 const __m256i lo1 = _mm256_and_si256(v1, mask), hi1 = _mm256_and_si256(_mm256_srli_epi16(v1, 4), mask);
-                const __m256i b0 = bc8(p0), b1 = bc8(p0 + Kp), b2 = bc8(p0 + 2 * Kp);
-                const __m256i c0 = bc8(p0 + 4), c1 = bc8(p0 + Kp + 4), c2 = bc8(p0 + 2 * Kp + 4);
+                const __m256i b0 = bc8(p0), b1 = bc8(p0 + Kp);
+                const __m256i c0 = bc8(p0 + 4), c1 = bc8(p0 + Kp + 4);
                 x0 = dp_u8s8(dp_u8s8(x0, lo0, b0), hi0, c0);
                 x1 = dp_u8s8(dp_u8s8(x1, lo0, b1), hi0, c1);
-                x2 = dp_u8s8(dp_u8s8(x2, lo0, b2), hi0, c2);
                 y0 = dp_u8s8(dp_u8s8(y0, lo1, b0), hi1, c0);
                 y1 = dp_u8s8(dp_u8s8(y1, lo1, b1), hi1, c1);
-                y2 = dp_u8s8(dp_u8s8(y2, lo1, b2), hi1, c2);
             }
         } else {  // signed weights (code - 128): the correction term is not needed
-            x0 = x1 = x2 = y0 = y1 = y2 = _mm256_setzero_si256();
+            x0 = x1 = y0 = y1 = _mm256_setzero_si256();
             for (int c = 0; c < L.gs / 4; ++c, w += 64, p0 += 4) {
 #if EL_PF
                 _mm_prefetch((const char*)w + EL_PF, _MM_HINT_T0);
 #endif
                 const __m256i v0 = _mm256_xor_si256(_mm256_loadu_si256((const __m256i*)w), flip);
                 const __m256i v1 = _mm256_xor_si256(_mm256_loadu_si256((const __m256i*)(w + 32)), flip);
-                const __m256i b0 = bc8(p0), b1 = bc8(p0 + Kp), b2 = bc8(p0 + 2 * Kp);
+                const __m256i b0 = bc8(p0), b1 = bc8(p0 + Kp);
                 x0 = dp_s8s8(x0, v0, b0);
                 x1 = dp_s8s8(x1, v0, b1);
-                x2 = dp_s8s8(x2, v0, b2);
                 y0 = dp_s8s8(y0, v1, b0);
                 y1 = dp_s8s8(y1, v1, b1);
-                y2 = dp_s8s8(y2, v1, b2);
             }
         }
-        const __m256i d0 = _mm256_add_epi32(x0, _mm256_add_epi32(_mm256_slli_epi32(x1, 8), _mm256_slli_epi32(x2, 16)));
-        const __m256i d1 = _mm256_add_epi32(y0, _mm256_add_epi32(_mm256_slli_epi32(y1, 8), _mm256_slli_epi32(y2, 16)));
+        const __m256i d0 = _mm256_add_epi32(x0, _mm256_slli_epi32(x1, 8));
+        const __m256i d1 = _mm256_add_epi32(y0, _mm256_slli_epi32(y1, 8));
         const size_t idx = ((size_t)rb * G + g) * 16;
         __m256 s0, s1;
         if (L.half) {
@@ -824,7 +796,7 @@ static thread_local int32_t* t_corr = nullptr;
 static thread_local size_t t_cap_planes = 0, t_cap_groups = 0;
 
 static EAct act_buffers(int M, int Kp, int G) {
-    const size_t np = (size_t)M * 3 * Kp + 64, ng = (size_t)M * G + 16;
+    const size_t np = (size_t)M * 2 * Kp + 64, ng = (size_t)M * G + 16;
     if (np > t_cap_planes) {
         free(t_planes);
         t_planes = (int8_t*)malloc(np);
@@ -834,7 +806,7 @@ static EAct act_buffers(int M, int Kp, int G) {
         free(t_gsc);
         free(t_corr);
         t_gsc = (float*)malloc(ng * sizeof(float));
-        t_corr = (int32_t*)malloc(ng * 3 * sizeof(int32_t));
+        t_corr = (int32_t*)malloc(ng * 2 * sizeof(int32_t));
         t_cap_groups = ng;
     }
     EAct A;
@@ -1165,7 +1137,7 @@ EL_API size_t el_decode_scratch_bytes(const EModel* Mp, int B, int maxkeys, int 
                round64((size_t)B * 2 * Mo.I) + round64((size_t)B * Mo.I) +
                round64((size_t)nthreads * maxkeys * (Mo.nh / Mo.nkv)) + round64((size_t)B * G) + round64((size_t)B * Mo.H) +
                round64((size_t)B * Mo.nh * 8 * (Mo.D + 2));
-    return f * 4 + round64((size_t)B * G * 3) * 4 + round64((size_t)B * 3 * Kp) + 256;
+    return f * 4 + round64((size_t)B * G * 2) * 4 + round64((size_t)B * 2 * Kp) + 256;
 }
 
 template <typename T>
@@ -1202,7 +1174,7 @@ static void decode_impl(const EModel* Mp, int B, const int64_t* pos, float* h, T
     f += round64((size_t)B * G);
     f += round64((size_t)B * H);  // spare
     A.corr = (int32_t*)f;
-    A.planes = (int8_t*)(A.corr + round64((size_t)B * G * 3));
+    A.planes = (int8_t*)(A.corr + round64((size_t)B * G * 2));
     A.Kp = Kp;
     A.G = G;
 
