@@ -170,7 +170,7 @@ def create_app(engine, api_key: str | None = None, model_aliases: tuple[str, ...
 async def _sse(stream):
     try:
         async for chunk in stream:
-            yield f"data: {json.dumps(chunk.model_dump(exclude_none=True), ensure_ascii=False)}\n\n"
+            yield f"data: {chunk.model_dump_json(exclude_none=True)}\n\n"  # pydantic-core: UTF-8, no escapes
     except Exception as e:  # mid-stream failure: tell the client in-band, then end the stream
         log.exception("stream failed")
         err = {"error": {"message": str(e), "type": "server_error", "param": None, "code": None}}
