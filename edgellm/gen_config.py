@@ -46,8 +46,11 @@ def gen_config(config: str | Path, quantization: str, conv_template: str, output
                model_type: str = "auto", context_window_size: int | None = None,
                sliding_window_size: int | None = None, prefill_chunk_size: int | None = None,
                tensor_parallel_shards: int | None = None, max_batch_size: int | None = None,
-               force: bool = False) -> ChatConfig:
-    """Write `output/mlc-chat-config.json` and tokenizer files; returns the config written."""
+               force: bool = False, sampling: dict[str, float] | None = None) -> ChatConfig:
+    """Write `output/mlc-chat-config.json` and tokenizer files; returns the config written.
+
+    `sampling` (temperature, top_p, penalties) overrides the defaults read from generation_config.json.
+    """
     get_mode(quantization)
     path = resolve_config(config)
     gguf = find_gguf(path)
@@ -109,7 +112,7 @@ def gen_config(config: str | Path, quantization: str, conv_template: str, output
             bos_token_id=gen.get("bos_token_id", hf.get("bos_token_id")),
             eos_token_id=eos,
             tokenizer_files=written,
-            **_sampling_defaults(gen),
+            **_sampling_defaults({**gen, **(sampling or {})}),
         )
         cfg.save(stage)
     return cfg

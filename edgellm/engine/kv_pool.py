@@ -6,6 +6,10 @@ Capacity grows in steps as the sequence does; sliding-window layers drop keys th
 window (shifting the kept ones to the front) instead of growing, so they hold about one window.
 Finished sequences can stay as a prefix cache (reuse_kv): a new prompt that starts with their
 tokens takes their KV over. Everything is budgeted in bytes; eviction is LRU.
+
+Element types float32, float16, bfloat16, or int8: then each row (one head, one position) is D
+int8 codes followed by its float32 scale in 4 more bytes (symmetric, scale = max|x| / 127), so rows
+move, shift and fork as whole rows whatever the type.
 """
 
 from __future__ import annotations
@@ -17,6 +21,22 @@ import torch
 from edgellm.models.base import Step, attention
 
 GROW = 128  # capacity granularity in tokens
+INT8_SCALE_BYTES = 4  # float32 scale stored after the D codes of an int8 row
+
+
+def quantize_rows(x: torch.Tensor) -> torch.Tensor:
+    """float [..., D] -> int8 rows [..., D + 4]: codes round(x / scale), then scale = max|x| / 127."""
+    x = x.float()
+    scale = x.abs().amax(dim=-1, keepdim=True) / 127.0
+    codes = torch.where(scale > 0, torch.round(x / scale), torch.zeros_like(x)).to(torch.int8)
+    return torch.cat([codes, scale.contiguous().view(torch.int8)], dim=-1)
+
+
+def dequantize_rows(rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """int8 rows [..., D + 4] -> [..., D] codes * scale."""
+    d = rows.shape[-1] - INT8_SCALE_BYTES
+    scale = rows[..., d:].contiguous().view(torch.float32)
+    return (rows[..., :d].float() * scale).to(dtype)
 
 
 class SeqKV:
@@ -39,8 +59,11 @@ class KVPool:
                  budget_tokens: int, dtype: torch.dtype = torch.float32, device: str = "cpu"):
         self.num_layers, self.kv_heads, self.head_dim = num_layers, kv_heads, head_dim
         self.windows, self.dtype, self.device = windows, dtype, device
+        if dtype == torch.int8 and head_dim % 4:
+            raise ValueError(f"an int8 KV cache needs a head size divisible by 4, not {head_dim}")
+        self.row = head_dim + (INT8_SCALE_BYTES if dtype == torch.int8 else 0)  # elements per cache row
         elem = torch.empty(0, dtype=dtype).element_size()
-        self.bytes_per_token = 2 * kv_heads * head_dim * elem * num_layers
+        self.bytes_per_token = 2 * kv_heads * self.row * elem * num_layers
         self.budget_tokens = budget_tokens
         self.budget_bytes = budget_tokens * self.bytes_per_token
         self.used_bytes = 0
@@ -111,7 +134,7 @@ class KVPool:
             if window is not None:
                 new_cap = min(new_cap, -(-(need + GROW) // GROW) * GROW)
             plans.append((layer, keep_from, new_cap))
-            extra += (new_cap - cap) * 2 * self.kv_heads * self.head_dim * elem
+            extra += (new_cap - cap) * 2 * self.kv_heads * self.row * elem
         return plans, extra
 
     def _relayout(self, kv: SeqKV, layer: int, keep_from: int, new_cap: int) -> None:
@@ -124,7 +147,7 @@ class KVPool:
                 old_v[:, :keep] = old_v[:, s:s + keep].clone()
             kv.base[layer] = keep_from
             return
-        shape = (self.kv_heads, new_cap, self.head_dim)
+        shape = (self.kv_heads, new_cap, self.row)
         k = torch.empty(shape, dtype=self.dtype, device=self.device)
         v = torch.empty(shape, dtype=self.dtype, device=self.device)
         if old_k is not None and keep:
@@ -192,11 +215,17 @@ class KVPool:
             kv = self.seqs[slot]
             kc, vc, base = kv.k[layer], kv.v[layer], kv.base[layer]
             i0 = start - base
-            kc[:, i0:i0 + n] = k[row:row + n].transpose(0, 1).to(self.dtype)
-            vc[:, i0:i0 + n] = v[row:row + n].transpose(0, 1).to(self.dtype)
             k_from = base if window is None else max(base, start - window + 1)
-            keys = kc[:, k_from - base:i0 + n].to(q.dtype)
-            vals = vc[:, k_from - base:i0 + n].to(q.dtype)
+            if self.dtype == torch.int8:
+                kc[:, i0:i0 + n] = quantize_rows(k[row:row + n].transpose(0, 1))
+                vc[:, i0:i0 + n] = quantize_rows(v[row:row + n].transpose(0, 1))
+                keys = dequantize_rows(kc[:, k_from - base:i0 + n], q.dtype)
+                vals = dequantize_rows(vc[:, k_from - base:i0 + n], q.dtype)
+            else:
+                kc[:, i0:i0 + n] = k[row:row + n].transpose(0, 1).to(self.dtype)
+                vc[:, i0:i0 + n] = v[row:row + n].transpose(0, 1).to(self.dtype)
+                keys = kc[:, k_from - base:i0 + n].to(q.dtype)
+                vals = vc[:, k_from - base:i0 + n].to(q.dtype)
             o = attention(q[row:row + n].transpose(0, 1), keys, vals, start, k_from,
                           scale=scale, window=window, softcap=softcap)
             out[row:row + n] = o.transpose(0, 1)

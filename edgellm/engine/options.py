@@ -18,7 +18,7 @@ ALIASES = {
     "num_threads": "threads",
     "max_total_sequence_length": "max_total_seq_length",
 }
-KV_DTYPES = ("auto", "float32", "float16", "bfloat16")
+KV_DTYPES = ("auto", "float32", "float16", "bfloat16", "int8")
 MODES = ("local", "interactive", "server")
 
 
@@ -46,12 +46,7 @@ class EngineOptions:
             raise UserError(f"unknown mode {self.mode!r}; choose from {', '.join(MODES)}")
         if isinstance(self.kv_cache_dtype, int) or str(self.kv_cache_dtype).isdigit():
             # MNN's quant_qkv: 0 = no quantization, anything else = int8 keys/values
-            if int(self.kv_cache_dtype) != 0:
-                raise UserError("quant_qkv (an int8 KV cache) is not supported; kv_cache_dtype=float16 halves "
-                                "the cache instead")
-            self.kv_cache_dtype = "auto"
-        if self.kv_cache_dtype == "int8":
-            raise UserError("kv_cache_dtype=int8 is not supported; float16 halves the cache instead")
+            self.kv_cache_dtype = "auto" if int(self.kv_cache_dtype) == 0 else "int8"
         if self.kv_cache_dtype not in KV_DTYPES:
             raise UserError(f"kv_cache_dtype must be one of {', '.join(KV_DTYPES)}, got {self.kv_cache_dtype!r}")
         if self.opt not in ("O0", "O1", "O2", "O3"):
@@ -66,7 +61,8 @@ class EngineOptions:
         """The KV cache element type for a model stored in `model_dtype`."""
         if self.kv_cache_dtype == "auto":
             return torch.float16 if model_dtype == torch.float16 else torch.float32
-        return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[self.kv_cache_dtype]
+        return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+                "int8": torch.int8}[self.kv_cache_dtype]
 
     @property
     def num_sequences(self) -> int:

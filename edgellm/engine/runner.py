@@ -59,10 +59,13 @@ class ModelRunner:
         return logits.float().cpu()
 
 
+KV_KINDS = {torch.float32: 0, torch.float16: 1, torch.int8: 2}  # cache element types of the native step
+
+
 class FusedDecoder:
     """The decode step of a Llama-shaped model as one native call (see edgellm_kernels.cpp).
 
-    Covers llama.Block models (llama, mistral, qwen2, qwen3) with float32 or float16 KV caches whose
+    Covers llama.Block models (llama, mistral, qwen2, qwen3) with float32, float16 or int8 KV caches whose
     linears are repacked quantized layers or float32 nn.Linear; `build` returns None otherwise.
     Embedding, final norm and logits stay the model's own modules.
     """
@@ -99,7 +102,7 @@ class FusedDecoder:
         from edgellm.quantization.layers import QuantLinear
 
         lib = K.library()
-        if lib is None or not isinstance(model, llama.Model) or pool.dtype not in (torch.float32, torch.float16):
+        if lib is None or not isinstance(model, llama.Model) or pool.dtype not in KV_KINDS:
             return None
         cfg = model.cfg
         if (cfg.attn_softcap is not None or cfg.rot_dim % 2 or cfg.rot_dim > 512 or cfg.head_dim > 512
@@ -180,7 +183,7 @@ class FusedDecoder:
         nt = self.K.threads()
         scratch = self._scratch_for(b, max(starts) + 1, nt)
         self.lib.el_decode(self.ref, b, pos.data_ptr(), h.data_ptr(), kp, vp, cap, widx, kfrom, scratch.data_ptr(),
-                           self._scratch_key[1], nt, int(pool.dtype == torch.float16))
+                           self._scratch_key[1], nt, KV_KINDS[pool.dtype])
         return model.logits(model.model.norm(h)).float()
 
 

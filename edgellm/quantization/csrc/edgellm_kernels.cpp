@@ -869,9 +869,26 @@ static inline __m512 reduce16(const __m512* a) {
 }
 #endif
 
-// key/value cache elements: float32 or float16 (stored as uint16 bits)
+// key/value cache elements: float32, float16 (stored as uint16 bits) or int8. An int8 row (one head,
+// one position) is D codes followed by its float32 scale (4 bytes): value = code * scale, as
+// edgellm/engine/kv_pool.py writes them. Attention applies the row scales to whole dot products.
 static inline float kv_get(const float* p, size_t i) { return p[i]; }
 static inline float kv_get(const uint16_t* p, size_t i) { return half_to_float(p[i]); }
+static inline float kv_get(const int8_t* p, size_t i) { return (float)p[i]; }
+
+template <typename T>
+static inline int kv_row(int D) {  // elements per cache row
+    return sizeof(T) == 1 ? D + 4 : D;
+}
+template <typename T>
+static inline float kv_scale(const T*, int) {
+    return 1.0f;
+}
+static inline float kv_scale(const int8_t* row, int D) {
+    float s;
+    memcpy(&s, row + D, 4);
+    return s;
+}
 
 static inline uint16_t float_to_half(float f) {  // round to nearest even, as torch's .to(float16)
     uint32_t x;
@@ -910,7 +927,19 @@ static inline void kv_put(uint16_t* dst, const float* src, int n) {
     for (; i < n; ++i) dst[i] = float_to_half(src[i]);
 }
 
+// codes round(x / scale), scale = max|x| / 127 (0 for an all-zero row), as kv_pool.quantize_rows
+static inline void kv_put(int8_t* dst, const float* src, int n) {
+    float amax = 0.f;
+    for (int i = 0; i < n; ++i) amax = fmaxf(amax, fabsf(src[i]));
+    const float scale = amax / 127.0f;
+    for (int i = 0; i < n; ++i) dst[i] = scale > 0.f ? (int8_t)nearbyintf(src[i] / scale) : 0;
+    memcpy(dst + n, &scale, 4);
+}
+
 #if EL_VNNI
+static inline __m512 kv_load(const int8_t* p, __mmask16 m) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, p)));
+}
 static inline __m512 kv_load(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
 static inline __m512 kv_load(const uint16_t* p, __mmask16 m) {
     return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p));
@@ -920,6 +949,9 @@ static inline __m512 kv_load(const uint16_t* p, __mmask16 m) {
 #if EL_AVX2
 static inline __m256 kv_load8(const float* p) { return _mm256_loadu_ps(p); }
 static inline __m256 kv_load8(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p)); }
+static inline __m256 kv_load8(const int8_t* p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p)));
+}
 #endif
 
 template <typename T>
@@ -955,6 +987,7 @@ static inline void axpy_kv(float* o, float p, const T* v, int D) {
 #if EL_VNNI
 template <typename T, int HN>
 static void pv_heads(const float* s, int n, int sn, const T* V, int D, float* acc_out) {
+    const int R = kv_row<T>(D);
     for (int d0 = 0; d0 < D; d0 += 64) {
         const int w = D - d0 < 64 ? D - d0 : 64, nv = (w + 15) / 16;
         const __mmask16 last = (__mmask16)((w & 15) ? ((1u << (w & 15)) - 1) : 0xffff);
@@ -963,7 +996,7 @@ static void pv_heads(const float* s, int n, int sn, const T* V, int D, float* ac
             for (int c = 0; c < 4; ++c) acc[h][c] = _mm512_setzero_ps();
         const T* vr = V + d0;
         if (nv == 4 && last == 0xffff) {
-            for (int j = 0; j < n; ++j, vr += D) {
+            for (int j = 0; j < n; ++j, vr += R) {
 #if EL_PF
                 for (size_t b = 0; b < 64 * sizeof(T); b += 64) _mm_prefetch((const char*)vr + EL_PF + b, _MM_HINT_T0);
 #endif
@@ -978,7 +1011,7 @@ static void pv_heads(const float* s, int n, int sn, const T* V, int D, float* ac
                 }
             }
         } else {
-            for (int j = 0; j < n; ++j, vr += D) {
+            for (int j = 0; j < n; ++j, vr += R) {
                 __m512 v[4];
                 for (int c = 0; c < nv; ++c) v[c] = kv_load(vr + 16 * c, c == nv - 1 ? last : 0xffff);
                 for (int h = 0; h < HN; ++h) {
@@ -998,34 +1031,43 @@ template <typename T>
 static void attend_group(const float* q, int rep, const T* K, const T* V, int n, int D, float scale, float* s,
                          float* acc_out, float* m_out, float* l_out) {
     int j = 0;
+    const int R = kv_row<T>(D);
+    const bool scaled = sizeof(T) == 1;  // int8 rows carry their own scale
 #if EL_VNNI
     const __mmask16 tail = (__mmask16)((D & 15) ? ((1u << (D & 15)) - 1) : 0xffff);
     const int Dfull = D & ~15;
     for (; j + 16 <= n; j += 16) {
 #if EL_PF
         {
-            const char* pf = (const char*)(K + (size_t)j * D) + EL_PF;
-            for (size_t b = 0; b < 16 * (size_t)D * sizeof(T); b += 64) _mm_prefetch(pf + b, _MM_HINT_T0);
+            const char* pf = (const char*)(K + (size_t)j * R) + EL_PF;
+            for (size_t b = 0; b < 16 * (size_t)R * sizeof(T); b += 64) _mm_prefetch(pf + b, _MM_HINT_T0);
         }
 #endif
+        __m512 sc16 = _mm512_set1_ps(scale);
+        if (scaled) {
+            alignas(64) float ks[16];
+            for (int i = 0; i < 16; ++i) ks[i] = kv_scale(K + (size_t)(j + i) * R, D) * scale;
+            sc16 = _mm512_load_ps(ks);
+        }
         for (int h = 0; h < rep; ++h) {
             const float* qh = q + (size_t)h * D;
             __m512 a[16];
             for (int i = 0; i < 16; ++i) {
-                const T* kr = K + (size_t)(j + 4 * (i & 3) + (i >> 2)) * D;
+                const T* kr = K + (size_t)(j + 4 * (i & 3) + (i >> 2)) * R;
                 __m512 acc = _mm512_setzero_ps();
                 int d = 0;
                 for (; d < Dfull; d += 16) acc = _mm512_fmadd_ps(kv_load(kr + d, 0xffff), _mm512_loadu_ps(qh + d), acc);
                 if (d < D) acc = _mm512_fmadd_ps(kv_load(kr + d, tail), _mm512_maskz_loadu_ps(tail, qh + d), acc);
                 a[i] = acc;
             }
-            _mm512_storeu_ps(s + (size_t)h * n + j, _mm512_mul_ps(reduce16(a), _mm512_set1_ps(scale)));
+            _mm512_storeu_ps(s + (size_t)h * n + j, _mm512_mul_ps(reduce16(a), sc16));
         }
     }
 #endif
     for (; j < n; ++j) {
-        const T* kr = K + (size_t)j * D;
-        for (int h = 0; h < rep; ++h) s[(size_t)h * n + j] = dot_kv(q + (size_t)h * D, kr, D) * scale;
+        const T* kr = K + (size_t)j * R;
+        const float sj = kv_scale(kr, D) * scale;
+        for (int h = 0; h < rep; ++h) s[(size_t)h * n + j] = dot_kv(q + (size_t)h * D, kr, D) * sj;
     }
     for (int h = 0; h < rep; ++h) {
         float* sh = s + (size_t)h * n;
@@ -1064,6 +1106,11 @@ static void attend_group(const float* q, int rep, const T* K, const T* V, int n,
         m_out[h] = mx;
         l_out[h] = sum;
     }
+    if (scaled)  // the value rows' scales go with the weights of the sum (after l above)
+        for (j = 0; j < n; ++j) {
+            const float vs = kv_scale(V + (size_t)j * R, D);
+            for (int h = 0; h < rep; ++h) s[(size_t)h * n + j] *= vs;
+        }
 #if EL_VNNI
     for (int h0 = 0; h0 < rep; h0 += 6) {
         const int hn = rep - h0 < 6 ? rep - h0 : 6;
@@ -1082,7 +1129,7 @@ static void attend_group(const float* q, int rep, const T* K, const T* V, int n,
     for (int h = 0; h < rep; ++h) {
         float* o = acc_out + (size_t)h * D;
         for (int d = 0; d < D; ++d) o[d] = 0.f;
-        for (j = 0; j < n; ++j) axpy_kv(o, s[(size_t)h * n + j], V + (size_t)j * D, D);
+        for (j = 0; j < n; ++j) axpy_kv(o, s[(size_t)h * n + j], V + (size_t)j * R, D);
     }
 #endif
 }
@@ -1212,7 +1259,7 @@ EL_MARK(1);
                 rope_head(x, Mo.cos + p * rot, Mo.sin + p * rot, rot);
                 if (hd >= nh) {
                     const int kh = hd - nh;
-                    const size_t off = ((size_t)kh * cap[l * B + b] + widx[l * B + b]) * D;
+                    const size_t off = ((size_t)kh * cap[l * B + b] + widx[l * B + b]) * kv_row<T>(D);
                     kv_put(kc[l * B + b] + off, x, D);
                     kv_put(vc[l * B + b] + off, x + (size_t)nkv * D, D);
                 }
@@ -1222,7 +1269,7 @@ EL_MARK(2);
             for (int t = 0; t < B * nkv * P; ++t) {
                 const int b = t / (nkv * P), kh = (t / P) % nkv, pi = t % P, i = l * B + b;
                 const int n = widx[i] - kfrom[i] + 1, k0 = (int)((int64_t)n * pi / P), k1 = (int)((int64_t)n * (pi + 1) / P);
-                const size_t base = ((size_t)kh * cap[i] + kfrom[i] + k0) * D;
+                const size_t base = ((size_t)kh * cap[i] + kfrom[i] + k0) * kv_row<T>(D);
                 float* pr = part + (size_t)t * rep * (D + 2);
                 attend_group(qkv + (size_t)b * QKV + (size_t)kh * rep * D, rep, kc[i] + base, vc[i] + base, k1 - k0, D,
                              Mo.scale, sc + (size_t)tid * maxkeys * rep, pr, pr + (size_t)rep * D,
@@ -1323,16 +1370,19 @@ EL_MARK(10);
 }
 
 // h [B][H]: hidden states of the B new tokens (in: embeddings, out: before the final norm).
-// For layer l and sequence b (index l*B+b): kc/vc point at [nkv][cap][D] caches (float32, or
-// float16 when kv_f16), the new key goes to index widx, attention reads indices kfrom..widx.
+// For layer l and sequence b (index l*B+b): kc/vc point at [nkv][cap][row] caches (kv_kind 0:
+// float32, 1: float16, 2: int8 rows of D codes + a float32 scale), the new key goes to index
+// widx, attention reads indices kfrom..widx.
 EL_API void el_decode(const EModel* Mp, int B, const int64_t* pos, float* h, void* const* kc, void* const* vc,
                       const int32_t* cap, const int32_t* widx, const int32_t* kfrom, void* scratch, int maxkeys,
-                      int nthreads, int kv_f16) {
-    if (kv_f16)
+                      int nthreads, int kv_kind) {
+    if (kv_kind == 2)
+        decode_impl<int8_t>(Mp, B, pos, h, (int8_t* const*)kc, (int8_t* const*)vc, cap, widx, kfrom, scratch,
+                            maxkeys, nthreads);
+    else if (kv_kind == 1)
         decode_impl<uint16_t>(Mp, B, pos, h, (uint16_t* const*)kc, (uint16_t* const*)vc, cap, widx, kfrom, scratch,
                               maxkeys, nthreads);
     else
         decode_impl<float>(Mp, B, pos, h, (float* const*)kc, (float* const*)vc, cap, widx, kfrom, scratch, maxkeys,
                            nthreads);
 }
-
