@@ -261,3 +261,5 @@ def test_library_loaded_with_the_wrong_model(tiny, pt2, android_tar, tmp_path_fa
     not_a_lib.write_bytes(b"\0" * 64)
     with pytest.raises(UserError, match="not a model library"):
         Engine(str(tiny), model_lib=str(not_a_lib), device="cpu")
+    with pytest.raises(UserError, match="keeps its own KV cache"):  # never silently ignored
+        Engine(str(tiny), model_lib=str(pt2), device="cpu", kv_cache_dtype="int8")

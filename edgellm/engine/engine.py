@@ -56,6 +56,9 @@ class EngineBase:
     def __init__(self, model: str | Path | None, model_lib: str | Path | None = None, device: str = "auto",
                  *, mode: str = "local", engine_config: dict | None = None, **options: Any):
         self.options: EngineOptions = make_options({**(engine_config or {}), "mode": mode, **options})
+        if model_lib is not None and self.options.kv_cache_dtype != "auto":
+            raise UserError(f"kv_cache_dtype={self.options.kv_cache_dtype} applies to the eager engine; a compiled "
+                            "model library keeps its own KV cache (drop the option or the --model-lib)")
         self.model_dir = prepare_model(model)
         self.device = pick_device(device)
         opts = self.options
