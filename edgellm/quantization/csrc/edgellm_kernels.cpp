@@ -1063,6 +1063,19 @@ static void attend_group(const float* q, int rep, const T* K, const T* V, int n,
             _mm512_storeu_ps(s + (size_t)h * n + j, _mm512_mul_ps(reduce16(a), sc16));
         }
     }
+    for (; j < n; ++j) {  // the last n % 16 keys one at a time (the scalar loop below converts each
+                          // float16 element in software: it used to cost more than all the rest)
+        const T* kr = K + (size_t)j * R;
+        const float sj = kv_scale(kr, D) * scale;
+        for (int h = 0; h < rep; ++h) {
+            const float* qh = q + (size_t)h * D;
+            __m512 acc = _mm512_setzero_ps();
+            int d = 0;
+            for (; d < Dfull; d += 16) acc = _mm512_fmadd_ps(kv_load(kr + d, 0xffff), _mm512_loadu_ps(qh + d), acc);
+            if (d < D) acc = _mm512_fmadd_ps(kv_load(kr + d, tail), _mm512_maskz_loadu_ps(tail, qh + d), acc);
+            s[(size_t)h * n + j] = _mm512_reduce_add_ps(acc) * sj;
+        }
+    }
 #endif
     for (; j < n; ++j) {
         const T* kr = K + (size_t)j * R;
@@ -1087,6 +1100,13 @@ static void attend_group(const float* q, int rep, const T* K, const T* V, int n,
             const __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(sh + i), vm));
             _mm512_storeu_ps(sh + i, e);
             vs = _mm512_add_ps(vs, e);
+        }
+        if (i < n) {
+            const __mmask16 mk = (__mmask16)((1u << (n - i)) - 1);
+            const __m512 e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(mk, sh + i), vm));
+            _mm512_mask_storeu_ps(sh + i, mk, e);
+            vs = _mm512_add_ps(vs, _mm512_maskz_mov_ps(mk, e));
+            i = n;
         }
         sum = hsum(vs);
 #elif EL_AVX2
