@@ -459,6 +459,13 @@ static inline __m512 load_scales(const ELinear& L, int rb, int g) {
     return _mm512_loadu_ps((const float*)L.scale + idx);
 }
 
+// acc += u (unsigned bytes) . the 4 signed bytes at p broadcast, as one instruction with an embedded
+// broadcast operand (GCC does not fold the intrinsics' broadcast; measured 10-17% faster for 8 rows)
+static inline __m512i dpb(__m512i acc, __m512i u, const int8_t* p) {
+    __asm__("vpdpbusd %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(u), "m"(*(const int32_t(*)[1])p));
+    return acc;
+}
+
 static inline __m512i bcast(const int8_t* p) {
     int32_t v;
     memcpy(&v, p, 4);
@@ -553,7 +560,8 @@ static void block_m1(const ELinear& L, const EAct& A, int m, const int* rbs, flo
     for (int i = 0; i < NB; ++i) store_block(L, rbs[i], acc[i], y);
 }
 
-// MB activation rows at once (weights unpacked once for all of them)
+// MB activation rows at once (weights unpacked once for all of them; 8 rows x 2 planes of
+// accumulators still fit the 32 vector registers)
 template <int MB>
 static void block_mb(const ELinear& L, const EAct& A, int m0, int rb, float* y, int ldy) {
     const int G = L.G, Kp = L.Kp;
@@ -579,10 +587,10 @@ static void block_mb(const ELinear& L, const EAct& A, int m0, int rb, float* y, 
                 const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), mask);
                 for (int m = 0; m < MB; ++m) {
                     const int8_t* p0 = A.planes + (size_t)(m0 + m) * 2 * Kp + kg + 8 * p;
-                    a0[m] = _mm512_dpbusd_epi32(a0[m], lo, bcast(p0));
-                    a1[m] = _mm512_dpbusd_epi32(a1[m], lo, bcast(p0 + Kp));
-                    a0[m] = _mm512_dpbusd_epi32(a0[m], hi, bcast(p0 + 4));
-                    a1[m] = _mm512_dpbusd_epi32(a1[m], hi, bcast(p0 + Kp + 4));
+                    a0[m] = dpb(a0[m], lo, p0);
+                    a1[m] = dpb(a1[m], lo, p0 + Kp);
+                    a0[m] = dpb(a0[m], hi, p0 + 4);
+                    a1[m] = dpb(a1[m], hi, p0 + Kp + 4);
                 }
             }
         } else {
@@ -593,8 +601,8 @@ static void block_mb(const ELinear& L, const EAct& A, int m0, int rb, float* y, 
                 const __m512i v = _mm512_loadu_si512(w);
                 for (int m = 0; m < MB; ++m) {
                     const int8_t* p0 = A.planes + (size_t)(m0 + m) * 2 * Kp + kg + 4 * c;
-                    a0[m] = _mm512_dpbusd_epi32(a0[m], v, bcast(p0));
-                    a1[m] = _mm512_dpbusd_epi32(a1[m], v, bcast(p0 + Kp));
+                    a0[m] = dpb(a0[m], v, p0);
+                    a1[m] = dpb(a1[m], v, p0 + Kp);
                 }
             }
         }
@@ -772,6 +780,7 @@ static void gemv_for(const ELinear& L, const float* x, int ldx, const EAct& A, i
             block_m1<1>(L, A, 0, &rb, y);
             continue;
         }
+        for (; m + 8 <= M; m += 8) block_mb<8>(L, A, m, rb, y, ldy);
         for (; m + 4 <= M; m += 4) block_mb<4>(L, A, m, rb, y, ldy);
         switch (M - m) {
             case 3: block_mb<3>(L, A, m, rb, y, ldy); break;
