@@ -145,11 +145,9 @@ class BenchSession:
                             f"window of {ctx} tokens")
         from edgellm.quantization.modes import get_mode
 
-        kv_dtype = opts.kv_dtype(get_mode(self.config.quantization).model_dtype)
-        self.kv_dtype = kv_dtype
         budget = batch * (prompt_len + gen_len + 256) * 2
-        self.pool = KVPool(arch.num_layers, arch.num_kv_heads, arch.head_dim, list(arch.windows), budget, kv_dtype,
-                           self.device)
+        self.pool = KVPool(arch.num_layers, arch.num_kv_heads, arch.head_dim, list(arch.windows), budget,
+                           opts.kv_dtype(get_mode(self.config.quantization).model_dtype), self.device)
         self.runner = ModelRunner(self.model, self.pool, self.device, opt=opts.opt)
         self.model_lib = model_lib
         if model_lib is not None:  # a compiled model library (edgellm compile) runs in place of the eager model
@@ -238,7 +236,8 @@ def run_bench(model: str | Path | None = None, *, prompt_len: int = 512, gen_len
         "device": s.device,
         "opt": s.opt,
         "fused_decode": s.fused,
-        "kv_cache_dtype": str(getattr(s, "kv_dtype", "")).replace("torch.", ""),
+        # a compiled library keeps its own cache
+        "kv_cache_dtype": None if model_lib is not None else str(s.pool.dtype).replace("torch.", ""),
         "model_lib": str(model_lib) if model_lib is not None else None,
         "batch": batch,
         "prompt_len": prompt_len,

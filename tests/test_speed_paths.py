@@ -179,14 +179,20 @@ def test_whole_model_logits_match_reference(quant, tiny_quantized):
         _close(torch.cat(outs), ref)
 
 
-@pytest.mark.parametrize("quant", QUANTS + ["q0f32"])
-def test_fused_decode_matches_reference(quant, tiny_quantized):
-    ref_tokens, ref_logits, _, _ = generate(tiny_quantized[quant], PROMPTS, 12, "O0")
-    tokens, logits, runner, fused = generate(tiny_quantized[quant], PROMPTS, 12, "O2")
+def _fused_matches_reference(model_dir, prompts: list[list[int]], n: int, **kwargs) -> list[torch.Tensor]:
+    """O2 takes the fused step and gives O0's greedy tokens and logits; returns O0's logits."""
+    ref_tokens, ref_logits, _, _ = generate(model_dir, prompts, n, "O0", **kwargs)
+    tokens, logits, runner, fused = generate(model_dir, prompts, n, "O2", **kwargs)
     assert runner.fused is not None and fused > 0
     assert tokens == ref_tokens
     for a, b in zip(logits, ref_logits):
         _close(a, b)
+    return ref_logits
+
+
+@pytest.mark.parametrize("quant", QUANTS + ["q0f32"])
+def test_fused_decode_matches_reference(quant, tiny_quantized):
+    _fused_matches_reference(tiny_quantized[quant], PROMPTS, 12)
 
 
 def test_kv_pool_growth_keeps_computed_positions(tiny_quantized):
@@ -210,12 +216,7 @@ def test_o0_o1_o2_same_greedy_tokens_tiny_q4(tiny_quantized):
 def test_fused_decode_other_llama_families(kind, tmp_path):
     d = convert(_tiny_family(kind, tmp_path / "hf"), tmp_path / "q4", "q4f16_1")
     prompts = [list(range(3, 30)), [3, 44, 45]]  # the first is longer than mistral's window of 8
-    ref_tokens, ref_logits, _, _ = generate(d, prompts, 10, "O0")
-    tokens, logits, runner, fused = generate(d, prompts, 10, "O2")
-    assert runner.fused is not None and fused > 0
-    assert tokens == ref_tokens
-    for a, b in zip(logits, ref_logits):
-        _close(a, b)
+    _fused_matches_reference(d, prompts, 10)
 
 
 def test_batched_decode_equals_single(tiny_quantized):
@@ -238,13 +239,8 @@ def test_fused_decode_kv_cache_types(kind, kv_dtype, tiny_quantized, tmp_path):
     else:
         d = convert(_tiny_family("mistral", tmp_path / "hf"), tmp_path / "q4", "q4f16_1")
         prompts = [list(range(3, 30)), [3, 44, 45]]
-    f32_tokens, f32_logits, _, _ = generate(d, prompts, 10, "O0")
-    ref_tokens, ref_logits, _, _ = generate(d, prompts, 10, "O0", kv_dtype=kv_dtype)
-    tokens, logits, runner, fused = generate(d, prompts, 10, "O2", kv_dtype=kv_dtype)
-    assert runner.fused is not None and fused > 0
-    assert tokens == ref_tokens
-    for a, b in zip(logits, ref_logits):
-        _close(a, b)
+    _, f32_logits, _, _ = generate(d, prompts, 10, "O0")
+    ref_logits = _fused_matches_reference(d, prompts, 10, kv_dtype=kv_dtype)
     # int8 rounds each key and value to 1/254 of its row's largest entry; on these random models that
     # moves the logits by about 0.3% of their largest magnitude (float16: about 0.01%)
     for a, b in zip(ref_logits, f32_logits):
