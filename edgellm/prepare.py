@@ -10,11 +10,11 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import os
 import shutil
 from pathlib import Path
 
 from edgellm.errors import UserError
+from edgellm.paths import edgellm_home
 from edgellm.weights.source import find_gguf
 from edgellm.weights.tensor_cache import CACHE_NAMES
 
@@ -23,10 +23,6 @@ DEFAULT_QUANTIZATION = "q4f16_1"
 # The bundled GGUF carries no generation config; its model card samples with these (plain
 # temperature 1.0 makes a 135M model ramble into noise within a few hundred tokens).
 DEFAULT_MODEL_SAMPLING = {"temperature": 0.2, "top_p": 0.9}
-
-
-def edgellm_home() -> Path:
-    return Path(os.environ.get("EDGELLM_HOME") or Path.home() / ".cache" / "edgellm")
 
 
 def is_converted(path: Path) -> bool:

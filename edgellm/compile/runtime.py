@@ -47,7 +47,7 @@ def inspect_library(path: str | Path) -> tuple[dict, Path, str]:
     kind = sniff(path)
     if kind == "tar":
         from edgellm.compile.archive import extract_artifact, read_tar_metadata
-        from edgellm.prepare import edgellm_home
+        from edgellm.paths import edgellm_home
 
         meta = read_tar_metadata(path)
         if meta is None:

@@ -36,6 +36,8 @@ from pathlib import Path
 
 import torch
 
+from edgellm.paths import edgellm_home
+
 log = logging.getLogger("edgellm.kernels")
 
 SRC = Path(__file__).with_name("csrc") / "edgellm_kernels.cpp"
@@ -77,8 +79,6 @@ def _cpu_flags() -> str:
 
 
 def _cache_root() -> Path:
-    from edgellm.prepare import edgellm_home
-
     return edgellm_home() / "kernels"
 
 
