@@ -10,11 +10,11 @@ __all__ = ["Engine", "AsyncEngine", "MLCEngine", "AsyncMLCEngine", "__version__"
 def __getattr__(name: str):
     # Lazy: `import edgellm` stays light for the CLI; the engine pulls in torch and friends.
     if name in ("Engine", "MLCEngine"):
-        from edgellm.engine.engine import Engine
+        from edgellm.api.engine import Engine
 
         return Engine
     if name in ("AsyncEngine", "AsyncMLCEngine"):
-        from edgellm.engine.async_engine import AsyncEngine
+        from edgellm.api.async_engine import AsyncEngine
 
         return AsyncEngine
     raise AttributeError(f"module 'edgellm' has no attribute {name!r}")

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from edgellm.engine.options import DEFAULT_OPT
 from edgellm.errors import UserError
 
 
@@ -113,49 +114,39 @@ def _peak_rss_bytes() -> int | None:
 
 
 class BenchSession:
-    """A loaded model plus the engine pieces that run it; `run_once()` is one repetition."""
+    """A model built by `build_engine` exactly as `Engine` builds it; `run_once()` is one repetition."""
 
-    def __init__(self, model: str | Path | None, *, threads: int | None = None, opt: str = "O2",
+    def __init__(self, model: str | Path | None, *, threads: int | None = None, opt: str = DEFAULT_OPT,
                  device: str = "cpu", batch: int = 1, prompt_len: int = 512, gen_len: int = 128,
                  quantization: str = "q4f16_1", use_mmap: bool = False, kv_cache_dtype: str = "auto",
                  seed: int = 0, log=print, model_lib: str | Path | None = None):
-        from edgellm.engine.engine import pick_device
-        from edgellm.engine.kv_pool import KVPool
+        from edgellm.config import load_chat_config
+        from edgellm.engine.build import build_engine, pick_device
         from edgellm.engine.options import make_options
-        from edgellm.engine.runner import ModelRunner
-        from edgellm.engine.sampler import Sampler
-        from edgellm.models.loader import load_model
+        from edgellm.models.loader import arch_config, runtime_context
         from edgellm.prepare import prepare_model
 
         if prompt_len < 1 or gen_len < 1 or batch < 1:
             raise UserError("--prompt-len, --gen-len and --batch must be at least 1")
-        opts = make_options({"threads": threads, "opt": opt, "use_mmap": use_mmap,
-                             "kv_cache_dtype": kv_cache_dtype})
-        self.threads = opts.thread_count
-        torch.set_num_threads(self.threads)
         self.device = pick_device(device)
         self.model_dir = prepare_model(model, quantization=quantization, log=log)
-        t = time.perf_counter()
-        self.model, self.config = load_model(self.model_dir, device=self.device, use_mmap=use_mmap,
-                                             max_positions=None)
-        arch = self.model.cfg
-        ctx = self.model.rope.cos.shape[0] if hasattr(self.model, "rope") else arch.max_position_embeddings
+        self.config = load_chat_config(self.model_dir)
+        arch = arch_config(self.config)
+        ctx = runtime_context(self.config, arch)
         if prompt_len + gen_len + 1 > ctx:
             raise UserError(f"--prompt-len + --gen-len = {prompt_len + gen_len} exceeds the model's context "
                             f"window of {ctx} tokens")
-        from edgellm.quantization.modes import get_mode
-
-        budget = batch * (prompt_len + gen_len + 256) * 2
-        self.pool = KVPool(arch.num_layers, arch.num_kv_heads, arch.head_dim, list(arch.windows), budget,
-                           opts.kv_dtype(get_mode(self.config.quantization).model_dtype), self.device)
-        self.runner = ModelRunner(self.model, self.pool, self.device, opt=opts.opt)
-        self.model_lib = model_lib
-        if model_lib is not None:  # a compiled model library (edgellm compile) runs in place of the eager model
-            from edgellm.compile.runtime import load_library
-
-            self.runner = load_library(model_lib, self)
+        # One step prefills every prompt; the KV budget holds them all; no prefix may serve a prompt.
+        opts = make_options({"threads": threads or torch.get_num_threads(), "opt": opt, "use_mmap": use_mmap,
+                             "kv_cache_dtype": kv_cache_dtype, "max_num_sequence": batch,
+                             "prefill_chunk_size": prompt_len * batch, "reuse_kv": False,
+                             "max_total_seq_length": batch * (prompt_len + gen_len + 256) * 2})
+        self.threads = opts.threads
+        t = time.perf_counter()
+        self.core = build_engine(self.model_dir, opts, self.device, model_lib, config=self.config)
         self.load_s = time.perf_counter() - t
-        self.sampler = Sampler()
+        self.model, self.pool, self.runner = self.core.model, self.core.pool, self.core.runner
+        self.model_lib = model_lib
         self.opt, self.batch, self.prompt_len, self.gen_len = opts.opt, batch, prompt_len, gen_len
         self.rng = random.Random(seed)
         self.vocab = min(self.config.vocab_size, arch.vocab_size)
@@ -163,55 +154,30 @@ class BenchSession:
 
     def run_once(self, prompt_ids: list[int] | None = None) -> tuple[float, float]:
         """(prefill tokens/s, decode tokens/s) of one repetition (random prompts unless given)."""
-        from edgellm.engine.request import Request, SamplingParams, Status
-        from edgellm.engine.scheduler import Scheduler
+        from edgellm.engine.request import Request, SamplingParams
 
         params = SamplingParams(temperature=0.0, max_tokens=self.gen_len + 1, ignore_eos=True)
-        sched = Scheduler(self.pool, self.batch, max(self.prompt_len * self.batch, 1), reuse_kv=False)
-        seqs = []
+        reqs = []
         for i in range(self.batch):
             prompt = list(prompt_ids) if prompt_ids is not None else [
                 self.rng.randrange(self.vocab) for _ in range(self.prompt_len)]
-            req = Request(f"bench-{i}", prompt, params, 1, lambda *_: None)
-            seqs.append(req.sequences[0])
-            sched.add(req.sequences[0])
+            reqs.append(Request(f"bench-{i}", prompt, params))
+            self.core.add(reqs[-1])
+        seqs = [r.sequences[0] for r in reqs]
         t0 = time.perf_counter()
         t_prefilled = None
-        decoded = 0
-        while True:
-            chunks = sched.schedule()
-            if not chunks:
-                break
-            decoding = all(c.length == 1 and c.seq.output_ids for c in chunks)
-            logits = self.runner.step(chunks)
-            ready = []
-            for c in chunks:
-                c.seq.num_computed = c.start + c.length
-                if c.completes:
-                    ready.append(c.seq)
-            if ready:
-                tokens, _ = self.sampler(logits, ready)
-                for s, tok in zip(ready, tokens):
-                    s.output_ids.append(tok)
-            if decoding:
-                decoded += len(chunks)
+        while self.core.has_work:
+            self.core.step()
             if t_prefilled is None and all(s.output_ids for s in seqs):
                 t_prefilled = time.perf_counter()
-            for s in ready:
-                if len(s.output_ids) > self.gen_len:
-                    s.status = Status.FINISHED
-                    sched.remove(s, keep_for_reuse=False)
         t_end = time.perf_counter()
-        for s in seqs:
-            if s.slot is not None:
-                sched.remove(s, keep_for_reuse=False)
-        pp = sum(len(q.prompt_ids) for q in seqs) / (t_prefilled - t0)
-        tg = decoded / (t_end - t_prefilled)
+        pp = sum(len(s.prompt_ids) for s in seqs) / (t_prefilled - t0)
+        tg = sum(len(s.output_ids) - 1 for s in seqs) / (t_end - t_prefilled)
         return pp, tg
 
 
 def run_bench(model: str | Path | None = None, *, prompt_len: int = 512, gen_len: int = 128, batch: int = 1,
-              threads: int | None = None, repeat: int = 5, opt: str = "O2", device: str = "cpu",
+              threads: int | None = None, repeat: int = 5, opt: str = DEFAULT_OPT, device: str = "cpu",
               quantization: str = "q4f16_1", use_mmap: bool = False, kv_cache_dtype: str = "auto",
               bandwidth: bool = True, log=print, model_lib: str | Path | None = None) -> dict[str, Any]:
     """Benchmark a model; returns the report as a dict (see `format_report`)."""
@@ -226,7 +192,8 @@ def run_bench(model: str | Path | None = None, *, prompt_len: int = 512, gen_len
         pp, tg = s.run_once()
         pps.append(pp)
         tgs.append(tg)
-    wbytes = weight_bytes_per_token(s.model, batch)
+    weights = s.model if s.model is not None else getattr(s.runner, "model", None)  # a .pt2 holds its own
+    wbytes = weight_bytes_per_token(weights, batch) if weights is not None else 0
     report: dict[str, Any] = {
         "model": s.model_dir.name,
         "model_dir": str(s.model_dir),
@@ -249,7 +216,7 @@ def run_bench(model: str | Path | None = None, *, prompt_len: int = 512, gen_len
         "weight_bytes_per_token": wbytes,
         "peak_rss_bytes": _peak_rss_bytes(),
     }
-    if bandwidth and s.device == "cpu":
+    if bandwidth and s.device == "cpu" and wbytes:
         bw = measure_bandwidth(s.threads)
         steps_per_s = report["tg"]["mean"] / batch
         report["bandwidth_bytes_per_s"] = bw

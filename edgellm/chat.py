@@ -69,7 +69,7 @@ class ChatSession:
                 raise UserError(f"bad value for {key}: {value!r}") from None
         if not updates:
             raise UserError("nothing to set; example: /set temperature=0.5;top_p=0.8")
-        from edgellm.engine import protocol as P
+        from edgellm.api import protocol as P
 
         try:  # validate with the same rules as a request, without running one
             P.parse_request(P.ChatCompletionRequest, {"messages": [{"role": "user", "content": "x"}],

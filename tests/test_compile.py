@@ -17,10 +17,10 @@ import pytest
 import torch
 import transformers as tf
 
+from edgellm.api.engine import Engine
 from edgellm.cli.main import main
 from edgellm.compile.archive import extract_artifact
 from edgellm.compile.executorch_export import PteProgram, run_method
-from edgellm.engine.engine import Engine
 from edgellm.errors import UserError
 from tests.helpers import convert, save_hf
 

@@ -16,8 +16,8 @@ pytestmark = [
 
 
 def test_smollm2_pt2_says_paris(tmp_path, monkeypatch):
+    from edgellm.api.engine import Engine
     from edgellm.compile.compiler import compile_model
-    from edgellm.engine.engine import Engine
     from edgellm.prepare import prepare_model
 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))

@@ -13,12 +13,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from edgellm.engine.build import build_engine
 from edgellm.engine.kv_cache import SlotKVCache
-from edgellm.engine.kv_pool import KVPool
-from edgellm.engine.request import Request, SamplingParams, Status
-from edgellm.engine.runner import ModelRunner
-from edgellm.engine.sampler import Sampler
-from edgellm.engine.scheduler import Scheduler
+from edgellm.engine.options import make_options
+from edgellm.engine.request import Request, SamplingParams
 from edgellm.models.base import Step
 from edgellm.models.loader import load_model
 from edgellm.quantization import kernels
@@ -121,39 +119,31 @@ def tiny_quantized(tiny_llama_hf, tmp_path_factory):
 
 def generate(model_dir, prompts: list[list[int]], n: int, opt: str, *, max_seqs: int = 8, chunk: int = 16,
              kv_dtype: torch.dtype = torch.float32):
-    """Greedy tokens and the logits of every sampled position, through the engine's runner."""
-    model, _ = load_model(model_dir)
-    a = model.cfg
-    pool = KVPool(a.num_layers, a.num_kv_heads, a.head_dim, list(a.windows), 4096, kv_dtype)
-    runner = ModelRunner(model, pool, "cpu", opt=opt)
-    sched = Scheduler(pool, max_seqs, chunk, reuse_kv=False)
-    params = SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
-    seqs = []
-    for i, p in enumerate(prompts):
-        seq = Request(str(i), p, params, 1, lambda *_: None).sequences[0]
-        seqs.append(seq)
-        sched.add(seq)
-    logits: dict[int, list[torch.Tensor]] = {id(s): [] for s in seqs}
-    sampler = Sampler()
+    """Greedy tokens and the logits of every sampled position, stepping the engine's own core."""
+    opts = make_options({"opt": opt, "max_num_sequence": max_seqs, "prefill_chunk_size": chunk, "reuse_kv": False,
+                         "max_total_seq_length": 4096, "kv_cache_dtype": str(kv_dtype).replace("torch.", "")})
+    core = build_engine(model_dir, opts, "cpu")
+    runner = core.runner
+    logits: dict[int, list[torch.Tensor]] = {}
     fused_steps = 0
-    while True:
-        chunks = sched.schedule()
-        if not chunks:
-            break
+    run_step = runner.step
+
+    def recording_step(chunks):  # the runner's own step, remembering each sampled row's logits
+        nonlocal fused_steps
         fused_steps += runner.fused is not None and all(c.length == 1 for c in chunks)
-        out = runner.step(chunks)
-        ready = []
-        for c in chunks:
-            c.seq.num_computed = c.start + c.length
-            if c.completes:
-                ready.append(c.seq)
-        tokens, _ = sampler(out, ready)
-        for row, (s, tok) in enumerate(zip(ready, tokens)):
-            s.output_ids.append(tok)
-            logits[id(s)].append(out[row])
-            if len(s.output_ids) >= n:
-                s.status = Status.FINISHED
-                sched.remove(s, keep_for_reuse=False)
+        out = run_step(chunks)
+        for row, c in enumerate(c for c in chunks if c.completes):
+            logits.setdefault(id(c.seq), []).append(out[row])
+        return out
+
+    runner.step = recording_step
+    params = SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
+    reqs = [Request(str(i), p, params) for i, p in enumerate(prompts)]
+    for r in reqs:
+        core.add(r)
+    while core.has_work:
+        core.step()
+    seqs = [r.sequences[0] for r in reqs]
     return [s.output_ids for s in seqs], [torch.stack(logits[id(s)]) for s in seqs], runner, fused_steps
 
 

@@ -72,8 +72,8 @@ def _piped(session) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from edgellm.api.engine import Engine
     from edgellm.chat import ChatSession
-    from edgellm.engine.engine import Engine
     from edgellm.engine.options import make_options, parse_overrides
     from edgellm.prepare import prepare_model
 

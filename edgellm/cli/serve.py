@@ -24,7 +24,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from edgellm.engine.async_engine import AsyncEngine
+    from edgellm.api.async_engine import AsyncEngine
     from edgellm.engine.options import make_options, parse_overrides
     from edgellm.errors import UserError
     from edgellm.prepare import prepare_model

@@ -1,7 +1,8 @@
 """Run a compiled model library in the engine in place of the eager model.
 
-`load_library(path, engine)` checks that the library was compiled for the engine's model and
-returns a runner with ModelRunner's interface (`step(chunks) -> logits [R, vocab]`).
+`load_library(path, model_dir, ...)` checks that the library was compiled for the model and returns a
+runner with ModelRunner's interface (`step(chunks) -> logits [R, vocab]`) and the context window it
+supports (`runner.context_window`).
 
 The compiled programs handle one sequence per call and keep their own static KV caches, one
 per sequence slot (an AOTInductor library: key and value tensors per layer and slot; an
@@ -9,7 +10,7 @@ ExecuTorch program: one loaded copy of the program per slot, the cache inside it
 engine's KV pool is not used. A runner state remembers which tokens its cache holds, so a
 sequence whose cache is missing (more sequences than states, a forked choice, a reused prefix)
 is rebuilt by copying a state with the same prefix or by recomputing it: results always equal
-the eager engine's.
+the eager engine's. The engine's scheduler keeps only a SlotLedger (slots, no memory) beside it.
 """
 
 from __future__ import annotations
@@ -94,14 +95,13 @@ class StaticRunner:
 
     fused = None  # ModelRunner's attribute (a fused native decode step); none here
 
-    def __init__(self, meta: dict, engine, lib: Path):
+    def __init__(self, meta: dict, lib: Path, ledger, num_sequences: int):
         self.meta, self.lib = meta, lib
-        self.max_len = int(meta["context_window_size"])
+        self.max_len = self.context_window = int(meta["context_window_size"])
         self.chunk = int(meta["prefill_chunk_size"])
         self.vocab = int(meta["vocab_size"])
-        self.pool = getattr(engine, "pool", None)
-        opts = getattr(engine, "options", None)
-        want = getattr(opts, "num_sequences", None) or 1
+        self.pool = ledger  # the scheduler's slots: a state whose slot is gone is the first to reuse
+        want = num_sequences or 1
         self.capacity = max(1, min(int(meta.get("max_batch_size") or 1), want)) + 1  # +1 keeps a prefix
         self.states: OrderedDict[int, _State] = OrderedDict()  # LRU order
 
@@ -184,17 +184,17 @@ class StaticRunner:
 class AOTIRunner(StaticRunner):
     """An AOTInductor package, fed the engine model's weights."""
 
-    def __init__(self, meta: dict, engine, lib: Path, artifact: Path):
-        super().__init__(meta, engine, lib)
+    def __init__(self, meta: dict, lib: Path, ledger, num_sequences: int, artifact: Path, model_dir: Path,
+                 device: str):
+        super().__init__(meta, lib, ledger, num_sequences)
         from edgellm.compile.aoti import load_pt2
 
-        self.device = engine.device
+        self.device = device
         self.program = load_pt2(artifact)
-        # The engine's model may be repacked for its native kernels: take the weights afresh.
         from edgellm.compile.lowering import float_model
         from edgellm.models.loader import load_model
 
-        fresh, _ = load_model(engine.model_dir, device=self.device, verify=False)
+        fresh, _ = load_model(model_dir, device=self.device, verify=False)
         model = float_model(fresh)
         del fresh
         self.model = model  # the program reads these tensors in place
@@ -236,8 +236,8 @@ class AOTIRunner(StaticRunner):
 class PteRunner(StaticRunner):
     """An ExecuTorch program through ExecuTorch's Python runtime (CPU)."""
 
-    def __init__(self, meta: dict, engine, lib: Path, artifact: Path):
-        super().__init__(meta, engine, lib)
+    def __init__(self, meta: dict, lib: Path, ledger, num_sequences: int, artifact: Path):
+        super().__init__(meta, lib, ledger, num_sequences)
         self.artifact = artifact
         self._new_handle()  # fail here, not at the first request, if the program does not load
 
@@ -255,21 +255,20 @@ class PteRunner(StaticRunner):
         return run_method(handle[1], ids, start)
 
 
-def load_library(model_lib: str | Path, engine) -> StaticRunner:
-    """The runner for `model_lib`, checked against the engine's model."""
+def load_library(model_lib: str | Path, model_dir: Path, cfg, arch, device: str, num_sequences: int,
+                 ledger) -> StaticRunner:
+    """The runner for `model_lib`, checked against the model in `model_dir` (chat config `cfg`, `arch`)."""
     meta, artifact, kind = inspect_library(model_lib)
     lib = Path(model_lib)
-    T.check_match(meta, lib, engine.config, engine.model.cfg, Path(engine.model_dir))
+    T.check_match(meta, lib, cfg, arch, Path(model_dir))
     dev = meta.get("device")
     if kind == "pt2":
-        want = str(engine.device).split(":")[0]
+        want = str(device).split(":")[0]
         if dev != want:
             raise UserError(f"model library {lib.name} was compiled for {dev}, but the engine runs on {want}; "
                             f"pass device={dev!r} (--device {dev}) or compile for {want}")
-    elif str(engine.device) != "cpu":
+        return AOTIRunner(meta, lib, ledger, num_sequences, artifact, Path(model_dir), device)
+    if str(device) != "cpu":
         raise UserError(f"model library {lib.name} is an ExecuTorch program for {dev}; it runs on the CPU "
                         "here: pass device='cpu' (--device cpu)")
-    ctx = getattr(engine, "context_window", None)
-    engine.context_window = min(ctx or 1 << 62, int(meta["context_window_size"]))
-    runner = AOTIRunner if kind == "pt2" else PteRunner
-    return runner(meta, engine, lib, artifact)
+    return PteRunner(meta, lib, ledger, num_sequences, artifact)

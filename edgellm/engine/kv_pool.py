@@ -39,6 +39,21 @@ def dequantize_rows(rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return (rows[..., :d].float() * scale).to(dtype)
 
 
+def longest_prefix(entries: dict, prompt: list[int], usable=lambda entry, n: True) -> tuple[int | None, int]:
+    """(key, length) of the entry (with .length and .tokens) sharing the longest usable prefix with
+    `prompt`, leaving at least its last token; (None, 0) if none shares any."""
+    best, best_len = None, 0
+    for key, entry in entries.items():
+        n = 0
+        limit = min(entry.length, len(prompt) - 1)
+        toks = entry.tokens
+        while n < limit and toks[n] == prompt[n]:
+            n += 1
+        if n > best_len and usable(entry, n):
+            best, best_len = key, n
+    return best, best_len
+
+
 class SeqKV:
     def __init__(self, num_layers: int):
         self.k: list[torch.Tensor | None] = [None] * num_layers
@@ -159,6 +174,10 @@ class KVPool:
             self.used_bytes -= (old_k.numel() + old_v.numel()) * old_k.element_size()
         kv.k[layer], kv.v[layer], kv.base[layer] = k, v, keep_from
 
+    def set_length(self, slot: int, length: int) -> None:
+        """Positions 0..length-1 of `slot` are computed (after a step wrote them)."""
+        self.seqs[slot].length = length
+
     def commit(self, slot: int, tokens: list[int]) -> None:
         """Record that the KV of `tokens` (all positions 0..len-1) is now computed."""
         kv = self.seqs[slot]
@@ -171,15 +190,7 @@ class KVPool:
 
         At least the last prompt token is always left to compute (its logits are needed).
         """
-        best, best_len = None, 0
-        for slot, kv in self.prefix_cache.items():
-            n = 0
-            limit = min(kv.length, len(prompt) - 1)
-            toks = kv.tokens
-            while n < limit and toks[n] == prompt[n]:
-                n += 1
-            if n > best_len and self._window_keeps(kv, n):
-                best, best_len = slot, n
+        best, best_len = longest_prefix(self.prefix_cache, prompt, self._window_keeps)
         if best is None:
             return None, 0
         kv = self.prefix_cache.pop(best)
@@ -240,7 +251,77 @@ class KVPool:
             "kv_cache_bytes_budget": self.budget_bytes,
             "kv_cache_tokens_active": active,
             "kv_cache_tokens_prefix_cache": cached,
-            "kv_cache_blocks_used": -(-self.used_bytes // (self.bytes_per_token * 16)),
-            "kv_cache_blocks_free": max(self.budget_bytes - self.used_bytes, 0) // (self.bytes_per_token * 16),
+            "kv_cache_tokens_free": max(self.budget_bytes - self.used_bytes, 0) // self.bytes_per_token,
             "kv_cache_sequences": len(self.seqs),
         }
+
+
+class _Entry:
+    __slots__ = ("length", "tokens")
+
+    def __init__(self) -> None:
+        self.length, self.tokens = 0, []
+
+
+class SlotLedger:
+    """The scheduler's slots for a runner that keeps its own caches (a compiled model library).
+
+    Bookkeeping only -- which slots exist, how many positions each has computed, and the tokens of
+    finished ones for prefix reuse -- and no memory: the runner's states hold the keys and values.
+    """
+
+    dtype = None
+
+    def __init__(self, max_cached: int = 64):
+        self.seqs: dict[int, _Entry] = {}
+        self.prefix_cache: OrderedDict[int, _Entry] = OrderedDict()
+        self.max_cached = max_cached
+        self._next_slot = 0
+
+    def new_slot(self) -> int:
+        slot = self._next_slot
+        self._next_slot += 1
+        self.seqs[slot] = _Entry()
+        return slot
+
+    def reserve(self, slot: int, start: int, end: int) -> bool:
+        self.seqs[slot].length = start
+        return True
+
+    def set_length(self, slot: int, length: int) -> None:
+        self.seqs[slot].length = length
+
+    def commit(self, slot: int, tokens: list[int]) -> None:
+        entry = self.seqs[slot]
+        entry.length, entry.tokens = len(tokens), tokens
+
+    def free(self, slot: int, keep_for_reuse: bool = False) -> None:
+        entry = self.seqs.pop(slot, None)
+        if entry is not None and keep_for_reuse and entry.length > 0:
+            self.prefix_cache[slot] = entry
+            while len(self.prefix_cache) > self.max_cached:
+                self.prefix_cache.popitem(last=False)
+
+    def clear_prefix_cache(self) -> None:
+        self.prefix_cache.clear()
+
+    def take_prefix(self, prompt: list[int]) -> tuple[int | None, int]:
+        best, best_len = longest_prefix(self.prefix_cache, prompt)
+        if best is None:
+            return None, 0
+        entry = self.prefix_cache.pop(best)
+        entry.length, entry.tokens = best_len, entry.tokens[:best_len]
+        slot = self.new_slot()
+        self.seqs[slot] = entry
+        return slot, best_len
+
+    def fork(self, src: int) -> int | None:
+        slot = self.new_slot()
+        self.seqs[slot].length = self.seqs[src].length
+        self.seqs[slot].tokens = list(self.seqs[src].tokens)
+        return slot
+
+    def stats(self) -> dict:
+        return {"kv_cache_tokens_active": sum(e.length for e in self.seqs.values()),
+                "kv_cache_tokens_prefix_cache": sum(e.length for e in self.prefix_cache.values()),
+                "kv_cache_sequences": len(self.seqs)}

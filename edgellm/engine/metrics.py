@@ -37,7 +37,7 @@ class EngineMetrics:
 
     COUNTERS = ("requests_total", "requests_finished", "requests_cancelled", "requests_failed",
                 "prompt_tokens_total", "prefill_tokens_total", "cached_tokens_total",
-                "generation_tokens_total", "steps_total", "preemptions_total")
+                "generation_tokens_total", "steps_total")
 
     def __init__(self) -> None:
         self._lock = threading.Lock()

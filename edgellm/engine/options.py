@@ -18,6 +18,8 @@ ALIASES = {
     "num_threads": "threads",
     "max_total_sequence_length": "max_total_seq_length",
 }
+DEFAULT_OPT = "O2"  # the one default optimization level (engine, bench, compile)
+OPT_LEVELS = ("O0", "O1", "O2", "O3")  # O3 is an alias of O2 (MLC-LLM's flag)
 KV_DTYPES = ("auto", "float32", "float16", "bfloat16", "int8")
 MODES = ("local", "interactive", "server")
 
@@ -37,7 +39,7 @@ class EngineOptions:
     use_mmap: bool = False
     threads: int | None = None
     max_tokens: int | None = None  # default max_tokens of a request
-    opt: str = "O2"  # O0: reference eager; O1: native quantized kernels; O2: + one native call per decode step
+    opt: str = DEFAULT_OPT  # O0: reference eager; O1: native kernels; O2 (= O3): + one native call per decode step
     seed: int | None = None
     verify_weights: bool = True
 
@@ -49,7 +51,7 @@ class EngineOptions:
             self.kv_cache_dtype = "auto" if int(self.kv_cache_dtype) == 0 else "int8"
         if self.kv_cache_dtype not in KV_DTYPES:
             raise UserError(f"kv_cache_dtype must be one of {', '.join(KV_DTYPES)}, got {self.kv_cache_dtype!r}")
-        if self.opt not in ("O0", "O1", "O2", "O3"):
+        if self.opt not in OPT_LEVELS:
             raise UserError(f"opt must be O0..O3, got {self.opt!r}")
         for name in ("max_num_sequence", "max_total_seq_length", "prefill_chunk_size",
                      "context_window_size", "threads", "max_tokens"):

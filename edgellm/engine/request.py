@@ -1,11 +1,14 @@
-"""A request, its sampling parameters, and the sequences (one per choice) it generates."""
+"""A request as the engine core sees it: token ids in, token ids out.
+
+Text (detokenization, stop strings) belongs to the frontend (`edgellm.api`); the core knows a
+request's prompt ids, its sampling parameters, the token ids that stop it, and the compiled grammar
+that constrains it.
+"""
 
 from __future__ import annotations
 
 import enum
-import itertools
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,12 +27,11 @@ class SamplingParams:
     logit_bias: dict[int, float] = field(default_factory=dict)
     seed: int | None = None
     max_tokens: int | None = None
-    stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: bool = False
     top_logprobs: int = 0
-    grammar: Any = None  # compiled grammar (response_format), or None
+    grammar: Any = None  # compiled grammar with .matcher() (edgellm.api.grammar), or None
 
     @property
     def greedy(self) -> bool:
@@ -48,17 +50,13 @@ class Status(enum.Enum):
 
 
 @dataclass
-class TokenOutput:
-    """What one choice produced in one step."""
+class SeqOutput:
+    """What one choice produced in one step (token ids; the frontend turns them into text)."""
 
     index: int
     token_ids: list[int]
-    text: str
     logprobs: list[dict] | None = None  # per token: {"token_id", "logprob", "top": [(id, lp), ...]}
     finish_reason: str | None = None
-
-
-_ids = itertools.count()
 
 
 class Sequence:
@@ -66,7 +64,6 @@ class Sequence:
 
     def __init__(self, request: Request, index: int, prompt_ids: list[int]):
         self.request, self.index = request, index
-        self.seq_id = next(_ids)
         self.prompt_ids = list(prompt_ids)
         self.output_ids: list[int] = []
         self.status = Status.WAITING
@@ -78,14 +75,10 @@ class Sequence:
         seed = request.params.seed
         if seed is not None:
             self.generator = torch.Generator().manual_seed((int(seed) + index) % 2**63)
-        self.decoder = None  # StreamDecoder
-        self.stopper = None  # StopMatcher
-        self.text = ""
-        self.grammar_matcher = None
+        self.grammar_matcher = request.params.grammar.matcher() if request.params.grammar is not None else None
         self.t_prefill_start: float | None = None
         self.t_first_token: float | None = None
         self.t_last_token: float | None = None
-        self.token_times: list[float] = []
 
     @property
     def params(self) -> SamplingParams:
@@ -106,18 +99,22 @@ class Sequence:
 
 
 class Request:
-    """A chat or text completion with n choices; outputs go to `sink` as they are produced."""
+    """A completion with n choices. `consumer` is the frontend's: the engine loop hands it the outputs."""
 
-    def __init__(self, request_id: str, prompt_ids: list[int], params: SamplingParams, n: int,
-                 sink: Callable[[Request, list[TokenOutput]], None], stop_ids: set[int] | None = None):
+    def __init__(self, request_id: str, prompt_ids: list[int], params: SamplingParams, n: int = 1,
+                 stop_ids: set[int] | None = None, consumer: Any = None):
         self.request_id, self.params, self.n = request_id, params, n
         self.prompt_ids = prompt_ids
-        self.sink = sink
-        self.stop_ids = stop_ids or set()
+        self.stop_ids = stop_ids or set()  # the model's end-of-turn ids (ignored with ignore_eos)
+        self.consumer = consumer
         self.arrival = time.perf_counter()
         self.sequences = [Sequence(self, i, prompt_ids) for i in range(n)]
         self.cancelled = False
         self.error: BaseException | None = None
+
+    def is_stop_token(self, tok: int) -> bool:
+        """Whether `tok` ends a choice (it is then not part of the output text)."""
+        return tok in self.params.stop_token_ids or (not self.params.ignore_eos and tok in self.stop_ids)
 
     @property
     def finished(self) -> bool:

@@ -69,6 +69,42 @@ class Scheduler:
         self.waiting.appendleft(seq)
         self.num_preempted += 1
 
+    def update(self, chunks: list[ScheduledChunk]) -> list[tuple[Sequence, int]]:
+        """Record what a step computed; returns (sequence, logits row) for each sequence to sample.
+
+        A chunk that completes its sequence owns the next logits row. The first prefill of a request
+        with n > 1 choices is shared: the other choices fork its KV and sample from the same row.
+        """
+        ready: list[tuple[Sequence, int]] = []
+        row = 0
+        for c in chunks:
+            c.seq.num_computed = c.start + c.length
+            self.pool.set_length(c.seq.slot, c.seq.num_computed)
+            if c.completes:
+                ready.append((c.seq, row))
+                if c.seq.index == 0 and not c.seq.output_ids and c.seq.request.n > 1:
+                    ready.extend((sib, row) for sib in self._fork(c.seq))
+                row += 1
+        return ready
+
+    def _fork(self, seq: Sequence) -> list[Sequence]:
+        siblings = []
+        for sib in seq.request.sequences[1:]:
+            slot = self.pool.fork(seq.slot)
+            if slot is None:  # no memory to share the prefill: compute it again later
+                self.add(sib)
+                continue
+            sib.slot, sib.num_computed = slot, seq.num_computed
+            sib.cached_tokens, sib.t_prefill_start = seq.cached_tokens, seq.t_prefill_start
+            self.add_running(sib)
+            siblings.append(sib)
+        return siblings
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """A choice is done: leave the batch; its KV stays as a prefix cache unless it was aborted."""
+        seq.finish_reason, seq.status = reason, Status.FINISHED
+        self.remove(seq, keep_for_reuse=reason != "abort")
+
     def remove(self, seq: Sequence, keep_for_reuse: bool) -> None:
         if seq in self.running:
             self.running.remove(seq)

@@ -66,6 +66,7 @@ class Block(nn.Module):
 
 class Model(LlamaModel):
     block = Block
+    native_decoder = None  # sandwich norms and soft-capping: no native decode step (yet)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         x = self.model.embed_tokens(ids)

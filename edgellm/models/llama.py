@@ -118,6 +118,12 @@ class Model(nn.Module):
         """The untied output layer (a family may quantize it differently)."""
         return make_lm_head(cfg.hidden_size, cfg.vocab_size, mode, dtype)
 
+    def native_decoder(self, pool):
+        """The decode step as one native call over all layers, or None where it does not apply."""
+        from edgellm.models.fused_decode import FusedDecoder
+
+        return FusedDecoder.build(self, pool)
+
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.model.embed_tokens(ids)
 

@@ -3,6 +3,7 @@
 A family module provides: `parse_config(hf: dict) -> ArchConfig`, `Model(cfg, mode,
 max_positions, dtype)`, `HF_FUSED` (our fused tensor -> its HF parts), `hf_rename(name)`
 (HF name -> ours or None) and `DISK_NAMES` (our names -> MLC-LLM's on-disk names).
+A family's Model may offer `native_decoder(pool)`: its decode step as one native call (engine O2).
 """
 
 from __future__ import annotations
@@ -43,3 +44,8 @@ def normalize_model_type(model_type: str | None) -> str:
 def get_family(model_type: str | None) -> ModuleType:
     """The family module for `model_type`, or a UserError naming the supported ones."""
     return importlib.import_module(MODEL_FAMILIES[normalize_model_type(model_type)])
+
+
+def native_decode_families() -> list[str]:
+    """The families whose Model offers a native decode step (the engine's O2 fused path)."""
+    return [mt for mt in MODEL_FAMILIES if getattr(get_family(mt).Model, "native_decoder", None) is not None]

@@ -13,7 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from edgellm.engine.protocol import ChatCompletionRequest, CompletionRequest
+from edgellm.api.protocol import ChatCompletionRequest, CompletionRequest
 from edgellm.errors import BadRequestError, EngineTerminatedError, UserError
 from edgellm.serve.metrics import render_prometheus
 
@@ -107,10 +107,8 @@ def create_app(engine, api_key: str | None = None, model_aliases: tuple[str, ...
         bad = check_model(body.model)
         if bad is not None:
             return bad
-        kwargs = body.model_dump(exclude_unset=True, by_alias=True)
-        api = engine.chat.completions if kind == "chat" else engine.completions
         try:
-            result = await api.create(**kwargs)
+            result = await engine.run_request(kind, body)
         except BadRequestError as e:
             return error_response(400, str(e), param=e.param, code=e.code)
         except EngineTerminatedError as e:

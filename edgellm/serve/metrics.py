@@ -16,8 +16,8 @@ COUNTERS = {
 GAUGES = {
     "requests_running": "Sequences being generated",
     "requests_waiting": "Sequences waiting for a slot",
-    "kv_cache_blocks_used": "KV-cache blocks (16 tokens) in use, prefix cache included",
-    "kv_cache_blocks_free": "KV-cache blocks (16 tokens) free within the budget",
+    "kv_cache_tokens_active": "Positions held in the KV cache by running sequences",
+    "kv_cache_tokens_free": "Positions that still fit the KV-cache budget",
     "kv_cache_bytes_used": "KV-cache bytes allocated",
     "kv_cache_bytes_budget": "KV-cache byte budget",
     "kv_cache_sequences": "Sequences holding KV cache",

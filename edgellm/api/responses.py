@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from edgellm.engine import protocol as P
-from edgellm.engine.request import Request, TokenOutput
+from edgellm.api import protocol as P
+from edgellm.api.processor import TokenOutput
+from edgellm.engine.request import Request
 
 
 class ChoiceState:

@@ -7,10 +7,9 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from edgellm.engine.engine import EngineBase
+from edgellm.api.engine import EngineBase
+from edgellm.api.responses import ResponseBuilder
 from edgellm.engine.request import Request
-from edgellm.engine.responses import ResponseBuilder
-from edgellm.errors import EngineTerminatedError
 
 
 class _AsyncCompletions:
@@ -42,25 +41,30 @@ class AsyncEngine(EngineBase):
     async def __aexit__(self, *exc) -> None:
         self.terminate()
 
-    async def _create(self, kind: str, kwargs: dict[str, Any]):
+    async def run_request(self, kind: str, request):
+        """A parsed request (the server's `ChatCompletionRequest` / `CompletionRequest`, validated once):
+        the completion, or an async iterator of chunks when it streams. `kind` is "chat" or "text"."""
+        return await self._create(kind, request)
+
+    async def _create(self, kind: str, request):
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
 
-        def sink(_req: Request, outs) -> None:
+        def sink(outs) -> None:
             loop.call_soon_threadsafe(q.put_nowait, outs)
 
         # Tokenizing and template rendering are CPU work: keep them off the event loop.
-        req, builder, r = await asyncio.to_thread(self._build, kind, kwargs, sink)
-        self.core.add(req)
+        req, builder, r = await asyncio.to_thread(self._build, kind, request, sink)
+        self.loop.add(req)
         if r.stream:
             return self._stream(req, builder, q)
         try:
             while not builder.done:
                 builder.add(await q.get())
         except asyncio.CancelledError:
-            self.core.abort(req.request_id)
+            self.loop.abort(req.request_id)
             raise
-        self._check(req)
+        self._raise_if_failed(req)
         return builder.final(req)
 
     async def _stream(self, req: Request, builder: ResponseBuilder, q: asyncio.Queue) -> AsyncIterator:
@@ -70,18 +74,12 @@ class AsyncEngine(EngineBase):
             while not builder.done:
                 for chunk in builder.chunks(await q.get()):
                     yield chunk
-            self._check(req)
+            self._raise_if_failed(req)
             if builder.include_usage:
                 yield builder.usage_chunk(req)
         finally:
             if not builder.done:
-                self.core.abort(req.request_id)  # client went away: free its KV cache now
+                self.loop.abort(req.request_id)  # client went away: free its KV cache now
 
     def abort(self, request_id: str) -> None:
-        self.core.abort(request_id)
-
-    def _check(self, req: Request) -> None:
-        if req.error is not None:
-            raise RuntimeError(f"generation failed: {req.error}") from req.error
-        if req.cancelled and self.terminated:
-            raise EngineTerminatedError()
+        self.loop.abort(request_id)

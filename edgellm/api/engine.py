@@ -1,0 +1,159 @@
+"""`Engine`: the OpenAI-style Python API over the engine loop (thread-safe, blocking calls)."""
+
+from __future__ import annotations
+
+import queue
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from edgellm.api.frontend import Frontend
+from edgellm.api.responses import ResponseBuilder
+from edgellm.config import load_chat_config
+from edgellm.engine.build import build_engine, pick_device
+from edgellm.engine.loop import EngineLoop
+from edgellm.engine.options import EngineOptions, make_options
+from edgellm.engine.request import Request
+from edgellm.errors import EngineTerminatedError, UserError
+from edgellm.prepare import prepare_model
+
+__all__ = ["Engine", "EngineBase", "pick_device"]
+
+
+def _get(q: queue.SimpleQueue):
+    """q.get() that a Ctrl-C can interrupt promptly."""
+    while True:
+        try:
+            return q.get(timeout=0.2)
+        except queue.Empty:
+            continue
+
+
+class EngineBase:
+    """Prepares the model, builds the engine core and its loop, and the frontend that feeds them."""
+
+    def __init__(self, model: str | Path | None, model_lib: str | Path | None = None, device: str = "auto",
+                 *, mode: str = "local", engine_config: dict | None = None, **options: Any):
+        self.options: EngineOptions = make_options({**(engine_config or {}), "mode": mode, **options})
+        if model_lib is not None and self.options.kv_cache_dtype != "auto":
+            raise UserError(f"kv_cache_dtype={self.options.kv_cache_dtype} applies to the eager engine; a compiled "
+                            "model library keeps its own KV cache (drop the option or the --model-lib)")
+        self.model_dir = prepare_model(model)  # the public convenience path: a GGUF or HF dir is converted once
+        self.model_id = Path(self.model_dir).name
+        self.model_lib = model_lib
+        self.device = pick_device(device)
+        self.config = load_chat_config(Path(self.model_dir))
+        self.core = build_engine(self.model_dir, self.options, self.device, model_lib, config=self.config)
+        self.context_window = self.core.context_window
+        self.frontend = Frontend(Path(self.model_dir), self.config, self.context_window, self.options)
+        self.loop = EngineLoop(self.core)
+        self.terminated = False
+
+    # What tests and tools look at; the core owns them.
+    @property
+    def runner(self):
+        return self.core.runner
+
+    @property
+    def pool(self):
+        return self.core.pool
+
+    @property
+    def tokenizer(self):
+        return self.frontend.tokenizer
+
+    def chat_prompt(self, messages: list[dict[str, Any]]) -> list[int]:
+        """Token ids of a conversation rendered with the model's template."""
+        return self.frontend.chat_prompt(messages)
+
+    def _build(self, kind: str, request, sink) -> tuple[Request, ResponseBuilder, Any]:
+        if self.terminated:
+            raise EngineTerminatedError()
+        return self.frontend.build(kind, request, sink, self.model_id)
+
+    # ---- lifecycle ---------------------------------------------------------------------------
+    def metrics(self) -> dict:
+        """Engine metrics: request and token counters, latency histograms, KV-cache use."""
+        return self.core.metrics.snapshot(self.core.gauges())
+
+    def reset(self) -> None:
+        """Drop every cached conversation prefix."""
+        if self.terminated:
+            raise EngineTerminatedError()
+        self.loop.call(self.core.pool.clear_prefix_cache)
+
+    def terminate(self) -> None:
+        """Stop the engine; later requests raise an error."""
+        if not self.terminated:
+            self.terminated = True
+            self.loop.shutdown()
+
+    def __del__(self) -> None:
+        if getattr(self, "terminated", True) is False:
+            self.terminate()
+
+    def _raise_if_failed(self, req: Request) -> None:
+        if req.error is not None:
+            raise RuntimeError(f"generation failed: {req.error}") from req.error
+        if req.cancelled and self.terminated:
+            raise EngineTerminatedError()
+
+
+class _SyncCompletions:
+    def __init__(self, engine: Engine, kind: str):
+        self.engine, self.kind = engine, kind
+
+    def create(self, **kwargs: Any):
+        """A completion (non-streaming) or an iterator of chunks (stream=True)."""
+        return self.engine._create(self.kind, kwargs)
+
+
+class _Chat:
+    def __init__(self, engine: Engine):
+        self.completions = _SyncCompletions(engine, "chat")
+
+
+class Engine(EngineBase):
+    """Blocking, thread-safe engine: `engine.chat.completions.create(...)` like OpenAI's client.
+
+    Calls from several threads run concurrently (continuously batched).
+    """
+
+    def __init__(self, model: str | Path | None = None, model_lib: str | Path | None = None,
+                 device: str = "auto", **kwargs: Any):
+        super().__init__(model, model_lib, device, **kwargs)
+        self.chat = _Chat(self)
+        self.completions = _SyncCompletions(self, "text")
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.terminate()
+
+    def _create(self, kind: str, request):
+        q: queue.SimpleQueue = queue.SimpleQueue()
+        req, builder, r = self._build(kind, request, q.put)
+        self.loop.add(req)
+        if r.stream:
+            return self._stream(req, builder, q)
+        try:
+            while not builder.done:
+                builder.add(_get(q))
+        except BaseException:  # Ctrl-C: free the request's KV cache
+            self.loop.abort(req.request_id)
+            raise
+        self._raise_if_failed(req)
+        return builder.final(req)
+
+    def _stream(self, req: Request, builder: ResponseBuilder, q: queue.SimpleQueue) -> Iterator:
+        try:
+            yield from builder.first_chunks()
+            while not builder.done:
+                yield from builder.chunks(_get(q))
+            self._raise_if_failed(req)
+            if builder.include_usage:
+                yield builder.usage_chunk(req)
+        finally:
+            if not builder.done:
+                self.loop.abort(req.request_id)  # the consumer stopped early

@@ -1,0 +1,122 @@
+"""Turn one OpenAI-style request into an engine request: validate once, render, tokenize, check.
+
+`Frontend.build` takes a parsed request (the server's pydantic object) or keyword arguments (the
+Python API), and returns the engine `Request` with an `OutputProcessor` as its consumer, plus the
+`ResponseBuilder` that assembles what the caller sees.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from edgellm.api import protocol as P
+from edgellm.api.processor import OutputProcessor
+from edgellm.api.responses import ResponseBuilder
+from edgellm.config import ChatConfig
+from edgellm.engine.options import EngineOptions
+from edgellm.engine.request import Request, SamplingParams
+from edgellm.errors import BadRequestError, ContextWindowError
+from edgellm.tokenizer.conversation import Conversation, load_template, render
+from edgellm.tokenizer.tokenizer import Tokenizer
+
+
+class Frontend:
+    """Everything a request needs to know about the model's text side: tokenizer, template, stops."""
+
+    def __init__(self, model_dir: Path, config: ChatConfig, context_window: int, options: EngineOptions):
+        self.config, self.context_window, self.options = config, context_window, options
+        self.tokenizer = Tokenizer.from_dir(model_dir)
+        self.conv: Conversation | None = None
+        if config.conv_template != "auto":
+            self.conv = load_template(config.conv_template)
+        self.stop_ids = set(config.eos_ids)
+        if self.conv is not None:
+            self.stop_ids |= set(self.conv.stop_token_ids)
+        if self.tokenizer.eos_token_id is not None:
+            self.stop_ids.add(self.tokenizer.eos_token_id)
+        self._grammar = None  # GrammarCompiler, built on the first response_format
+
+    # ---- pieces ---------------------------------------------------------------------------------
+    def sampling_params(self, r: P.SamplingFields, logprobs: bool, top_logprobs: int) -> SamplingParams:
+        cfg = self.config
+        vocab = cfg.vocab_size
+        for tok in list(r.logit_bias or {}) + list(r.stop_token_ids or []):
+            if tok >= vocab:
+                raise BadRequestError(f"token id {tok} is outside the vocabulary (size {vocab})",
+                                      param="logit_bias" if tok in (r.logit_bias or {}) else "stop_token_ids")
+        return SamplingParams(
+            temperature=cfg.temperature if r.temperature is None else r.temperature,
+            top_p=cfg.top_p if r.top_p is None else r.top_p,
+            top_k=r.top_k or 0,
+            min_p=r.min_p or 0.0,
+            frequency_penalty=cfg.frequency_penalty if r.frequency_penalty is None else r.frequency_penalty,
+            presence_penalty=cfg.presence_penalty if r.presence_penalty is None else r.presence_penalty,
+            repetition_penalty=cfg.repetition_penalty if r.repetition_penalty is None else r.repetition_penalty,
+            logit_bias=dict(r.logit_bias or {}),
+            seed=r.seed if r.seed is not None else self.options.seed,
+            max_tokens=r.max_tokens or self.options.max_tokens,
+            stop_token_ids=list(r.stop_token_ids or []), ignore_eos=r.ignore_eos,
+            logprobs=logprobs, top_logprobs=top_logprobs or 0,
+        )
+
+    def stop_strings(self, r: P.SamplingFields) -> list[str]:
+        stops = list(r.stop or [])
+        if self.conv is not None:
+            stops += [s for s in self.conv.stop_str if s not in stops]
+        return stops
+
+    def chat_prompt(self, messages: list[dict[str, Any]]) -> list[int]:
+        """Token ids of a conversation rendered with the model's template."""
+        if self.conv is not None:
+            return self.tokenizer.encode_prompt(render(self.conv, messages))
+        return self.tokenizer.encode(self.tokenizer.apply_chat_template(messages))
+
+    def grammar(self, response_format: P.ResponseFormat):
+        if self._grammar is None:
+            from edgellm.api.grammar import GrammarCompiler
+
+            self._grammar = GrammarCompiler(self.tokenizer, self.config.vocab_size, self.stop_ids)
+        return self._grammar.compile(response_format)
+
+    # ---- a whole request -------------------------------------------------------------------------
+    def parse(self, kind: str, request: P.SamplingFields | dict[str, Any]) -> P.SamplingFields:
+        if isinstance(request, P.SamplingFields):
+            return request  # already validated (the server's body)
+        return P.parse_request(P.ChatCompletionRequest if kind == "chat" else P.CompletionRequest, request)
+
+    def build(self, kind: str, request: P.SamplingFields | dict[str, Any], sink,
+              model_id: str) -> tuple[Request, ResponseBuilder, P.SamplingFields]:
+        """(engine request whose outputs go to `sink(list[TokenOutput])`, response builder, parsed request)."""
+        r = self.parse(kind, request)
+        if kind == "chat":
+            messages = [{"role": m.role, "content": m.text()} for m in r.messages]
+            prompt = self.chat_prompt(messages)
+            params = self.sampling_params(r, r.logprobs, r.top_logprobs or 0)
+            echo = ""
+        else:
+            if isinstance(r.prompt, str):
+                prompt = self.tokenizer.encode(r.prompt, add_special_tokens=True)
+                echo = r.prompt if r.echo else ""
+            else:
+                prompt = list(r.prompt)
+                bad = [t for t in prompt if t >= self.config.vocab_size]
+                if bad:
+                    raise BadRequestError(f"prompt token id {bad[0]} is outside the vocabulary "
+                                          f"(size {self.config.vocab_size})", param="prompt")
+                echo = self.tokenizer.decode(prompt) if r.echo else ""
+            if not prompt:
+                raise BadRequestError("prompt is empty", param="prompt")
+            params = self.sampling_params(r, r.logprobs is not None, r.logprobs or 0)
+        if len(prompt) >= self.context_window:
+            raise ContextWindowError(len(prompt), self.context_window)
+        if r.response_format is not None and r.response_format.type != "text":
+            params.grammar = self.grammar(r.response_format)
+        processor = OutputProcessor(self.tokenizer, self.stop_strings(r), r.n, sink)
+        req = Request(P.new_id("chatcmpl" if kind == "chat" else "cmpl"), prompt, params, r.n,
+                      stop_ids=self.stop_ids, consumer=processor)
+        include_usage = bool(r.stream and r.stream_options and r.stream_options.include_usage)
+        builder = ResponseBuilder(kind, req.request_id, r.model or model_id, r.n, self.tokenizer,
+                                  echo_text=echo, include_usage=include_usage,
+                                  tokens_as_ids=r.return_tokens_as_token_ids)
+        return req, builder, r

@@ -1,0 +1,56 @@
+"""The output processor: a request's token ids become text, cut at its stop strings.
+
+It runs on the engine loop's thread right after each step (as `Request.consumer`), so a stop string
+ends its choice before the next step; what it produces goes to the caller's `sink` (a queue).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from edgellm.engine.request import Request, SeqOutput
+from edgellm.tokenizer.streamer import StopMatcher, StreamDecoder
+
+
+@dataclass
+class TokenOutput:
+    """What one choice produced in one step, as text."""
+
+    index: int
+    token_ids: list[int]
+    text: str
+    logprobs: list[dict] | None = None  # per token: {"token_id", "logprob", "top": [(id, lp), ...]}
+    finish_reason: str | None = None
+
+
+class OutputProcessor:
+    def __init__(self, tokenizer, stop: list[str], n: int, sink: Callable[[list[TokenOutput]], None]):
+        self.decoders = [StreamDecoder(tokenizer) for _ in range(n)]
+        self.stoppers = [StopMatcher(stop) for _ in range(n)]
+        self.sink = sink
+
+    def __call__(self, req: Request, outs: list[SeqOutput]) -> list[int]:
+        """Text for a step's outputs, handed to the sink; returns the choices a stop string ended."""
+        stops: list[int] = []
+        texts: list[TokenOutput] = []
+        for o in outs:
+            decoder, stopper = self.decoders[o.index], self.stoppers[o.index]
+            finish, text = o.finish_reason, ""
+            for tok in o.token_ids:
+                if finish == "stop" and req.is_stop_token(tok):
+                    continue  # a stop token is not text
+                piece, stopped = stopper.feed(decoder.put(tok))
+                text += piece
+                if stopped:
+                    finish = "stop"
+                    if o.finish_reason is None:
+                        stops.append(o.index)
+                    break
+            if finish not in (None, "abort") and not stopper.stopped:  # release held-back text
+                text += stopper.feed(decoder.flush())[0]
+                if not stopper.stopped:
+                    text += stopper.flush()
+            texts.append(TokenOutput(o.index, o.token_ids, text, o.logprobs, finish))
+        self.sink(texts)
+        return stops

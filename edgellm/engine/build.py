@@ -1,0 +1,71 @@
+"""`build_engine`: the one place that wires a converted model directory into an EngineCore.
+
+model dir -> chat config -> (eager model + KVPool + ModelRunner) or (compiled library + SlotLedger)
+          -> Scheduler -> EngineCore
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from edgellm.config import ChatConfig, load_chat_config
+from edgellm.engine.core import EngineCore
+from edgellm.engine.kv_pool import KVPool, SlotLedger
+from edgellm.engine.options import EngineOptions
+from edgellm.engine.runner import ModelRunner
+from edgellm.engine.sampler import Sampler
+from edgellm.engine.scheduler import Scheduler
+from edgellm.errors import UserError
+from edgellm.models.loader import arch_config, load_model, runtime_context
+from edgellm.quantization.modes import get_mode
+
+
+def pick_device(device: str | None) -> str:
+    """'auto' -> cuda, mps or cpu (what this machine has); otherwise checked."""
+    if device in (None, "auto"):
+        if torch.cuda.is_available():
+            return "cuda"
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return "mps"
+        return "cpu"
+    if device.split(":")[0] not in ("cpu", "cuda", "mps"):
+        raise UserError(f"unknown device {device!r}; choose from auto, cpu, cuda, mps")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("device cuda requested but CUDA is not available")
+    return device
+
+
+def default_kv_budget(context_window: int) -> int:
+    """KV budget in tokens when max_total_seq_length is not given: a few full-length sequences."""
+    return max(context_window, 4 * min(context_window, 4096))
+
+
+def build_engine(model_dir: str | Path, options: EngineOptions, device: str = "cpu",
+                 model_lib: str | Path | None = None, config: ChatConfig | None = None) -> EngineCore:
+    """An EngineCore for a converted model directory (and optionally a compiled model library)."""
+    model_dir = Path(model_dir)
+    if options.threads:  # asked for explicitly; otherwise the process's setting stands
+        torch.set_num_threads(options.threads)
+    cfg = config or load_chat_config(model_dir)
+    arch = arch_config(cfg)
+    ctx = options.context_window_size or runtime_context(cfg, arch)
+    chunk = options.prefill_chunk_size or cfg.prefill_chunk_size or 2048
+    if model_lib is not None:  # the library's runner keeps its own weights and caches
+        from edgellm.compile.runtime import load_library
+
+        ledger = SlotLedger()
+        runner = load_library(model_lib, model_dir, cfg, arch, device, options.num_sequences, ledger)
+        scheduler = Scheduler(ledger, options.num_sequences, chunk, options.reuse_kv)
+        return EngineCore(runner, scheduler, Sampler(), min(ctx, runner.context_window))
+    model, _ = load_model(model_dir, device=device, use_mmap=options.use_mmap, max_positions=ctx,
+                          verify=options.verify_weights)
+    arch = model.cfg
+    windows = [w if options.sliding_window_size is None else options.sliding_window_size for w in arch.windows]
+    budget = options.max_total_seq_length or default_kv_budget(ctx)
+    kv_dtype = options.kv_dtype(get_mode(cfg.quantization).model_dtype)
+    pool = KVPool(arch.num_layers, arch.num_kv_heads, arch.head_dim, windows, budget, kv_dtype, device)
+    runner = ModelRunner(model, pool, device, opt=options.opt)
+    scheduler = Scheduler(pool, options.num_sequences, chunk, options.reuse_kv)
+    return EngineCore(runner, scheduler, Sampler(), ctx, model=model)
