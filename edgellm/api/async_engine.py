@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from edgellm.api.engine import EngineBase
 from edgellm.api.responses import ResponseBuilder
 from edgellm.engine.request import Request
+from edgellm.errors import BadRequestError
+
+PREPARE_TIMEOUT_S = 30.0
 
 
 class _AsyncCompletions:
@@ -32,6 +36,9 @@ class AsyncEngine(EngineBase):
     def __init__(self, model: str | Path | None = None, model_lib: str | Path | None = None,
                  device: str = "auto", **kwargs: Any):
         super().__init__(model, model_lib, device, **kwargs)
+        # Request preparation (template, tokenizer, grammar) runs here, off the event loop and the engine
+        # thread, in a pool of its own so slow requests cannot starve asyncio's default executor.
+        self._prepare = ThreadPoolExecutor(max_workers=2, thread_name_prefix="edgellm-prepare")
         self.chat = _AsyncChat(self)
         self.completions = _AsyncCompletions(self, "text")
 
@@ -40,6 +47,10 @@ class AsyncEngine(EngineBase):
 
     async def __aexit__(self, *exc) -> None:
         self.terminate()
+
+    def terminate(self) -> None:
+        super().terminate()
+        self._prepare.shutdown(wait=False, cancel_futures=True)
 
     async def run_request(self, kind: str, request):
         """A parsed request (the server's `ChatCompletionRequest` / `CompletionRequest`, validated once):
@@ -53,8 +64,12 @@ class AsyncEngine(EngineBase):
         def sink(outs) -> None:
             loop.call_soon_threadsafe(q.put_nowait, outs)
 
-        # Tokenizing and template rendering are CPU work: keep them off the event loop.
-        req, builder, r = await asyncio.to_thread(self._build, kind, request, sink)
+        try:
+            req, builder, r = await asyncio.wait_for(
+                loop.run_in_executor(self._prepare, self._build, kind, request, sink), PREPARE_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            raise BadRequestError(f"preparing the request took longer than {PREPARE_TIMEOUT_S:.0f} s "
+                                  "(template or response_format too large)") from None
         self.loop.add(req)
         if r.stream:
             return self._stream(req, builder, q)

@@ -45,7 +45,10 @@ class EngineBase:
         self.config = load_chat_config(Path(self.model_dir))
         self.core = build_engine(self.model_dir, self.options, self.device, model_lib, config=self.config)
         self.context_window = self.core.context_window
-        self.frontend = Frontend(Path(self.model_dir), self.config, self.context_window, self.options)
+        model = self.core.model
+        self.frontend = Frontend(Path(self.model_dir), self.config, self.context_window, self.options,
+                                 vocab_limit=model.cfg.vocab_size if model is not None else None,
+                                 fits=self.core.pool.fits)
         self.loop = EngineLoop(self.core)
         self.terminated = False
 

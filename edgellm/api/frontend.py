@@ -7,6 +7,7 @@ Python API), and returns the engine `Request` with an `OutputProcessor` as its c
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,12 +21,20 @@ from edgellm.errors import BadRequestError, ContextWindowError
 from edgellm.tokenizer.conversation import Conversation, load_template, render
 from edgellm.tokenizer.tokenizer import Tokenizer
 
+# Stop strings are matched against every streamed delta: bound how many and how long (OpenAI allows 4).
+MAX_STOP_STRINGS = 16
+MAX_STOP_LENGTH = 256
+
 
 class Frontend:
     """Everything a request needs to know about the model's text side: tokenizer, template, stops."""
 
-    def __init__(self, model_dir: Path, config: ChatConfig, context_window: int, options: EngineOptions):
+    def __init__(self, model_dir: Path, config: ChatConfig, context_window: int, options: EngineOptions,
+                 vocab_limit: int | None = None, fits: Callable[[int], bool] = lambda n: True):
         self.config, self.context_window, self.options = config, context_window, options
+        # token ids the model can embed (a config may claim a larger vocabulary than the embedding has)
+        self.vocab_limit = min(config.vocab_size, vocab_limit or config.vocab_size)
+        self.fits = fits  # whether a sequence of n tokens fits the KV budget alone
         self.tokenizer = Tokenizer.from_dir(model_dir)
         self.conv: Conversation | None = None
         if config.conv_template != "auto":
@@ -40,7 +49,7 @@ class Frontend:
     # ---- pieces ---------------------------------------------------------------------------------
     def sampling_params(self, r: P.SamplingFields, logprobs: bool, top_logprobs: int) -> SamplingParams:
         cfg = self.config
-        vocab = cfg.vocab_size
+        vocab = self.vocab_limit
         for tok in list(r.logit_bias or {}) + list(r.stop_token_ids or []):
             if tok >= vocab:
                 raise BadRequestError(f"token id {tok} is outside the vocabulary (size {vocab})",
@@ -62,6 +71,9 @@ class Frontend:
 
     def stop_strings(self, r: P.SamplingFields) -> list[str]:
         stops = list(r.stop or [])
+        if len(stops) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_LENGTH for s in stops):
+            raise BadRequestError(f"stop: at most {MAX_STOP_STRINGS} stop strings of at most {MAX_STOP_LENGTH} "
+                                  "characters each", param="stop")
         if self.conv is not None:
             stops += [s for s in self.conv.stop_str if s not in stops]
         return stops
@@ -92,6 +104,12 @@ class Frontend:
         if kind == "chat":
             messages = [{"role": m.role, "content": m.text()} for m in r.messages]
             prompt = self.chat_prompt(messages)
+            if not prompt:
+                raise BadRequestError("the messages render to an empty prompt", param="messages")
+            bad = [t for t in prompt if t >= self.vocab_limit]
+            if bad:  # a tokenizer larger than the model's embedding
+                raise BadRequestError(f"the prompt has token id {bad[0]}, outside the model's vocabulary "
+                                      f"(size {self.vocab_limit})", param="messages")
             params = self.sampling_params(r, r.logprobs, r.top_logprobs or 0)
             echo = ""
         else:
@@ -100,16 +118,20 @@ class Frontend:
                 echo = r.prompt if r.echo else ""
             else:
                 prompt = list(r.prompt)
-                bad = [t for t in prompt if t >= self.config.vocab_size]
+                bad = [t for t in prompt if t >= self.vocab_limit]
                 if bad:
                     raise BadRequestError(f"prompt token id {bad[0]} is outside the vocabulary "
-                                          f"(size {self.config.vocab_size})", param="prompt")
+                                          f"(size {self.vocab_limit})", param="prompt")
                 echo = self.tokenizer.decode(prompt) if r.echo else ""
             if not prompt:
                 raise BadRequestError("prompt is empty", param="prompt")
             params = self.sampling_params(r, r.logprobs is not None, r.logprobs or 0)
         if len(prompt) >= self.context_window:
             raise ContextWindowError(len(prompt), self.context_window)
+        if not self.fits(len(prompt) + 1):
+            raise BadRequestError(f"prompt has {len(prompt)} tokens but the KV cache budget cannot hold "
+                                  f"{len(prompt) + 1} positions (raise max_total_seq_length)",
+                                  param="messages" if kind == "chat" else "prompt", code="kv_budget_exceeded")
         if r.response_format is not None and r.response_format.type != "text":
             params.grammar = self.grammar(r.response_format)
         processor = OutputProcessor(self.tokenizer, self.stop_strings(r), r.n, sink)

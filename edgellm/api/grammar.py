@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import json
+import threading
+from collections import OrderedDict
 from typing import Any
 
 import torch
 
 from edgellm.errors import BadRequestError, UserError
+
+MAX_SCHEMA_CHARS = 64 * 1024
+GRAMMAR_CACHE_SIZE = 64
 
 
 def _vocab_type(tokenizer) -> Any:
@@ -36,6 +41,8 @@ class GrammarCompiler:
                                  stop_token_ids=sorted(stop_ids) or None)
         self.compiler = xgr.GrammarCompiler(info)
         self.vocab_size = vocab_size
+        self._cache: OrderedDict[str | None, CompiledResponseFormat] = OrderedDict()  # schema text -> grammar
+        self._lock = threading.Lock()
 
     def compile(self, response_format) -> CompiledResponseFormat:
         schema = response_format.json_schema
@@ -43,15 +50,29 @@ class GrammarCompiler:
             schema = schema.get("schema", schema)
         elif response_format.schema_ is not None:
             schema = response_format.schema_
+        text = None if schema is None else schema if isinstance(schema, str) else json.dumps(schema, sort_keys=True)
+        if text is not None and len(text) > MAX_SCHEMA_CHARS:
+            # compile time grows faster than linearly with a schema's size (a 1 MB enum takes minutes)
+            raise BadRequestError(f"response_format: the JSON schema has {len(text)} characters; at most "
+                                  f"{MAX_SCHEMA_CHARS} are accepted", param="response_format")
+        with self._lock:
+            hit = self._cache.get(text)
+            if hit is not None:
+                self._cache.move_to_end(text)
+                return hit
         try:
-            if schema is None:
+            if text is None:
                 compiled = self.compiler.compile_builtin_json_grammar()
             else:
-                text = schema if isinstance(schema, str) else json.dumps(schema)
                 compiled = self.compiler.compile_json_schema(text)
         except Exception as e:  # xgrammar reports bad schemas with its own exception types
             raise BadRequestError(f"invalid JSON schema: {e}", param="response_format") from None
-        return CompiledResponseFormat(compiled, self.vocab_size)
+        result = CompiledResponseFormat(compiled, self.vocab_size)
+        with self._lock:
+            self._cache[text] = result
+            while len(self._cache) > GRAMMAR_CACHE_SIZE:
+                self._cache.popitem(last=False)
+        return result
 
 
 class CompiledResponseFormat:
@@ -84,10 +105,3 @@ class GrammarState:
 
     def is_terminated(self) -> bool:
         return self.matcher.is_terminated()
-
-
-def compile_response_format(engine, response_format) -> CompiledResponseFormat:
-    """Compile a request's response_format with the engine's (lazily built) grammar compiler."""
-    if getattr(engine, "_grammar", None) is None:
-        engine._grammar = GrammarCompiler(engine.tokenizer, engine.config.vocab_size, engine.stop_ids)
-    return engine._grammar.compile(response_format)

@@ -11,8 +11,11 @@ directly.
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
+
+import torch
 
 from edgellm.engine.kv_pool import KVPool
 from edgellm.engine.metrics import EngineMetrics
@@ -20,6 +23,7 @@ from edgellm.engine.request import Request, SeqOutput, Sequence, Status
 from edgellm.engine.sampler import Sampler
 from edgellm.engine.scheduler import Scheduler
 
+log = logging.getLogger("edgellm.engine")
 StepOutputs = list[tuple[Request, list[SeqOutput]]]
 
 
@@ -48,26 +52,52 @@ class EngineCore:
     def step(self) -> StepOutputs:
         """One forward pass over the scheduled batch; the token each ready sequence sampled."""
         chunks = self.scheduler.schedule()
-        if not chunks:
-            return []
-        now = time.perf_counter()
-        for c in chunks:
-            if c.seq.t_prefill_start is None:
-                c.seq.t_prefill_start = now
-        logits = self.runner.step(chunks)
-        self.metrics.inc("steps_total")
-        self.metrics.inc("prefill_tokens_total", sum(c.length for c in chunks if c.length > 1))
-        ready = self.scheduler.update(chunks)
-        if not ready:
-            return []
-        seqs = [s for s, _ in ready]
-        tokens, infos = self.sampler(logits[[r for _, r in ready]], seqs)
-        t = time.perf_counter()
         outputs: dict[int, tuple[Request, list[SeqOutput]]] = {}
-        for seq, tok, info in zip(seqs, tokens, infos):
-            out = self._append(seq, tok, info, t)
-            outputs.setdefault(id(seq.request), (seq.request, []))[1].append(out)
+
+        def emit(req: Request, outs: list[SeqOutput]) -> None:
+            outputs.setdefault(id(req), (req, []))[1].extend(outs)
+
+        for seq in self.scheduler.out_of_memory:  # reached the KV budget: finished with "length"
+            self._finished(seq.request, "length")
+            emit(seq.request, [SeqOutput(seq.index, [], None, "length")])
+        if chunks:
+            now = time.perf_counter()
+            for c in chunks:
+                if c.seq.t_prefill_start is None:
+                    c.seq.t_prefill_start = now
+            chunks, logits = self._run(chunks, emit)
+        if chunks:
+            self.metrics.inc("steps_total")
+            self.metrics.inc("prefill_tokens_total", sum(c.length for c in chunks if c.length > 1))
+            ready = self.scheduler.update(chunks)
+            if ready:
+                seqs = [s for s, _ in ready]
+                tokens, infos = self.sampler(logits[[r for _, r in ready]], seqs)
+                t = time.perf_counter()
+                for seq, tok, info in zip(seqs, tokens, infos):
+                    emit(seq.request, [self._append(seq, tok, info, t)])
         return list(outputs.values())
+
+    def _run(self, chunks: list, emit) -> tuple[list, torch.Tensor | None]:
+        """The runner's step; if it fails, each request's chunks run alone so only the failing ones fail."""
+        try:
+            return chunks, self.runner.step(chunks)
+        except Exception as e:
+            requests = list(dict.fromkeys(c.seq.request for c in chunks))
+            if len(requests) == 1:
+                emit(requests[0], self.abort(requests[0], error=e))
+                return [], None
+        log.warning("a batched step failed; running its %d requests one by one", len(requests))
+        kept, rows = [], []
+        for req in requests:
+            own = [c for c in chunks if c.seq.request is req]
+            try:
+                rows.append(self.runner.step(own))
+                kept += own
+            except Exception as e:
+                log.warning("request %s failed: %s", req.request_id, e)
+                emit(req, self.abort(req, error=e))
+        return kept, (torch.cat(rows) if rows else None)
 
     def _append(self, seq: Sequence, tok: int, info: dict | None, t: float) -> SeqOutput:
         req, p = seq.request, seq.request.params
@@ -100,7 +130,9 @@ class EngineCore:
         if seq.status is Status.FINISHED:
             return
         self.scheduler.finish(seq, reason)
-        req = seq.request
+        self._finished(seq.request, reason)
+
+    def _finished(self, req: Request, reason: str) -> None:
         if req.finished and self.requests.pop(req.request_id, None) is not None and reason != "abort":
             self.metrics.inc("requests_finished")
             self.metrics.observe("e2e", time.perf_counter() - req.arrival)

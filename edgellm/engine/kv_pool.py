@@ -86,6 +86,16 @@ class KVPool:
         self.prefix_cache: OrderedDict[int, SeqKV] = OrderedDict()
         self._next_slot = 0
 
+    def fits(self, tokens: int) -> bool:
+        """Whether one sequence of `tokens` positions fits the budget when alone (windowed layers hold
+        about a window, whatever the length)."""
+        elem = torch.empty(0, dtype=self.dtype).element_size()
+        caps = 0
+        for window in self.windows:
+            need = tokens if window is None else min(tokens, window + GROW)
+            caps += -(-need // GROW) * GROW
+        return caps * 2 * self.kv_heads * self.row * elem <= self.budget_bytes
+
     # ---- allocation ---------------------------------------------------------------------
     def new_slot(self) -> int:
         slot = self._next_slot
@@ -283,6 +293,9 @@ class SlotLedger:
         self._next_slot += 1
         self.seqs[slot] = _Entry()
         return slot
+
+    def fits(self, tokens: int) -> bool:
+        return True  # the library's states are as long as its context window
 
     def reserve(self, slot: int, start: int, end: int) -> bool:
         self.seqs[slot].length = start

@@ -87,8 +87,7 @@ class EngineLoop:
                     self._deliver(req, self.core.abort(req, error=e))
                 continue
             for req, outs in results:
-                if not req.cancelled:
-                    self._deliver(req, outs)
+                self._deliver(req, outs)
         with self._lock:
             self._closed = True
         self._drain()  # requests queued while stopping are aborted, calls answered

@@ -3,7 +3,9 @@
 Every step runs one forward pass over a flattened batch: one token for each decoding sequence
 plus prompt chunks of prefilling sequences, up to `prefill_chunk_size` prompt tokens. New
 requests join between steps while fewer than `max_num_sequence` run. If the KV budget runs
-out, the most recently admitted sequence is preempted (its KV freed; it is recomputed later).
+out, the most recently admitted sequence is preempted (its KV freed; it is recomputed later). A
+sequence that cannot grow even alone has reached the budget: it finishes with "length" (the frontend
+refuses prompts that could never fit), so nothing spins in preemption.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preempted = 0
+        self.out_of_memory: list[Sequence] = []  # finished by the budget since the last schedule()
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -119,6 +122,7 @@ class Scheduler:
     def schedule(self) -> list[ScheduledChunk]:
         """The next step's chunks; decodes first (cheap), then prompt chunks within the budget."""
         self._admit()
+        self.out_of_memory = []
         budget = self.prefill_chunk_size
         chunks: list[ScheduledChunk] = []
         ordered = sorted(self.running, key=lambda s: s.remaining > 1)  # decodes first, stable
@@ -133,6 +137,10 @@ class Scheduler:
                 budget -= n
             start = seq.num_computed
             while not self.pool.reserve(seq.slot, start, start + n):
+                if self.running == [seq]:  # alone and still over the budget: it can never grow
+                    self.finish(seq, "length")
+                    self.out_of_memory.append(seq)
+                    break
                 victim = self.running[-1]
                 self.preempt(victim)
                 chunks = [c for c in chunks if c.seq is not victim]

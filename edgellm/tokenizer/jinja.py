@@ -7,6 +7,7 @@ chat_template.jinja file next to it.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from functools import lru_cache
@@ -72,9 +73,55 @@ class _Namespace(jinja2.utils.Namespace):
             raise jinja2.exceptions.SecurityError(f"chat templates cannot set the attribute {name!r}")
 
 
+# A template renders per request: bound its work so a hostile or broken one cannot hold a worker.
+MAX_RENDER_SECONDS = 5.0
+MAX_RANGE_ITEMS = 100_000  # over all range() calls of one render
+MAX_OUTPUT_CHARS = 16 * 1024 * 1024
+
+
+class _Budget:
+    """One render's allowance of loop items and time (reached through the render's variables)."""
+
+    def __init__(self) -> None:
+        self._deadline = time.monotonic() + MAX_RENDER_SECONDS
+        self._items = 0
+
+    def _spend(self, items: int = 0) -> None:
+        self._items += items
+        if self._items > MAX_RANGE_ITEMS:
+            raise jinja2.exceptions.SecurityError(f"loops over more than {MAX_RANGE_ITEMS} items")
+        if time.monotonic() > self._deadline:
+            raise jinja2.exceptions.SecurityError(f"rendering took longer than {MAX_RENDER_SECONDS:.0f} s")
+
+    def _range(self, *args: int) -> range:
+        r = range(*args)
+        self._spend(len(r))
+        return r
+
+
+class _BoundedEnvironment(ImmutableSandboxedEnvironment):
+    intercepted_binops = frozenset(["*", "**"])
+
+    def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 (jinja's signature)
+        budget = __context.get("__budget")
+        if isinstance(budget, _Budget):
+            budget._spend()
+        return super().call(__context, __obj, *args, **kwargs)
+
+    def call_binop(self, context, operator, left, right):
+        if operator == "**" and isinstance(right, (int, float)) and abs(right) > 64:
+            raise jinja2.exceptions.SecurityError("exponent too large")
+        if operator == "*":
+            n = right if isinstance(left, (str, list, tuple)) else left
+            seq = left if isinstance(left, (str, list, tuple)) else right
+            if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and len(seq) * n > MAX_OUTPUT_CHARS:
+                raise jinja2.exceptions.SecurityError("repetition too large")
+        return super().call_binop(context, operator, left, right)
+
+
 @lru_cache(maxsize=16)
 def _compile(source: str) -> jinja2.Template:
-    env = ImmutableSandboxedEnvironment(
+    env = _BoundedEnvironment(
         trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, jinja2.ext.loopcontrols]
     )
     env.filters["tojson"] = _tojson
@@ -167,15 +214,25 @@ def render_chat_template(
     if eos_token is not None:
         variables["eos_token"] = eos_token
     variables.update(_plain(kwargs))
+    budget = _Budget()
     try:
-        return template.template.render(
+        pieces, size = [], 0
+        for piece in template.template.generate(
             messages=_check_messages(messages),
             tools=_plain(tools),
             documents=None,
             add_generation_prompt=add_generation_prompt,
+            range=budget._range,
+            __budget=budget,
             **variables,
-        )
+        ):
+            size += len(piece)
+            if size > MAX_OUTPUT_CHARS:
+                raise jinja2.exceptions.SecurityError(f"the output exceeds {MAX_OUTPUT_CHARS} characters")
+            budget._spend()
+            pieces.append(piece)
+        return "".join(pieces)
     except jinja2.exceptions.SecurityError as e:
-        raise UserError(f"the model's chat template did something unsafe: {e}") from e
+        raise BadRequestError(f"the model's chat template did something unsafe: {e}", param="messages") from e
     except (jinja2.exceptions.TemplateError, TypeError) as e:
         raise BadRequestError(f"the chat template rejected the messages: {e}", param="messages") from e
