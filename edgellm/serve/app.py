@@ -16,6 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from edgellm.api.protocol import ChatCompletionRequest, CompletionRequest
 from edgellm.errors import BadRequestError, EngineTerminatedError, UserError
 from edgellm.serve.metrics import render_prometheus
+from edgellm.serve.ui import mount_ui
 
 log = logging.getLogger("edgellm.serve")
 MAX_BODY_BYTES = 4 * 1024 * 1024
@@ -63,8 +64,8 @@ class _TooLarge(Exception):
 
 
 def create_app(engine, api_key: str | None = None, model_aliases: tuple[str, ...] = (),
-               max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
-    """A FastAPI app serving `engine` (an AsyncEngine)."""
+               max_body_bytes: int = MAX_BODY_BYTES, ui: bool = True) -> FastAPI:
+    """A FastAPI app serving `engine` (an AsyncEngine), and the browser chat page at `/` unless `ui` is false."""
     app = FastAPI(title="edgellm", version=_version(), description="OpenAI-compatible API served by edgellm")
     names = {engine.model_id, *model_aliases}
 
@@ -161,6 +162,8 @@ def create_app(engine, api_key: str | None = None, model_aliases: tuple[str, ...
         return app.openapi_schema
 
     app.openapi = openapi
+    if ui:
+        mount_ui(app)
     app.add_middleware(BodyLimit, limit=max_body_bytes)
     return app
 
