@@ -241,3 +241,27 @@ def test_reload_keeps_conversation_and_new_clears_it(driver, server):
     assert [t.text for t in titles] == ["Hello! Who are you?"]
     titles[0].click()
     assert driver.find_element(By.ID, "messages").text == before
+
+
+def test_markdown_renderer(driver, server):
+    open_page(driver, server)
+    source = ("# Title\n\nSome *em*, **strong**, `x < y`, ~~gone~~ and snake_case_name.\nSecond line.\n\n"
+              "- a\n- b\n  - nested\n\n1. one\n2. two\n\n> quoted\n\n| h1 | h2 |\n|---|:-:|\n| c1 | c2 |\n\n---\n"
+              "```py\nprint(1 < 2)\n```\n\n```js\nlet streaming = true")  # the last fence is still open
+    out = driver.execute_script("""
+        const probe = document.createElement('div');
+        probe.append(window.edgellm.renderMarkdown(arguments[0]));
+        const all = (sel) => [...probe.querySelectorAll(sel)].map((n) => n.textContent);
+        return {h: all('h3'), em: all('em'), strong: all('strong'), code: all('p code'), del: all('del'),
+                p: all('p'), br: probe.querySelectorAll('p br').length, ul: all(':scope > ul > li'),
+                nested: all('ul > li > ul > li'), ol: all('ol > li'), quote: all('blockquote'), th: all('th'),
+                td: all('td'), hr: probe.querySelectorAll('hr').length, pre: all('pre code'),
+                langs: [...probe.querySelectorAll('pre code')].map((n) => n.dataset.lang)};""", source)
+    assert out["h"] == ["Title"]
+    assert out["em"] == ["em"] and out["strong"] == ["strong"] and out["del"] == ["gone"]
+    assert out["code"] == ["x < y"]
+    assert "snake_case_name" in out["p"][0] and out["br"] == 1  # no italics inside words; line break kept
+    assert out["ul"] == ["a", "bnested"] and out["nested"] == ["nested"]
+    assert out["ol"] == ["one", "two"] and out["quote"] == ["quoted"]
+    assert out["th"] == ["h1", "h2"] and out["td"] == ["c1", "c2"] and out["hr"] == 1
+    assert out["pre"] == ["print(1 < 2)", "let streaming = true"] and out["langs"] == ["py", "js"]

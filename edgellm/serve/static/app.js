@@ -413,6 +413,9 @@ function init() {
   });
   $("toggle-sidebar").addEventListener("click", () => document.body.classList.toggle("sidebar-open"));
   $("scrim").addEventListener("click", () => document.body.classList.remove("sidebar-open"));
+  document.addEventListener("keydown", (e) => {
+    if (e.key === "Escape") document.body.classList.remove("sidebar-open");
+  });
   $("open-settings").addEventListener("click", openSettings);
   $("settings-form").addEventListener("submit", saveSettings);  // method=dialog: the dialog closes itself
   $("settings-cancel").addEventListener("click", () => $("settings").close("cancel"));
