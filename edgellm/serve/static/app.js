@@ -232,7 +232,11 @@ function requestBody(conv) {
   const messages = [];
   if (s.system.trim()) messages.push({ role: "system", content: s.system });
   for (const m of conv.messages) {
-    if (m.pending || (m.role === "assistant" && !m.content)) continue;
+    if (m.pending) continue;
+    if (m.role === "assistant" && !m.content) {  // failed or stopped before any text: drop the turn
+      if (messages.at(-1)?.role === "user") messages.pop();
+      continue;
+    }
     messages.push({ role: m.role, content: m.content });
   }
   const body = { messages, stream: true, stream_options: { include_usage: true } };
