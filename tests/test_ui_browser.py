@@ -42,6 +42,10 @@ def server(smollm2_q4):
 
 @pytest.fixture(scope="module")
 def driver():
+    for path in (CHROMIUM, CHROMEDRIVER):
+        if not path.is_file():
+            pytest.fail(f"{path} is missing (CI is set, so the browser tests must run): "
+                        "apt-get install -y chromium chromium-driver")
     opts = webdriver.ChromeOptions()
     opts.binary_location = str(CHROMIUM)
     with tempfile.TemporaryDirectory(prefix="edgellm-chromium-") as profile:
@@ -205,6 +209,8 @@ def test_api_key_is_asked_for(driver, server):
     open_page(driver, server, key=None)
     dialog = driver.find_element(By.ID, "key-dialog")
     WebDriverWait(driver, 10).until(lambda d: dialog.is_displayed())
+    ARTIFACTS.mkdir(exist_ok=True)
+    driver.save_screenshot(str(ARTIFACTS / "api-key.png"))
     key = driver.find_element(By.ID, "key-input")
     key.send_keys("wrong", Keys.ENTER)  # refused: asked again, saying so
     WebDriverWait(driver, 10).until(lambda d: d.find_element(By.ID, "key-error").is_displayed())
@@ -265,3 +271,20 @@ def test_markdown_renderer(driver, server):
     assert out["ol"] == ["one", "two"] and out["quote"] == ["quoted"]
     assert out["th"] == ["h1", "h2"] and out["td"] == ["c1", "c2"] and out["hr"] == 1
     assert out["pre"] == ["print(1 < 2)", "let streaming = true"] and out["langs"] == ["py", "js"]
+
+
+def test_phone_layout(driver, server):
+    open_page(driver, server)
+    driver.set_window_size(390, 800)
+    try:
+        fits = "return document.documentElement.scrollWidth <= window.innerWidth"
+        sidebar_right = "return document.getElementById('sidebar').getBoundingClientRect().right"
+        WebDriverWait(driver, 5).until(lambda d: d.execute_script(sidebar_right) <= 0)  # folded away
+        assert driver.execute_script(fits)
+        driver.find_element(By.ID, "toggle-sidebar").click()
+        WebDriverWait(driver, 5).until(lambda d: d.execute_script(sidebar_right) > 200)
+        driver.find_element(By.ID, "prompt").send_keys(Keys.ESCAPE)
+        WebDriverWait(driver, 5).until(lambda d: d.execute_script(sidebar_right) <= 0)
+        assert driver.find_element(By.ID, "send").is_displayed() and driver.execute_script(fits)
+    finally:
+        driver.set_window_size(1100, 760)
