@@ -19,8 +19,8 @@ KV_KINDS = {torch.float32: 0, torch.float16: 1, torch.int8: 2}  # cache element 
 class FusedDecoder:
     """The decode step of a Llama-shaped model as one native call (see edgellm_kernels.cpp).
 
-    Covers llama.Block models (llama, mistral, qwen2, qwen3) with float32, float16 or int8 KV caches whose
-    linears are repacked quantized layers or float32 nn.Linear; `build` returns None otherwise.
+    Covers llama.Block models (llama, mistral, qwen2, qwen3, phi3, internlm2) with float32, float16 or int8
+    KV caches whose linears are repacked quantized layers or float32 nn.Linear; `build` returns None otherwise.
     Embedding, final norm and logits stay the model's own modules.
     """
 
@@ -49,14 +49,15 @@ class FusedDecoder:
         self._scratch_key = (0, 0, 0)
 
     @classmethod
-    def build(cls, model: nn.Module, pool) -> FusedDecoder | None:
-        from edgellm.models import llama
+    def build(cls, model: nn.Module, pool, block: type, attention: type, mlp: type) -> FusedDecoder | None:
+        """The fused step for `model` if every layer is exactly a `block` of `attention` and `mlp` (the
+        classes the native code implements); None otherwise."""
         from edgellm.models.base import RMSNorm
         from edgellm.quantization import kernels as K
         from edgellm.quantization.layers import QuantLinear
 
         lib = K.library()
-        if lib is None or not isinstance(model, llama.Model) or pool.dtype not in KV_KINDS:
+        if lib is None or pool.dtype not in KV_KINDS:
             return None
         cfg = model.cfg
         if (cfg.attn_softcap is not None or cfg.rot_dim % 2 or cfg.rot_dim > 512 or cfg.head_dim > 512
@@ -81,8 +82,8 @@ class FusedDecoder:
         layers = (K.ELayer * cfg.num_layers)()
         windows = []
         for i, blk in enumerate(model.model.layers):
-            if (type(blk) is not llama.Block or type(blk.self_attn) is not llama.Attention
-                    or type(blk.mlp) is not llama.MLP or blk.mlp.act is not torch.nn.functional.silu):
+            if (type(blk) is not block or type(blk.self_attn) is not attention
+                    or type(blk.mlp) is not mlp or blk.mlp.act is not torch.nn.functional.silu):
                 return None
             at = blk.self_attn
             parts = [linear(at.qkv_proj), linear(at.o_proj), linear(blk.mlp.gate_up_proj), linear(blk.mlp.down_proj)]

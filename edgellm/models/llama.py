@@ -122,7 +122,7 @@ class Model(nn.Module):
         """The decode step as one native call over all layers, or None where it does not apply."""
         from edgellm.models.fused_decode import FusedDecoder
 
-        return FusedDecoder.build(self, pool)
+        return FusedDecoder.build(self, pool, Block, Attention, MLP)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.model.embed_tokens(ids)
