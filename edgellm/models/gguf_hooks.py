@@ -175,14 +175,26 @@ def _llama3_scaling(meta: GGUFMeta, factors: np.ndarray, dim: int, theta: float,
     inv_wavelen = inv / (2 * math.pi)
     mid = (factors > 1 + 1e-4) & (factors < factor * (1 - 1e-4))
     fitted = None
-    if mid.sum() >= 2:
+    ones, full = np.isclose(factors, 1.0, rtol=1e-4), np.isclose(factors, factor, rtol=1e-4)
+    wavelen = 1 / inv_wavelen
+    if mid.sum() == 0 and (ones | full).all() and full.any():
+        # No divisor in the smooth band (few rotary dims): any band between the last wavelength
+        # kept and the first one divided gives these frequencies; take its middle.
+        short = wavelen[ones].max() if ones.any() else wavelen.min() / 2
+        edge = np.sqrt(short * wavelen[full].min())
+        low, high = orig_ctx / (edge * 1.05), orig_ctx / (edge / 1.05)
+        if high > low:
+            fitted = {"rope_type": "llama3", "factor": float(f"{factor:.6g}"), "low_freq_factor": low,
+                      "high_freq_factor": high, "original_max_position_embeddings": orig_ctx}
+    elif mid.sum() >= 2:
         smooth = (1 / factors[mid] - 1 / factor) / (1 - 1 / factor)
         slope, intercept = np.polyfit(inv_wavelen[mid], smooth, 1)
         low = float(f"{-intercept * orig_ctx / slope:.6g}")
         high = float(f"{low + orig_ctx / slope:.6g}")
         fitted = {"rope_type": "llama3", "factor": float(f"{factor:.6g}"), "low_freq_factor": low,
                   "high_freq_factor": high, "original_max_position_embeddings": orig_ctx}
-        wavelen = 1 / inv_wavelen
+    if fitted is not None:
+        low, high = fitted["low_freq_factor"], fitted["high_freq_factor"]
         smooth_all = (orig_ctx / wavelen - low) / (high - low)
         expect = np.where(wavelen < orig_ctx / high, 1.0,
                           np.where(wavelen > orig_ctx / low, factor, 1 / ((1 - smooth_all) / factor + smooth_all)))

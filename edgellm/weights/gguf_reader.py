@@ -115,7 +115,8 @@ class GGUFSource:
                 got[gguf_name] = tensor
                 if len(got) < len(parts):
                     continue
-                tensor = self.family.gguf_join(hf_name, [waiting.pop(hf_name)[p] for p in parts], self.hf_config)
+                got = waiting.pop(hf_name)
+                tensor = self.family.gguf_join(hf_name, [got[p] for p in parts], self.hf_config)
             if hf_name not in emitted:
                 emitted.add(hf_name)
                 yield hf_name, tensor
