@@ -9,7 +9,6 @@ import subprocess
 import sys
 
 import gguf
-import numpy as np
 import pytest
 import torch
 import transformers as tf
@@ -17,6 +16,8 @@ from tokenizers import Tokenizer
 
 from edgellm.errors import UserError
 from edgellm.gen_config import gen_config
+from edgellm.models.mapping import HFMapper
+from edgellm.models.registry import get_family
 from edgellm.quantization.modes import get_mode
 from edgellm.quantization.pack import dequantize
 from edgellm.weights.convert import convert_weight
@@ -79,6 +80,19 @@ def build(name: str, tmp_path):
     return model, save_hf(model, tmp_path / "hf")
 
 
+def dequantized(model_dir, mode) -> dict[str, torch.Tensor]:
+    """A converted directory's weights as float32 (exactly (q - offset) * scale for quantized ones)."""
+    expected, records = {}, dict(read_tensors(model_dir))
+    for name, t in records.items():
+        if name.endswith(".q_weight"):
+            base = name[: -len(".q_weight")]
+            k = t.shape[1] * (mode.elems_per_word if mode.kind == "group" else 1)
+            expected[base + ".weight"] = dequantize(t, records[base + ".q_scale"], mode, k)
+        elif not name.endswith(".q_scale"):
+            expected[name] = t.float()
+    return expected
+
+
 def from_gguf(path, out):
     convert_weight(path, "q0f32", out, progress=False)
     gen_config(path, "q0f32", "chatml", out)
@@ -129,20 +143,31 @@ def test_quantized_export_is_exact(tiny_hf, tmp_path, quantization, gguf_type, k
 
     back = tmp_path / "back"
     convert_weight(path, "q0f32", back, progress=False)
-    mode = get_mode(quantization)
-    expected, records = {}, dict(read_tensors(ours))
-    for name, t in records.items():
-        if name.endswith(".q_weight"):
-            base = name[: -len(".q_weight")]
-            scale = records[base + ".q_scale"]
-            k = t.shape[1] * (mode.elems_per_word if mode.kind == "group" else 1)
-            expected[base + ".weight"] = dequantize(t, scale, mode, k)
-        elif not name.endswith(".q_scale"):
-            expected[name] = t.float()
+    expected = dequantized(ours, get_mode(quantization))
     got = dict(read_tensors(back))
     assert set(got) == set(expected)
     for name, t in got.items():
         assert torch.equal(t, expected[name]), name
+
+
+def test_mlc_written_directory_exports_like_ours(tmp_path):
+    # A q4f16_1 directory written the way MLC-LLM writes it (tests/test_mlc_dir.py: its names,
+    # ndarray-cache.json, unaligned records) exports the same GGUF tensors as our own conversion.
+    from tests.test_mlc_dir import write_mlc_dir
+    from tests.test_quantization import tiny_llama
+
+    model, hf_dir = tiny_llama(tmp_path, "h64", vocab_size=385, rope_theta=50000.0)
+    hf = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
+    mlc = tmp_path / "mlc"
+    write_mlc_dir(mlc, hf, json.loads((hf_dir / "config.json").read_text()), "q4f16_1", hf_dir)
+    ours = convert(hf_dir, tmp_path / "ours", "q4f16_1")
+    export_gguf(mlc, tmp_path / "mlc.gguf", "q4_0")
+    export_gguf(ours, tmp_path / "ours.gguf", "q4_0")
+    a, b = ({t.name: t for t in gguf.GGUFReader(tmp_path / f"{n}.gguf").tensors} for n in ("mlc", "ours"))
+    assert set(a) == set(b) and len(a) == 3 + 9 * 2  # MLC writes them in another order
+    assert {a[n].tensor_type.name for n in a} == {"F32", "Q4_0"}
+    for name, x in a.items():
+        assert x.tensor_type == b[name].tensor_type and bytes(x.data) == bytes(b[name].data), name
 
 
 def test_q4_1_export_bound(tiny_model_q4, tmp_path):
@@ -205,25 +230,34 @@ def test_gemma2_query_scale_llama_cpp_cannot_state(tmp_path):
         export_gguf(ours, tmp_path / "g.gguf", "f32")
 
 
-@pytest.mark.slow
-def test_smollm2_q4_0_in_llama_cpp(smollm2_q4, tmp_path):
-    llama_cpp = pytest.importorskip("llama_cpp")
-    path = tmp_path / "smollm2-q4_0.gguf"
+@pytest.fixture(scope="module")
+def smollm2_q4_0(smollm2_q4, tmp_path_factory):
+    path = tmp_path_factory.mktemp("smollm2_gguf") / "smollm2-q4_0.gguf"
     summary = export_gguf(smollm2_q4, path, "q4_0")
-    assert summary["types"]["Q4_0"] > 200
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=512, n_threads=2, verbose=False, seed=0)
+    assert summary["types"] == {"Q4_0": 211, "F32": 61}  # 30 layers x 7 linears + embedding; norms
+    return path
+
+
+@pytest.mark.slow
+def test_smollm2_q4_0_in_llama_cpp(smollm2_q4_0):
+    llama_cpp = pytest.importorskip("llama_cpp")
+    llm = llama_cpp.Llama(model_path=str(smollm2_q4_0), n_ctx=512, n_threads=2, verbose=False, seed=0)
     reply = llm.create_chat_completion(messages=[{"role": "user", "content": "What is the capital of France?"}],
                                        max_tokens=24, temperature=0.0)
     assert "Paris" in reply["choices"][0]["message"]["content"]
 
 
 @pytest.mark.slow
-def test_smollm2_q4_0_read_back_by_edgellm(smollm2_q4, tmp_path):
-    # Without llama.cpp at hand: the exported file, converted back, gives the same greedy tokens.
-    path = tmp_path / "smollm2-q4_0.gguf"
-    export_gguf(smollm2_q4, path, "q4_0")
-    back = tmp_path / "back"
-    convert_weight(path, "q4f16_1", back, progress=False)
-    gen_config(path, "q4f16_1", "auto", back)
-    ids = torch.tensor(np.arange(100, 140))
-    assert greedy(back, ids, 8) == greedy(smollm2_q4, ids, 8)
+def test_smollm2_q4_0_weights_read_back_bit_identical(smollm2_q4, smollm2_q4_0):
+    # Every weight of the real model, read back from the export (q/k rows un-permuted, q/k/v and
+    # gate/up fused again), equals the dequantized q4f16_1 weight bit for bit.
+    src = GGUFSource(smollm2_q4_0)
+    family = get_family(src.hf_config["model_type"])
+    mapper = HFMapper(family, family.parse_config(src.hf_config))
+    expected = dequantized(smollm2_q4, get_mode("q4f16_1"))
+    seen = set()
+    for hf_name, tensor in src.iter_tensors():
+        for name, t in mapper.feed(hf_name, tensor):
+            assert torch.equal(t, expected[name]), name
+            seen.add(name)
+    assert seen == set(expected)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,8 +93,17 @@ class _Ours:
         return dequantize(qw, qs, self.mode, self.shape[1], torch.float32).numpy()
 
     def codes_scales(self, rows: torch.Tensor | None) -> tuple[np.ndarray, np.ndarray]:
+        """(codes uint8 / int8 [N, K], scales float32 [N, groups])."""
         qw, qs = (self.q_weight, self.q_scale) if rows is None else (self.q_weight[rows], self.q_scale[rows])
-        return unpack(qw, self.mode).numpy(), qs.float().numpy()
+        if self.mode.kind == "int8":
+            return qw.numpy(), qs.float().numpy()
+        if self.mode.bits == 4 and sys.byteorder == "little":
+            # Each byte of the little-endian words holds two codes, the low nibble first.
+            b = qw.contiguous().numpy().view(np.uint8)
+            codes = np.empty((b.shape[0], b.shape[1] * 2), np.uint8)
+            codes[:, 0::2], codes[:, 1::2] = b & 15, b >> 4
+            return codes, qs.float().numpy()
+        return unpack(qw, self.mode).numpy().astype(np.uint8), qs.float().numpy()
 
 
 def _blocks(head: list[np.ndarray], qs: np.ndarray) -> np.ndarray:
@@ -119,13 +129,13 @@ def _encode(t: _Ours, piece: _Piece) -> np.ndarray:
         n, g = scales.shape
         codes = codes.reshape(n, g, _BLOCK)
         if _q8_exact(t.mode):
-            return _blocks([scales], codes.astype(np.int8).view(np.uint8))
+            return _blocks([scales], codes.view(np.uint8))
         if q == QT.Q4_0:  # w = (q - 7) * s = ((q + 1) - 8) * d with d = s
-            return _blocks([scales], _nibbles((codes + 1).astype(np.uint8)))
+            return _blocks([scales], _nibbles(codes + np.uint8(1)))
         if q == QT.Q8_0:  # w = (q - 7) * s
-            return _blocks([scales], (codes - 7).astype(np.int8).view(np.uint8))
+            return _blocks([scales], (codes.astype(np.int8) - np.int8(7)).view(np.uint8))
         # Q4_1: w = q * d + m with d = s, m = -7 s (m rounded to fp16)
-        return _blocks([scales, -7.0 * scales], _nibbles(codes.astype(np.uint8)))
+        return _blocks([scales, -7.0 * scales], _nibbles(codes))
     return gguf.quants.quantize(np.ascontiguousarray(t.floats(rows), dtype=np.float32), q)
 
 
@@ -280,6 +290,8 @@ def _stream(model_dir: Path, family, mode: QuantMode, want: dict):
                 got[suffix] = t
                 if len(got) == 2:
                     del pending[base]
+                    if base not in want:  # a tied model's spare lm_head copy
+                        break
                     yield base, _Ours(base, want[base][0], mode, q_weight=got[".q_weight"], q_scale=got[".q_scale"])
                 break
         else:
