@@ -186,17 +186,23 @@ def test_q4_1_export_bound(tiny_model_q4, tmp_path):
     assert ((got - want).abs() <= ulp / 2 + 1e-12).all()
 
 
-def test_cli_export_and_errors(tiny_model, tmp_path):
+def test_cli_export_and_errors(tiny_model, tmp_path, capsys):
+    from edgellm.cli.main import main
+
     path = tmp_path / "tiny.gguf"
     run = [sys.executable, "-m", "edgellm", "export-gguf", str(tiny_model), "-o", str(path), "--type", "q8_0"]
     done = subprocess.run(run, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "Wrote" in done.stdout and path.stat().st_size > 0
-    bad = subprocess.run([*run[:-1], "q5_k", "--force"], capture_output=True, text=True, timeout=300)
-    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0  # one line, no traceback
-    assert "'q5_k' is not supported (supported: q4_0, q4_1, q8_0, f16, f32)" in bad.stderr
-    with pytest.raises(UserError, match="already exists; choose another name or pass --force"):
-        export_gguf(tiny_model, path, "q8_0")
+    for argv, message in (
+        (["export_gguf", str(tiny_model), "-o", str(path), "--type", "q5_k", "--force"],
+         "error: GGUF type 'q5_k' is not supported (supported: q4_0, q4_1, q8_0, f16, f32)"),
+        (["export-gguf", str(tiny_model), "-o", str(path)], "already exists; choose another name or pass --force"),
+    ):
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and err.strip().count("\n") == 0 and message in err  # one line
 
 
 def test_refusals(tiny_model, tmp_path):
