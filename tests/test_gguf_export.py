@@ -267,3 +267,47 @@ def test_smollm2_q4_0_weights_read_back_bit_identical(smollm2_q4, smollm2_q4_0):
             assert torch.equal(t, expected[name]), name
             seen.add(name)
     assert seen == set(expected)
+
+
+def test_sentencepiece_style_tokenizer_exports_as_llama_vocab(tmp_path):
+    # A SentencePiece BPE vocabulary as tokenizer.json (byte fallback, "▁" spaces) exports as
+    # llama.cpp's "llama" model with merge ranks as scores; rebuilt from the GGUF keys it still
+    # encodes like sentencepiece itself.
+    import io
+    import random
+
+    from edgellm.config import ChatConfig
+    from edgellm.weights.gguf_tokenizer import build_tokenizer
+    from edgellm.weights.gguf_vocab import tokenizer_metadata
+    from tests.test_gguf_reader import _spm_vocab
+
+    spm = pytest.importorskip("sentencepiece")
+    rng = random.Random(0)
+    words = "the quick brown fox jumps over lazy dog hello world model python code return value class".split()
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter([" ".join(rng.choice(words) for _ in range(12)) for _ in range(300)]),
+        model_writer=model, vocab_size=400, model_type="bpe", byte_fallback=True, unk_id=0, bos_id=1,
+        eos_id=2, normalization_rule_name="identity", remove_extra_whitespaces=False, minloglevel=2)
+    sp = spm.SentencePieceProcessor(model_proto=model.getvalue())
+
+    class Meta(dict):  # collects what _spm_vocab writes, as a GGUF reader would return it
+        def __getattr__(self, name):
+            key = {"add_tokenizer_model": "model", "add_token_list": "tokens", "add_token_scores": "scores",
+                   "add_token_types": "token_type", "add_unk_token_id": "unknown_token_id",
+                   "add_bos_token_id": "bos_token_id", "add_eos_token_id": "eos_token_id"}[name]
+            return lambda value: self.__setitem__(f"tokenizer.ggml.{key}", value)
+
+    first = Meta()
+    _spm_vocab(first, sp)
+    tokenizer_json, config = build_tokenizer(dict(first), "spm.gguf")
+    (tmp_path / "tokenizer.json").write_text(tokenizer_json)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    cfg = ChatConfig(model_type="llama", quantization="q0f32", model_config={}, vocab_size=400)
+    meta = tokenizer_metadata(tmp_path, cfg, 400)
+    assert meta["tokenizer.ggml.model"] == "llama" and meta["tokenizer.ggml.add_space_prefix"] is True
+    assert meta["tokenizer.ggml.token_type"][3:259] == [6] * 256  # <0x00>..<0xFF> are byte tokens
+    rebuilt = Tokenizer.from_str(build_tokenizer(meta, "export.gguf")[0])
+    for text in ["hello world", "the lazy fox", "  two  spaces", "中文 and émoji 😀", "helloworld", "Hello World",
+                 "return value;\n\tclass Foo", "quick.brown,fox!"]:
+        assert rebuilt.encode(text).ids == [1, *sp.encode(text)], text
