@@ -225,7 +225,7 @@ def export_gguf(model_dir: str | os.PathLike, output: str | os.PathLike, gguf_ty
                 if qtype not in (QT.F32, QT.F16) and rshape[1] % _BLOCK:
                     qtype = QT.F16
             out.append(_Piece(f"{gguf_base}.{suffix}", name, rows, rshape, qtype))
-        if output_required and gguf_base == gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.TOKEN_EMBD]:
+        if output_required and targets[0][0] == gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.TOKEN_EMBD]:
             out.append(_Piece(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.OUTPUT] + ".weight", name, None, shape,
                               out[0].qtype))
         pieces[name] = out
