@@ -311,3 +311,20 @@ def test_sentencepiece_style_tokenizer_exports_as_llama_vocab(tmp_path):
     for text in ["hello world", "the lazy fox", "  two  spaces", "中文 and émoji 😀", "helloworld", "Hello World",
                  "return value;\n\tclass Foo", "quick.brown,fox!"]:
         assert rebuilt.encode(text).ids == [1, *sp.encode(text)], text
+
+
+@pytest.mark.slow
+def test_smollm2_q4_0_tokenizer_and_template_survive(smollm2_q4, smollm2_q4_0, tmp_path):
+    from edgellm.weights.gguf_vocab import PROBES
+
+    src = GGUFSource(smollm2_q4_0)
+    assert src.meta.get("tokenizer.ggml.pre") == "smollm"
+    src.write_tokenizer(tmp_path)
+    source = Tokenizer.from_file(str(smollm2_q4 / "tokenizer.json"))
+    rebuilt = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    for text in [MULTILINGUAL, *PROBES]:
+        assert rebuilt.encode(text).ids == source.encode(text).ids, text
+    before = json.loads((smollm2_q4 / "tokenizer_config.json").read_text())
+    after = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    for key in ("bos_token", "eos_token", "pad_token", "unk_token", "add_bos_token", "chat_template"):
+        assert after.get(key) == before.get(key), key
