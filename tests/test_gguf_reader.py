@@ -149,7 +149,7 @@ def test_tokenizer_splits_digits_like_smollm2(tokenizer_dir):
 
 HIDDEN, HEADS, KV_HEADS, FFN, VOCAB = 256, 4, 2, 512, 32
 HEAD_DIM = HIDDEN // HEADS
-K_QUANTS = (QT.Q2_K, QT.Q3_K, QT.Q4_K, QT.Q5_K, QT.Q6_K)
+K_QUANTS = (QT.Q2_K, QT.Q3_K, QT.Q4_K, QT.Q5_K, QT.Q6_K, QT.IQ4_NL, QT.IQ4_XS)  # gguf-py cannot make these
 
 
 def _permute_like_llama_cpp(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -203,7 +203,8 @@ def _write_tiny(path: Path, arch: str, types: dict[str, QT], extra=None, tokeniz
             # gguf-py cannot make K-quants, so these hold random blocks. Bytes below 0x3c keep
             # every fp16 scale in them finite.
             assert not heads, "the expected layout of a permuted random tensor is not known here"
-            row_bytes = shape[1] // 256 * gguf.GGML_QUANT_SIZES[kind][1]
+            block, size = gguf.GGML_QUANT_SIZES[kind]
+            row_bytes = shape[1] // block * size
             raw = rng.integers(0, 0x3C, (shape[0], row_bytes), np.uint8)
             writer.add_tensor(name, raw, raw_dtype=kind)
             expected_w = gguf.quants.dequantize(raw, kind)
@@ -241,7 +242,8 @@ TYPES = {"token_embd.weight": QT.Q5_0, "blk.0.attn_q.weight": QT.Q4_0, "blk.0.at
          "blk.0.attn_norm.weight": QT.F16, "blk.0.ffn_norm.weight": QT.BF16}
 
 
-@pytest.mark.parametrize(("arch", "output_type"), [("llama", QT.Q4_1), ("qwen2", QT.Q5_1)])
+@pytest.mark.parametrize(("arch", "output_type"), [("llama", QT.Q4_1), ("qwen2", QT.Q5_1), ("llama", QT.IQ4_NL),
+                                                  ("qwen2", QT.IQ4_XS)])
 def test_synthetic_layout_and_types(tmp_path, arch, output_type):
     path = tmp_path / "tiny.gguf"
     expected = _write_tiny(path, arch, {**TYPES, "output.weight": output_type})
@@ -266,7 +268,8 @@ def test_unsupported_tensor_type_is_refused_on_open(tmp_path):
     raw = np.zeros((HIDDEN, HIDDEN // 256 * gguf.GGML_QUANT_SIZES[QT.IQ2_XXS][1]), dtype=np.uint8)
     path = tmp_path / "iq2.gguf"
     _write_tiny(path, "llama", {}, extra={"blk.0.attn_rot_embd.weight": (raw, QT.IQ2_XXS)})
-    with pytest.raises(UserError, match=r"blk\.0\.attn_rot_embd\.weight has type IQ2_XXS"):
+    with pytest.raises(UserError, match=r"blk\.0\.attn_rot_embd\.weight has type IQ2_XXS, which edgellm cannot "
+                                        r"read \(supported: BF16, F16, F32, IQ4_NL, IQ4_XS, Q2_K, "):
         GGUFSource(path)
 
 
@@ -287,7 +290,8 @@ def test_unsupported_architecture(tmp_path):
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    with pytest.raises(UserError, match="architecture 'phi2' is not supported"):
+    with pytest.raises(UserError, match=r"architecture 'phi2' is not supported \(supported: llama, qwen2, qwen3, "
+                                        r"phi3, gemma2, internlm2, gptneox\)"):
         GGUFSource(path)
 
 

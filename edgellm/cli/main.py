@@ -18,6 +18,7 @@ COMMANDS = {
     "serve": ("edgellm.cli.serve", "serve a model over an OpenAI-compatible HTTP API"),
     "bench": ("edgellm.cli.bench", "measure prefill and decode tokens/s"),
     "package": ("edgellm.cli.package", "bundle models and libraries for an Android or iOS app"),
+    "export_gguf": ("edgellm.cli.export_gguf", "write a converted model as a GGUF file for llama.cpp / Ollama"),
 }
 
 

@@ -10,14 +10,28 @@ layer (0, 2, ...) slides. The lm_head is always the embedding.
 from __future__ import annotations
 
 import torch
+from gguf import MODEL_TENSOR as T
 from torch import nn
 
+from edgellm.errors import UserError
 from edgellm.models.base import RMSNorm
 from edgellm.models.config import ArchConfig, llama_like, windows_from_layer_types
+from edgellm.models.gguf_hooks import (
+    LLAMA_TABLE,
+    GGUFMeta,
+    K,
+    expand,
+    export_names,
+    llama_like_config,
+    llama_like_metadata,
+    llama_part_rows,
+    tname,
+)
 from edgellm.models.llama import MLP, Attention, hf_rename
 from edgellm.models.llama import Model as LlamaModel
 
-__all__ = ["DISK_NAMES", "HF_FUSED", "Model", "hf_rename", "hf_transform", "parse_config"]
+__all__ = ["DISK_NAMES", "GGUF_ARCH", "HF_FUSED", "Model", "gguf_config", "gguf_export_names", "gguf_metadata",
+           "gguf_tensor_names", "gguf_to_hf", "hf_rename", "hf_transform", "parse_config"]
 
 HF_FUSED = {
     "self_attn.qkv_proj": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
@@ -45,6 +59,65 @@ def parse_config(hf: dict) -> ArchConfig:
 def hf_transform(name: str, tensor: torch.Tensor, arch: ArchConfig) -> torch.Tensor:
     """(1 + w) norms -> plain norms: add 1 in the checkpoint's dtype, as MLC does."""
     return tensor + 1 if name.endswith("norm.weight") else tensor
+
+
+# -- GGUF: llama.cpp's "gemma2" -------------------------------------------------------------------
+# Its norms hold 1 + w, as ours do on disk (its converter adds 1); HF's hold w. The query scale is
+# not stated: llama.cpp uses head_dim ** -0.5, or (hidden / heads) ** -0.5 for the 46-layer 27B, and
+# every even layer slides with `attention.sliding_window`.
+
+GGUF_ARCH = "gemma2"
+GGUF_TABLE = [(g, h) for g, h in LLAMA_TABLE if h not in ("lm_head", "model.layers.{bid}.post_attention_layernorm")] + [
+    (tname(T.ATTN_POST_NORM), "model.layers.{bid}.post_attention_layernorm"),
+    (tname(T.FFN_PRE_NORM), "model.layers.{bid}.pre_feedforward_layernorm"),
+    (tname(T.FFN_POST_NORM), "model.layers.{bid}.post_feedforward_layernorm"),
+]
+
+
+def _gguf_query_scalar(hidden: int, heads: int, head_dim: int, layers: int) -> int:
+    return hidden // heads if layers == 46 else head_dim  # llama.cpp's LLM_TYPE_27B rule
+
+
+def gguf_config(meta: GGUFMeta) -> dict:
+    cfg = llama_like_config(meta, "gemma2", "Gemma2ForCausalLM")
+    hidden, heads, layers = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_hidden_layers"]
+    head_dim = cfg.setdefault("head_dim", hidden // heads)
+    cfg.update({
+        "hidden_act": "gelu_pytorch_tanh", "hidden_activation": "gelu_pytorch_tanh", "tie_word_embeddings": True,
+        "query_pre_attn_scalar": _gguf_query_scalar(hidden, heads, head_dim, layers),
+        "attn_logit_softcapping": meta.get(K.LLM.ATTN_LOGIT_SOFTCAPPING, 50.0),
+        "final_logit_softcapping": meta.get(K.LLM.FINAL_LOGIT_SOFTCAPPING, 30.0),
+        "sliding_window": int(meta.get(K.Attention.SLIDING_WINDOW, 4096)),
+    })
+    return cfg
+
+
+def gguf_tensor_names(hf: dict) -> dict[str, str]:
+    return expand(GGUF_TABLE, hf["num_hidden_layers"])
+
+
+def gguf_to_hf(gguf_name: str, tensor: torch.Tensor, hf: dict) -> torch.Tensor:
+    return tensor - 1 if gguf_name.endswith("norm.weight") else tensor
+
+
+def gguf_metadata(arch: ArchConfig, hf: dict) -> dict:
+    expected = _gguf_query_scalar(arch.hidden_size, arch.num_heads, arch.head_dim, arch.num_layers) ** -0.5
+    if abs(arch.scale - expected) > 1e-6 * expected:
+        raise UserError(f"gemma2 query_pre_attn_scalar {round(arch.scale ** -2, 4)} cannot be stated in GGUF "
+                        f"(llama.cpp uses {round(expected ** -2)} for this model's shape)")
+    window = next((w for w in arch.windows if w), None)
+    pattern = [window if i % 2 == 0 else None for i in range(arch.num_layers)]
+    if window and arch.windows != pattern:
+        raise UserError("gemma2 sliding windows other than every even layer cannot be stated in GGUF")
+    meta = llama_like_metadata(arch)
+    meta.update({K.Attention.SLIDING_WINDOW: int(window or arch.max_position_embeddings),
+                 K.LLM.ATTN_LOGIT_SOFTCAPPING: float(arch.attn_softcap or 0.0),
+                 K.LLM.FINAL_LOGIT_SOFTCAPPING: float(arch.final_softcap or 0.0)})
+    return meta
+
+
+def gguf_export_names(arch: ArchConfig) -> dict:
+    return export_names(GGUF_TABLE, HF_FUSED, arch, llama_part_rows(arch))
 
 
 class Block(nn.Module):

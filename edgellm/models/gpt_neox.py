@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from gguf import MODEL_TENSOR as T
 from torch import nn
 
+from edgellm.errors import UserError
 from edgellm.models.base import ACTIVATIONS, KVCacheLike, RopeCache, Step, apply_rope, select_rows
 from edgellm.models.config import ArchConfig, require
+from edgellm.models.gguf_hooks import GGUFMeta, K, expand, export_names, rope_metadata, special_token_ids, tname
 from edgellm.models.rope import rope_parameters, rope_table
 from edgellm.quantization.layers import make_embedding, make_linear, make_lm_head, tied_logits
 from edgellm.quantization.modes import QuantMode
@@ -70,6 +73,84 @@ def hf_transform(name: str, tensor: torch.Tensor, arch: ArchConfig) -> torch.Ten
         return tensor
     per_head = tensor.reshape(arch.num_heads, 3, arch.head_dim, -1)
     return per_head.transpose(0, 1).reshape(tensor.shape)
+
+
+# -- GGUF: llama.cpp's "gptneox" stores query_key_value as [all q; all k; all v] (its converter
+# regroups HF's per-head layout, as we do), NEOX rope, no permutation.
+
+GGUF_ARCH = "gptneox"
+GGUF_OUTPUT_REQUIRED = True  # llama.cpp's gptneox needs output.weight: a tied model writes a copy
+GGUF_TABLE = [
+    (tname(T.TOKEN_EMBD), "gpt_neox.embed_in"),
+    (tname(T.OUTPUT_NORM), "gpt_neox.final_layer_norm"),
+    (tname(T.OUTPUT), "embed_out"),
+    (tname(T.ATTN_NORM), "gpt_neox.layers.{bid}.input_layernorm"),
+    (tname(T.ATTN_QKV), "gpt_neox.layers.{bid}.attention.query_key_value"),
+    (tname(T.ATTN_OUT), "gpt_neox.layers.{bid}.attention.dense"),
+    (tname(T.FFN_NORM), "gpt_neox.layers.{bid}.post_attention_layernorm"),
+    (tname(T.FFN_UP), "gpt_neox.layers.{bid}.mlp.dense_h_to_4h"),
+    (tname(T.FFN_DOWN), "gpt_neox.layers.{bid}.mlp.dense_4h_to_h"),
+]
+
+
+def gguf_config(meta: GGUFMeta) -> dict:
+    hidden = int(meta.required(K.LLM.EMBEDDING_LENGTH))
+    heads = int(meta.single(K.Attention.HEAD_COUNT))
+    embd = meta.shapes.get(tname(T.TOKEN_EMBD) + ".weight")
+    if embd is None:
+        raise UserError(f"{meta.path}: no token_embd.weight tensor")
+    rope_dim = int(meta.get(K.Rope.DIMENSION_COUNT, hidden // heads))
+    theta = meta.get(K.Rope.FREQ_BASE, 10000.0)
+    cfg = {
+        "model_type": "gpt_neox", "architectures": ["GPTNeoXForCausalLM"],
+        "hidden_size": hidden, "num_attention_heads": heads,
+        "num_hidden_layers": int(meta.required(K.LLM.BLOCK_COUNT)),
+        "intermediate_size": int(meta.get(K.LLM.FEED_FORWARD_LENGTH, 4 * hidden)),
+        "vocab_size": int(embd[0]),
+        "layer_norm_eps": meta.get(K.Attention.LAYERNORM_EPS, 1e-5),
+        "rotary_pct": rope_dim / (hidden // heads), "rotary_emb_base": theta, "rope_theta": theta,
+        "use_parallel_residual": bool(meta.get(K.LLM.USE_PARALLEL_RESIDUAL, True)),
+        "max_position_embeddings": int(meta.get(K.LLM.CONTEXT_LENGTH, 2048)),
+        "tie_word_embeddings": not meta.has(tname(T.OUTPUT) + ".weight"),
+        "attention_bias": meta.has("blk.0.attn_qkv.bias"),
+        "hidden_act": "gelu", "torch_dtype": "float32",
+    }
+    cfg.update(special_token_ids(meta))
+    return cfg
+
+
+def gguf_tensor_names(hf: dict) -> dict[str, str]:
+    return expand(GGUF_TABLE, hf["num_hidden_layers"])
+
+
+def gguf_to_hf(gguf_name: str, tensor: torch.Tensor, hf: dict) -> torch.Tensor:
+    """attn_qkv rows [(q, k, v), H, D] -> HF's [H, (q, k, v), D]."""
+    if ".attn_qkv." not in gguf_name:
+        return tensor
+    heads = hf["num_attention_heads"]
+    return tensor.reshape(3, heads, -1, *tensor.shape[1:]).transpose(0, 1).reshape(tensor.shape)
+
+
+def gguf_metadata(arch: ArchConfig, hf: dict) -> dict:
+    meta = {
+        K.LLM.VOCAB_SIZE: arch.vocab_size,
+        K.LLM.CONTEXT_LENGTH: arch.max_position_embeddings,
+        K.LLM.EMBEDDING_LENGTH: arch.hidden_size,
+        K.LLM.BLOCK_COUNT: arch.num_layers,
+        K.LLM.FEED_FORWARD_LENGTH: arch.intermediate_size,
+        K.LLM.USE_PARALLEL_RESIDUAL: bool(arch.extra["use_parallel_residual"]),
+        K.Attention.HEAD_COUNT: arch.num_heads,
+        K.Attention.HEAD_COUNT_KV: arch.num_kv_heads,
+        K.Attention.LAYERNORM_EPS: float(arch.norm_eps),
+        K.Rope.DIMENSION_COUNT: arch.rot_dim,
+        K.Rope.FREQ_BASE: float(arch.rope["rope_theta"]),
+    }
+    meta.update(rope_metadata(arch))
+    return meta
+
+
+def gguf_export_names(arch: ArchConfig) -> dict:
+    return export_names(GGUF_TABLE, HF_FUSED, arch, {})
 
 
 class LayerNorm(nn.LayerNorm):

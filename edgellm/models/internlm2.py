@@ -13,14 +13,25 @@ bug on their side; no released InternLM2 has biases).
 from __future__ import annotations
 
 import torch
+from gguf import MODEL_TENSOR as T
 from torch import nn
 
 from edgellm.models.config import ArchConfig, llama_like
+from edgellm.models.gguf_hooks import (
+    GGUFMeta,
+    expand,
+    llama_like_config,
+    llama_like_metadata,
+    tname,
+    unpermute_llama_qk,
+)
 from edgellm.models.llama import Model as LlamaModel
+from edgellm.models.llama import gguf_export_names
 from edgellm.quantization.layers import make_linear
 from edgellm.quantization.modes import QuantMode
 
-__all__ = ["DISK_NAMES", "HF_FUSED", "Model", "hf_rename", "hf_transform", "parse_config"]
+__all__ = ["DISK_NAMES", "GGUF_ARCH", "HF_FUSED", "Model", "gguf_config", "gguf_export_names", "gguf_join",
+           "gguf_metadata", "gguf_tensor_names", "gguf_to_hf", "hf_rename", "hf_transform", "parse_config"]
 
 HF_FUSED = {"mlp.gate_up_proj": ["mlp.gate_proj", "mlp.up_proj"]}
 # Our names -> MLC's on disk (which are HF's, except the fused gate_up_proj).
@@ -63,6 +74,52 @@ def hf_transform(name: str, tensor: torch.Tensor, arch: ArchConfig) -> torch.Ten
     q, k, v = grouped[:, :g], grouped[:, g], grouped[:, g + 1]
     return torch.cat([q.reshape(-1, grouped.shape[-1]), k.reshape(-1, grouped.shape[-1]),
                       v.reshape(-1, grouped.shape[-1])]).reshape(tensor.shape)
+
+
+# -- GGUF: llama.cpp's "internlm2" splits wqkv into llama's attn_q/k/v (q/k rows permuted as llama's)
+# and renames w1/w3/w2 to ffn_gate/up/down. Reading joins q, k, v back into HF's grouped wqkv; our
+# tensors already have llama's names and layout, so export is llama's.
+
+GGUF_ARCH = "internlm2"
+gguf_to_hf = unpermute_llama_qk
+GGUF_TABLE = [
+    (tname(T.TOKEN_EMBD), "model.tok_embeddings"),
+    (tname(T.OUTPUT_NORM), "model.norm"),
+    (tname(T.OUTPUT), "output"),
+    (tname(T.ATTN_NORM), "model.layers.{bid}.attention_norm"),
+    (tname(T.ATTN_Q), "model.layers.{bid}.attention.wqkv"),
+    (tname(T.ATTN_K), "model.layers.{bid}.attention.wqkv"),
+    (tname(T.ATTN_V), "model.layers.{bid}.attention.wqkv"),
+    (tname(T.ATTN_OUT), "model.layers.{bid}.attention.wo"),
+    (tname(T.FFN_NORM), "model.layers.{bid}.ffn_norm"),
+    (tname(T.FFN_GATE), "model.layers.{bid}.feed_forward.w1"),
+    (tname(T.FFN_UP), "model.layers.{bid}.feed_forward.w3"),
+    (tname(T.FFN_DOWN), "model.layers.{bid}.feed_forward.w2"),
+]
+
+
+def gguf_config(meta: GGUFMeta) -> dict:
+    cfg = llama_like_config(meta, "internlm2", "InternLM2ForCausalLM")
+    cfg["bias"] = cfg.pop("attention_bias")
+    return cfg
+
+
+def gguf_tensor_names(hf: dict) -> dict[str, str]:
+    return expand(GGUF_TABLE, hf["num_hidden_layers"])
+
+
+def gguf_join(hf_name: str, parts: list[torch.Tensor], hf: dict) -> torch.Tensor:
+    """q [H*D, ...], k, v [KVH*D, ...] -> HF's wqkv, grouped per KV head: (its G q heads, k, v)."""
+    q, k, v = parts
+    kvh = hf["num_key_value_heads"]
+    g = hf["num_attention_heads"] // kvh
+    rest = q.shape[1:]
+    groups = [q.reshape(kvh, g, -1, *rest), k.reshape(kvh, 1, -1, *rest), v.reshape(kvh, 1, -1, *rest)]
+    return torch.cat(groups, dim=1).reshape(-1, *rest)
+
+
+def gguf_metadata(arch: ArchConfig, hf: dict) -> dict:
+    return llama_like_metadata(arch)
 
 
 class Model(LlamaModel):

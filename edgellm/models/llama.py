@@ -10,6 +10,17 @@ from torch import nn
 
 from edgellm.models.base import ACTIVATIONS, KVCacheLike, RMSNorm, RopeCache, Step, apply_rope, select_rows
 from edgellm.models.config import ArchConfig, llama_like
+from edgellm.models.gguf_hooks import (
+    LLAMA_TABLE,
+    GGUFMeta,
+    K,
+    expand,
+    export_names,
+    llama_like_config,
+    llama_like_metadata,
+    llama_part_rows,
+    unpermute_llama_qk,
+)
 from edgellm.models.rope import rope_table
 from edgellm.quantization.layers import make_embedding, make_linear, make_lm_head, tied_logits
 from edgellm.quantization.modes import QuantMode
@@ -30,6 +41,37 @@ def parse_config(hf: dict) -> ArchConfig:
 def hf_rename(name: str) -> str | None:
     """HF tensor name -> ours (before fusion); None drops it."""
     return None if "rotary_emb.inv_freq" in name else name
+
+
+# -- GGUF (llama.cpp's "llama" architecture; Mistral files use it too) ---------------------------
+
+GGUF_ARCH = "llama"
+# llama.cpp's converter permutes q/k rows for its GPT-J style rope: undone on read, redone on export.
+gguf_to_hf = unpermute_llama_qk
+
+
+def gguf_config(meta: GGUFMeta) -> dict:
+    """HF config.json from a llama GGUF; a sliding window (Mistral's) makes it a mistral model."""
+    cfg = llama_like_config(meta, "llama", "LlamaForCausalLM")
+    window = meta.get(K.Attention.SLIDING_WINDOW)
+    if window:
+        cfg.update(model_type="mistral", architectures=["MistralForCausalLM"], sliding_window=int(window))
+    return cfg
+
+
+def gguf_tensor_names(hf: dict) -> dict[str, str]:
+    """GGUF tensor base name -> HF base name."""
+    return expand(LLAMA_TABLE, hf["num_hidden_layers"])
+
+
+def gguf_metadata(arch: ArchConfig, hf: dict) -> dict:
+    return llama_like_metadata(arch)
+
+
+def gguf_export_names(arch: ArchConfig) -> dict:
+    """Our tensor base name -> [(GGUF base name, rows of ours)]: q/k/v and gate/up split, q/k permuted."""
+    return export_names(LLAMA_TABLE, HF_FUSED, arch, llama_part_rows(arch),
+                        {"self_attn.q_proj": arch.num_heads, "self_attn.k_proj": arch.num_kv_heads})
 
 
 class Attention(nn.Module):

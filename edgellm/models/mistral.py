@@ -7,9 +7,22 @@ Names and fusions are llama's; MLC's Mistral has no tied variant, but a tied HF 
 from __future__ import annotations
 
 from edgellm.models.config import ArchConfig, llama_like
-from edgellm.models.llama import DISK_NAMES, HF_FUSED, Model, hf_rename
+from edgellm.models.gguf_hooks import K
+from edgellm.models.llama import (
+    DISK_NAMES,
+    GGUF_ARCH,
+    HF_FUSED,
+    Model,
+    gguf_config,
+    gguf_export_names,
+    gguf_tensor_names,
+    gguf_to_hf,
+    hf_rename,
+)
+from edgellm.models.llama import gguf_metadata as llama_gguf_metadata
 
-__all__ = ["DISK_NAMES", "HF_FUSED", "Model", "hf_rename", "parse_config"]
+__all__ = ["DISK_NAMES", "GGUF_ARCH", "HF_FUSED", "Model", "gguf_config", "gguf_export_names", "gguf_metadata",
+           "gguf_tensor_names", "gguf_to_hf", "hf_rename", "parse_config"]
 
 DEFAULT_CONTEXT = 32768  # what Mistral-7B declares; used when an MLC config says -1 (unbounded)
 
@@ -21,3 +34,13 @@ def parse_config(hf: dict) -> ArchConfig:
     if cfg.max_position_embeddings <= 0:  # MLC writes context_window_size -1 with a sliding window
         cfg.max_position_embeddings = DEFAULT_CONTEXT
     return cfg
+
+
+def gguf_metadata(arch: ArchConfig, hf: dict) -> dict:
+    """llama's keys plus the window (llama.cpp's converter writes Mistral as llama; edgellm's reader
+    turns a llama file with a sliding window back into mistral)."""
+    meta = llama_gguf_metadata(arch, hf)
+    window = next((w for w in arch.windows if w), None)
+    if window:
+        meta[K.Attention.SLIDING_WINDOW] = int(window)
+    return meta

@@ -4,6 +4,9 @@ A family module provides: `parse_config(hf: dict) -> ArchConfig`, `Model(cfg, mo
 max_positions, dtype)`, `HF_FUSED` (our fused tensor -> its HF parts), `hf_rename(name)`
 (HF name -> ours or None) and `DISK_NAMES` (our names -> MLC-LLM's on-disk names).
 A family's Model may offer `native_decoder(pool)`: its decode step as one native call (engine O2).
+Its GGUF knowledge (llama.cpp's architecture name, keys and tensor names) sits beside it:
+`GGUF_ARCH`, `gguf_config`, `gguf_tensor_names`, `gguf_metadata`, `gguf_export_names`
+(see models/gguf_hooks.py).
 """
 
 from __future__ import annotations
@@ -49,3 +52,18 @@ def get_family(model_type: str | None) -> ModuleType:
 def native_decode_families() -> list[str]:
     """The families whose Model offers a native decode step (the engine's O2 fused path)."""
     return [mt for mt in MODEL_FAMILIES if getattr(get_family(mt).Model, "native_decoder", None) is not None]
+
+
+def gguf_architectures() -> list[str]:
+    """llama.cpp architecture names edgellm reads and writes, in family order."""
+    return list(dict.fromkeys(importlib.import_module(m).GGUF_ARCH for m in MODEL_FAMILIES.values()))
+
+
+def gguf_family(arch: str | None) -> ModuleType:
+    """The family that reads GGUF files of llama.cpp architecture `arch` (the first that claims it:
+    mistral writes llama files, as llama.cpp's converter does, and llama reads them back)."""
+    for module in MODEL_FAMILIES.values():
+        family = importlib.import_module(module)
+        if family.GGUF_ARCH == arch:
+            return family
+    raise UserError(f"GGUF architecture {arch!r} is not supported (supported: {', '.join(gguf_architectures())})")
