@@ -134,7 +134,7 @@ class Frontend:
                                   param="messages" if kind == "chat" else "prompt", code="kv_budget_exceeded")
         if r.response_format is not None and r.response_format.type != "text":
             params.grammar = self.grammar(r.response_format)
-        processor = OutputProcessor(self.tokenizer, self.stop_strings(r), r.n, sink)
+        processor = OutputProcessor(self.tokenizer, self.stop_strings(r), r.n, sink, buffered=not r.stream)
         req = Request(P.new_id("chatcmpl" if kind == "chat" else "cmpl"), prompt, params, r.n,
                       stop_ids=self.stop_ids, consumer=processor)
         include_usage = bool(r.stream and r.stream_options and r.stream_options.include_usage)

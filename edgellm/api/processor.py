@@ -25,10 +25,16 @@ class TokenOutput:
 
 
 class OutputProcessor:
-    def __init__(self, tokenizer, stop: list[str], n: int, sink: Callable[[list[TokenOutput]], None]):
+    def __init__(self, tokenizer, stop: list[str], n: int, sink: Callable[[list[TokenOutput]], None],
+                 buffered: bool = False):
         self.decoders = [StreamDecoder(tokenizer) for _ in range(n)]
         self.stoppers = [StopMatcher(stop) for _ in range(n)]
         self.sink = sink
+        # A non-streaming caller needs nothing before the end: hand it everything at once instead of waking
+        # its thread (and taking the GIL from the engine) for every token.
+        self.buffered = buffered
+        self._held: list[TokenOutput] = []
+        self._open = n
 
     def __call__(self, req: Request, outs: list[SeqOutput]) -> list[int]:
         """Text for a step's outputs, handed to the sink; returns the choices a stop string ended."""
@@ -52,5 +58,11 @@ class OutputProcessor:
                 if not stopper.stopped:
                     text += stopper.flush()
             texts.append(TokenOutput(o.index, o.token_ids, text, o.logprobs, finish))
+            self._open -= finish is not None
+        if self.buffered:
+            self._held.extend(texts)
+            if self._open > 0:
+                return stops
+            texts, self._held = self._held, []
         self.sink(texts)
         return stops
