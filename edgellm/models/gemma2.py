@@ -144,6 +144,6 @@ class Model(LlamaModel):
     native_decoder = None  # sandwich norms and soft-capping: no native decode step (yet)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        x = self.model.embed_tokens(ids)
+        x = self.embedding(ids)
         # transformers rounds the scale to the activation dtype before multiplying.
         return x * torch.tensor(self.cfg.hidden_size**0.5, dtype=x.dtype, device=x.device)
