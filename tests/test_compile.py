@@ -22,7 +22,7 @@ from edgellm.cli.main import main
 from edgellm.compile.archive import extract_artifact
 from edgellm.compile.executorch_export import PteProgram, run_method
 from edgellm.errors import UserError
-from tests.helpers import convert, save_hf
+from tests.helpers import convert, forward, kv_pool, save_hf
 
 PROMPTS = ["The capital of France is", "def add(a, b):\n    return",
            "Hello! How can I help you today? I am a small language model and"]
@@ -163,23 +163,21 @@ def test_pte_matches_eager_engine(tiny, android_tar, eager_tokens):
     token ever differs, it must be at a step where eager's top-2 margin is within the noise."""
     from edgellm.compile.executorch_export import mobile_model
     from edgellm.compile.static_cache import BufferCacheStep
-    from edgellm.engine.kv_cache import SlotKVCache
-    from edgellm.models.base import Step
     from edgellm.models.loader import load_model
     from edgellm.tokenizer.tokenizer import Tokenizer
 
     model, cfg = load_model(tiny)
-    a, tok = model.cfg, Tokenizer.from_dir(tiny)
+    tok = Tokenizer.from_dir(tiny)
     reference = BufferCacheStep(mobile_model(model)[0], cfg.context_window_size).eval()
     program = extract_artifact(android_tar, tiny / "extracted")
     pte_tokens = engine_tokens(tiny, android_tar)
     for prompt_text, ref, got_tokens in zip(PROMPTS, eager_tokens, pte_tokens):
         ids = tok.encode(prompt_text) + ref  # teacher forcing with eager's continuation
         n = len(ids) - len(ref)
-        cache = SlotKVCache(a.num_layers, 1, cfg.context_window_size, a.num_kv_heads, a.head_dim)
+        pool, slot = kv_pool(model, cfg.context_window_size)
         method = PteProgram(program).new_method()
         with torch.inference_mode():
-            eager = model(torch.tensor(ids), Step.single(0, len(ids)), cache)[n - 1:-1]
+            eager = forward(model, pool, slot, torch.tensor(ids), 0)[n - 1:-1]
             sim = torch.cat([reference(torch.tensor(ids[:i + 1]).view(1, -1), torch.tensor([0]))
                              for i in range(n - 1, len(ids) - 1)])
         got = [run_method(method, torch.tensor(ids[:n]), 0)]

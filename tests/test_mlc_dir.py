@@ -20,11 +20,9 @@ import numpy as np
 import pytest
 import torch
 
-from edgellm.engine.kv_cache import SlotKVCache
-from edgellm.models.base import Step
 from edgellm.models.loader import load_model
 from edgellm.weights.tensor_cache import read_tensors
-from tests.helpers import convert
+from tests.helpers import convert, forward, kv_pool
 
 CAP = 32 * 1024 * 1024
 
@@ -188,10 +186,9 @@ def write_mlc_dir(out: Path, hf: dict[str, np.ndarray], hf_cfg: dict, quantizati
 
 
 def logits_of(model, ctx: int, ids: torch.Tensor) -> torch.Tensor:
-    a = model.cfg
-    cache = SlotKVCache(a.num_layers, 1, ctx, a.num_kv_heads, a.head_dim)
+    pool, slot = kv_pool(model, ctx)
     with torch.inference_mode():
-        return model(ids, Step.single(0, len(ids)), cache)
+        return forward(model, pool, slot, ids, 0)
 
 
 @pytest.fixture(scope="module")
