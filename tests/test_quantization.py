@@ -17,7 +17,7 @@ import pytest
 import torch
 import transformers as tf
 
-from edgellm.quantization.modes import QUANTIZATION_MODES, get_mode
+from edgellm.quantization.modes import get_mode
 from edgellm.quantization.pack import dequantize, quantize, unpack
 from edgellm.weights.tensor_cache import read_tensors
 from tests.helpers import convert, greedy, hf_greedy, run_logits, save_hf
@@ -280,6 +280,44 @@ def test_quantization_actually_changes_weights(tmp_path):
     assert diff.max() <= step / 2 + 1e-6
 
 
-def test_all_modes_listed():
-    assert set(QUANTIZATION_MODES) >= {"q0f32", "q0f16", "q0bf16", "q4f16_1", "q4f32_1", "q4f16_2",
-                                       "q3f16_1", "q8f16_1"}
+# The modes SPEC.md lists. MLC's names say what is stored: q<bits>f<dtype>_<variant> holds codes of
+# <bits> bits (0: none), with scales and every unquantized tensor in <dtype>.
+SPEC_MODES = ["q0f32", "q0f16", "q0bf16", "q4f16_1", "q4f32_1", "q4f16_2", "q3f16_1", "q8f16_1"]
+NAME_DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
+
+
+@pytest.mark.parametrize("name", SPEC_MODES)
+def test_each_mode_stores_what_its_name_says(name):
+    """Every SPEC mode exists and quantizes as its name and SPEC.md's formula say: group modes pack
+    <bits>-bit codes 32 / bits to a word, lowest bits first, `w = (q - max_int) * scale`; q8f16_1 keeps
+    int8 codes in [-127, 127] with `w = q * scale`; a round trip is within half a step."""
+    mode = get_mode(name)
+    bits, dtype = int(name[1]), NAME_DTYPES[name[2:].split("_")[0]]
+    assert mode.model_dtype == dtype
+    if bits == 0:  # nothing quantized: conversion writes the weights in this dtype (test_convert.py)
+        assert not mode.quantized
+        return
+    k, gs = 100, mode.group_size  # 100 is a multiple of neither 32 nor 40: the last group is padded
+    groups = -(-k // gs)
+    w = torch.randn(6, k, generator=torch.Generator().manual_seed(bits)) * 0.1
+    w[1] = 0.0  # an all-zero row
+    q, s = quantize(w, mode)
+    assert s.dtype == dtype and s.shape == (6, groups)
+    if mode.kind == "group":
+        assert q.dtype == torch.int32 and q.shape == (6, groups * gs // (32 // bits))
+        words = q.to(torch.int64) & 0xFFFFFFFF
+        codes = torch.stack([(words >> (bits * j)) & (2**bits - 1) for j in range(32 // bits)], -1).view(6, -1)
+        max_int = 2 ** (bits - 1) - 1
+        assert codes.max() <= 2 * max_int and (codes[:, k:] == 0).all()
+        values, top = codes - max_int, max_int
+    else:
+        assert q.dtype == torch.int8 and q.shape == (6, groups * gs)
+        assert q.abs().max() <= 127
+        values, top = q.to(torch.int64), 127
+    step = s.float().repeat_interleave(gs, dim=1)
+    formula = (values.double() * step.double())[:, :k]
+    got = dequantize(q, s, mode, k, torch.float32)
+    assert torch.allclose(got.double(), formula, rtol=1e-3, atol=1e-6)
+    # half a step, plus the model dtype's rounding of the scale and of w / scale (up to `top` steps)
+    assert ((got - w).abs() <= (0.5 + top * torch.finfo(dtype).eps) * step[:, :k]).all()
+    assert (got[1] == 0).all()
