@@ -134,7 +134,7 @@ def test_pt2_engine_caps_context_and_runs_two_sequences(tiny, pt2, eager_tokens)
             eng.completions.create(prompt=[5] * (CTX + 1), max_tokens=2)
 
 
-# ---- 2/3. .pte for android, in the .tar of seed 001's command --------------------------------------
+# ---- 2/3. .pte for android, in the .tar of the command in ../shared/seeds/001_0707eec21f6724f1.txt ----
 def test_tar_holds_metadata_naming_the_device_and_a_loadable_program(android_tar, tiny):
     with tarfile.open(android_tar) as tar:
         names = tar.getnames()

@@ -1,6 +1,6 @@
 """Every family: a random tiny transformers model, converted with q0f32, gives the same logits
 (1e-4) and the same 20 greedy tokens as transformers; the converted directory uses MLC-LLM's
-tensor names (see notes/mlc_formats.md section 2)."""
+tensor names (see docs/formats.md, "Model directory")."""
 
 from __future__ import annotations
 
