@@ -105,6 +105,7 @@ def completion_ids(eng: Engine, prompt: list[int], max_tokens: int, **kw) -> lis
 
 
 # ---- 1. .pt2 for cpu ------------------------------------------------------------------------------
+@pytest.mark.slow  # compiles a library (minutes, once per module)
 def test_pt2_greedy_tokens_equal_eager(tiny, pt2, eager_tokens):
     got = engine_tokens(tiny, pt2)
     assert got == eager_tokens
@@ -112,6 +113,7 @@ def test_pt2_greedy_tokens_equal_eager(tiny, pt2, eager_tokens):
         "the tiny model should not just repeat one token"
 
 
+@pytest.mark.slow  # compiles a library (minutes, once per module)
 def test_pt2_records_what_it_was_compiled_for(pt2):
     from edgellm.compile.runtime import inspect_library
 
@@ -123,6 +125,7 @@ def test_pt2_records_what_it_was_compiled_for(pt2):
     assert meta["edgellm_version"]
 
 
+@pytest.mark.slow  # compiles a library (minutes, once per module)
 def test_pt2_engine_caps_context_and_runs_two_sequences(tiny, pt2, eager_tokens):
     """The library's context window applies; n=2 choices (a forked prefix) give the same tokens."""
     with Engine(str(tiny), model_lib=str(pt2), device="cpu") as eng:
@@ -135,6 +138,7 @@ def test_pt2_engine_caps_context_and_runs_two_sequences(tiny, pt2, eager_tokens)
 
 
 # ---- 2/3. .pte for android, in the .tar of the command in ../shared/seeds/001_0707eec21f6724f1.txt ----
+@pytest.mark.slow  # compiles a library (minutes, once per module)
 def test_tar_holds_metadata_naming_the_device_and_a_loadable_program(android_tar, tiny):
     with tarfile.open(android_tar) as tar:
         names = tar.getnames()
@@ -148,6 +152,7 @@ def test_tar_holds_metadata_naming_the_device_and_a_loadable_program(android_tar
     assert logits.shape == (1, 384) and torch.isfinite(logits).all()
 
 
+@pytest.mark.slow  # compiles a library (minutes, once per module)
 def test_pte_matches_eager_engine(tiny, android_tar, eager_tokens):
     """The .pte runs through ExecuTorch's Python runtime; its greedy tokens equal the eager
     engine's on the 3 prompts.
@@ -197,6 +202,7 @@ def test_pte_matches_eager_engine(tiny, android_tar, eager_tokens):
     assert sum(g == r for g, r in zip(pte_tokens, eager_tokens)) >= 2, (pte_tokens, eager_tokens)
 
 
+@pytest.mark.slow  # compiles a library (minutes, once per module)
 def test_tar_runs_in_engine_and_chat_cli(tiny, android_tar, capsys):
     with Engine(str(tiny), model_lib=str(android_tar), device="cpu") as eng:
         assert type(eng.runner).__name__ == "PteRunner"
@@ -240,6 +246,7 @@ def test_bad_overrides_and_missing_model(tiny, tmp_path, capsys):
     assert "no such file" in err
 
 
+@pytest.mark.slow  # compiles a library (minutes, once per module)
 def test_library_loaded_with_the_wrong_model(tiny, pt2, android_tar, tmp_path_factory, capsys):
     root = tmp_path_factory.mktemp("others")
     deeper = tiny_llama(root / "deep", layers=3)

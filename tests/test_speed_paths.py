@@ -234,6 +234,7 @@ def test_fused_decode_kv_cache_types(kind, kv_dtype, tiny_quantized, tmp_path):
 
 
 # ---- the real model ---------------------------------------------------------------------------------------
+@pytest.mark.slow  # the real model
 def test_smollm2_q4_o0_and_o2_same_greedy_tokens(smollm2_q4):
     prompts = [[1, 504, 3458, 282, 4649, 314, 7042, 30, 378, 3458, 282, 4649, 314],
                [1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 3365, 28, 7018, 457, 2]]
@@ -245,6 +246,7 @@ def test_smollm2_q4_o0_and_o2_same_greedy_tokens(smollm2_q4):
         assert (a - b).abs().max().item() < 1e-3 * max(1.0, b.abs().max().item())
 
 
+@pytest.mark.slow  # the real model
 def test_smollm2_engine_o2_chat_matches_o0(smollm2_q4):
     from edgellm import Engine
 
