@@ -27,6 +27,7 @@ def two_models(tmp_path_factory) -> tuple[Path, Path, Path]:
     return root, a, b
 
 
+@pytest.mark.slow  # compiles and packages two models (minutes)
 def test_package_two_models(two_models):
     root, a, b = two_models
     config = {
