@@ -8,7 +8,7 @@ from pathlib import Path
 
 from edgellm.config import ChatConfig
 from edgellm.errors import UserError
-from edgellm.models.registry import get_family
+from edgellm.models.registry import family_hook, get_family
 from edgellm.quantization.modes import get_mode
 from edgellm.weights.hf_reader import hf_config, read_json
 from edgellm.weights.source import find_gguf, resolve_config
@@ -16,7 +16,6 @@ from edgellm.weights.staging import staged_output
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
                    "tokenizer.model", "added_tokens.json", "special_tokens_map.json")
-SLIDING_WINDOW_FAMILIES = ("mistral", "gemma2")
 
 
 def _sampling_defaults(gen: dict) -> dict:
@@ -74,10 +73,7 @@ def gen_config(config: str | Path, quantization: str, conv_template: str, output
             raise UserError(f"--{name} must be positive, got {value}")
     if tensor_parallel_shards not in (None, 1):
         raise UserError("--tensor-parallel-shards > 1 is not supported on CPU; use 1")
-    window = -1
-    hf_window = hf.get("sliding_window")
-    if mt in SLIDING_WINDOW_FAMILIES and hf_window and hf.get("use_sliding_window", True) is not False:
-        window = int(hf_window)
+    window = family_hook(family, "chat_window")(hf)
     if sliding_window_size is not None:
         window = sliding_window_size
     ctx = context_window_size or arch.max_position_embeddings

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from edgellm.engine.kv_cache import SlotKVCache
+from edgellm.engine.kv_pool import GROW, KVPool
 from edgellm.gen_config import gen_config
 from edgellm.models.base import Step
 from edgellm.models.loader import load_model
@@ -60,32 +60,46 @@ def convert(hf_dir: Path, out: Path, quantization: str = "q0f32", conv_template:
     return out
 
 
+def kv_pool(model: torch.nn.Module, tokens: int, dtype: torch.dtype = torch.float32) -> tuple[KVPool, int]:
+    """The engine's KV pool for `model` with room for one sequence of `tokens` positions, and its slot."""
+    a = model.cfg
+    pool = KVPool(a.num_layers, a.num_kv_heads, a.head_dim, list(a.windows), -(-tokens // GROW) * GROW, dtype)
+    return pool, pool.new_slot()
+
+
+def forward(model: torch.nn.Module, pool: KVPool, slot: int, ids: torch.Tensor, start: int,
+            last_only: bool = False) -> torch.Tensor:
+    """Logits for `ids` at positions start.. of `slot` (its positions before `start` are computed),
+    reserving their KV first as the engine's scheduler does."""
+    if not pool.reserve(slot, start, start + len(ids)):
+        raise AssertionError(f"KV pool of {pool.budget_tokens} tokens cannot hold {start + len(ids)}")
+    return model(ids, Step.single(start, len(ids), slot, last_only), pool)
+
+
 def run_logits(model_dir: Path, ids: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
     """Our logits [T, vocab] for a 1-D prompt, optionally prefilled in chunks."""
     model, cfg = load_model(model_dir)
-    a = model.cfg
-    cache = SlotKVCache(a.num_layers, 1, cfg.context_window_size, a.num_kv_heads, a.head_dim)
+    pool, slot = kv_pool(model, cfg.context_window_size)
     outs = []
     chunk = chunk or len(ids)
     with torch.inference_mode():
         for s in range(0, len(ids), chunk):
-            outs.append(model(ids[s:s + chunk], Step.single(s, len(ids[s:s + chunk])), cache))
+            outs.append(forward(model, pool, slot, ids[s:s + chunk], s))
     return torch.cat(outs)
 
 
 def greedy(model_dir: Path, ids: torch.Tensor, n: int) -> list[int]:
     """n greedy tokens after a prompt, decoding one token per step through the KV cache."""
     model, cfg = load_model(model_dir)
-    a = model.cfg
-    cache = SlotKVCache(a.num_layers, 1, cfg.context_window_size, a.num_kv_heads, a.head_dim)
+    pool, slot = kv_pool(model, cfg.context_window_size)
     out = []
     with torch.inference_mode():
-        logits = model(ids, Step.single(0, len(ids), last_only=True), cache)
+        logits = forward(model, pool, slot, ids, 0, last_only=True)
         pos = len(ids)
         for _ in range(n):
             tok = int(logits[-1].argmax())
             out.append(tok)
-            logits = model(torch.tensor([tok]), Step.single(pos, 1), cache)
+            logits = forward(model, pool, slot, torch.tensor([tok]), pos)
             pos += 1
     return out
 

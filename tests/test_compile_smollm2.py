@@ -22,7 +22,8 @@ def test_smollm2_pt2_says_paris(tmp_path, monkeypatch):
 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
     model_dir = prepare_model(None)  # converted once into the edgellm cache
-    lib = tmp_path / "SmolLM2-135M-Instruct-q4f16_1-cpu.so"  # seed 001's suffix for a cpu/cuda library
+    # .so: the suffix ../shared/seeds/001_0707eec21f6724f1.txt gives a cpu/cuda library
+    lib = tmp_path / "SmolLM2-135M-Instruct-q4f16_1-cpu.so"
     res = compile_model(model_dir / "mlc-chat-config.json", lib, "cpu", "O2",
                         "context_window_size=1024;prefill_chunk_size=256")
     assert res.kind == "pt2" and res.metadata["device"] == "cpu" and lib.stat().st_size > 0

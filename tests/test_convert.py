@@ -228,8 +228,19 @@ def check_manifests(out):
     return tc
 
 
-def test_default_shard_size_is_32_mib():
-    assert tensor_cache.SHARD_BYTES == 32 * 1024 * 1024
+def test_default_shards_hold_up_to_32_mib(tmp_path):
+    """With the default settings a shard is filled up to MLC's 32 MiB and never past it: nine
+    4 MiB tensors give a full shard of eight and a second of one, and read back unchanged."""
+    writer = tensor_cache.ShardWriter(tmp_path)
+    tensors = {f"t{i}": torch.full((1024, 1024), float(i)) for i in range(9)}  # 4 MiB each
+    for name, t in tensors.items():
+        writer.add(name, t, "float32")
+    writer.close()
+    shards = check_manifests(tmp_path)["records"]
+    assert [s["nbytes"] for s in shards] == [32 * 1024 * 1024, 4 * 1024 * 1024]
+    assert [len(s["records"]) for s in shards] == [8, 1]
+    back = dict(read_tensors(tmp_path))
+    assert set(back) == set(tensors) and all(torch.equal(back[n], t) for n, t in tensors.items())
 
 
 @pytest.mark.parametrize("quant", ["q0f32", "q4f16_1"])

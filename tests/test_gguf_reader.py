@@ -72,6 +72,7 @@ def tokenizer_dir(source, tmp_path_factory) -> Path:
 
 
 @needs_smollm2
+@pytest.mark.slow  # transformers dequantizes the real GGUF (minutes)
 def test_tensors_equal_transformers(source, hf_model):
     # Equality on q_proj/k_proj also proves the rotary row un-permutation (9 q heads, 3 kv heads).
     reference = hf_model.state_dict()
@@ -91,6 +92,7 @@ def test_tensors_equal_transformers(source, hf_model):
 
 
 @needs_smollm2
+@pytest.mark.slow  # transformers dequantizes the real GGUF (minutes)
 def test_config_matches_transformers(source, hf_model):
     ref = hf_model.config
     cfg = source.hf_config

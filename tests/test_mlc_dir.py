@@ -1,7 +1,8 @@
 """A model directory written the way MLC-LLM writes it loads in edgellm and computes what our
 own conversion of the same weights computes.
 
-The directory is built here by hand from notes/mlc_formats.md (sections 1-6), independently of
+The directory is built here by hand from docs/formats.md and ../shared/SPEC.md ("Model directory",
+"Quantization"), independently of
 edgellm's converter: a numpy group quantizer, MLC's parameter names and fusions, MLC's output
 order, `ndarray-cache.json` only (the older name), every record with `"format": "f32-to-bf16"`
 (float32 tensors stored as 2-byte bfloat16), records packed tightly without alignment, MLC's
@@ -20,17 +21,16 @@ import numpy as np
 import pytest
 import torch
 
-from edgellm.engine.kv_cache import SlotKVCache
-from edgellm.models.base import Step
 from edgellm.models.loader import load_model
 from edgellm.weights.tensor_cache import read_tensors
-from tests.helpers import convert
+from tests.helpers import convert, forward, kv_pool
 
 CAP = 32 * 1024 * 1024
 
 
 def mlc_group_quantize(w: np.ndarray, bits: int, group: int, dtype: str) -> tuple[np.ndarray, np.ndarray]:
-    """notes section 4: [N, K] -> (uint32 words [N, G*group/epw], scales [N, G]) in `dtype`."""
+    """docs/formats.md "Quantization" (MLC's converter): [N, K] -> (uint32 words [N, G*group/epw],
+    scales [N, G]) in `dtype`."""
     dt = np.dtype(dtype)
     max_int = 2 ** (bits - 1) - 1
     epw = 32 // bits
@@ -55,7 +55,8 @@ def mlc_group_quantize(w: np.ndarray, bits: int, group: int, dtype: str) -> tupl
 
 
 def f32_to_bf16_bytes(a: np.ndarray) -> bytes:
-    """notes 5.6: round-to-nearest-even on the bit pattern for finite values, keep the top 16 bits."""
+    """MLC's "f32-to-bf16" records (docs/formats.md): round-to-nearest-even on the bit pattern for
+    finite values, keep the top 16 bits."""
     b = np.ascontiguousarray(a, dtype=np.float32).view(np.uint32).astype(np.uint64)
     limit = np.float32(np.frombuffer(np.uint32(0x7F7F0000).tobytes(), np.float32)[0])
     small = np.abs(a.astype(np.float32)) < limit
@@ -188,10 +189,9 @@ def write_mlc_dir(out: Path, hf: dict[str, np.ndarray], hf_cfg: dict, quantizati
 
 
 def logits_of(model, ctx: int, ids: torch.Tensor) -> torch.Tensor:
-    a = model.cfg
-    cache = SlotKVCache(a.num_layers, 1, ctx, a.num_kv_heads, a.head_dim)
+    pool, slot = kv_pool(model, ctx)
     with torch.inference_mode():
-        return model(ids, Step.single(0, len(ids)), cache)
+        return forward(model, pool, slot, ids, 0)
 
 
 @pytest.fixture(scope="module")

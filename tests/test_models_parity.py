@@ -1,6 +1,6 @@
 """Every family: a random tiny transformers model, converted with q0f32, gives the same logits
 (1e-4) and the same 20 greedy tokens as transformers; the converted directory uses MLC-LLM's
-tensor names (see notes/mlc_formats.md section 2)."""
+tensor names (see docs/formats.md, "Model directory")."""
 
 from __future__ import annotations
 
@@ -244,3 +244,32 @@ def test_quantized_disk_names(name, quantization, present, absent, tmp_path):
     convert_weight(hf_dir, quantization, tmp_path / "out", progress=False)
     names = disk_names(tmp_path / "out")
     assert set(present) <= names and not set(absent) & names
+
+
+@pytest.mark.parametrize("model_type, hf_window, want_chat, override, want_windows", [
+    # MLC's Mistral and Gemma 2 configs carry HF's window; a chat-config window turns Mistral's on everywhere.
+    ("mistral", None, -1, 8, [8, 8, 8, 8]),
+    ("mistral", WINDOW, WINDOW, 8, [8, 8, 8, 8]),
+    ("gemma2", WINDOW, WINDOW, 8, [8, None, 8, None]),
+    # Other families: no window in the chat config; an override only resizes layers that already slide.
+    ("llama", None, -1, 8, [None] * 4),
+    ("qwen2", WINDOW, -1, 8, [None] * 4),  # qwen2 slides only with use_sliding_window
+    ("phi3", WINDOW, -1, 8, [8, 8, 8, 8]),
+])
+def test_sliding_window_family_hooks(model_type, hf_window, want_chat, override, want_windows, tmp_path):
+    """gen_config writes the family's window into mlc-chat-config.json; the loader applies a chat
+    config's sliding_window_size the family's way."""
+    from edgellm.config import ChatConfig
+    from edgellm.gen_config import gen_config
+    from edgellm.models.loader import arch_config
+    from tests.helpers import write_tokenizer
+
+    hf = dict(COMMON, model_type=model_type, num_hidden_layers=4, head_dim=16)
+    if hf_window:
+        hf["sliding_window"] = hf_window
+    write_tokenizer(tmp_path / "hf")
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(hf))
+    chat = gen_config(tmp_path / "hf", "q0f32", "chatml", tmp_path / "out")
+    assert chat.sliding_window_size == want_chat
+    cfg = ChatConfig(model_type, "q0f32", hf, 384, sliding_window_size=override)
+    assert arch_config(cfg).windows == want_windows

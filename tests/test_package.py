@@ -1,4 +1,5 @@
-"""`edgellm package`: seed 000's mlc-package-config.json with two models -> dist/lib + dist/bundle."""
+"""`edgellm package`: the mlc-package-config.json of ../shared/seeds/000_28525b100099b851.txt
+(section 4.5.3), with two models -> dist/lib + dist/bundle."""
 
 from __future__ import annotations
 
@@ -19,13 +20,14 @@ def two_models(tmp_path_factory) -> tuple[Path, Path, Path]:
     root = tmp_path_factory.mktemp("pkg")
     a = tiny_llama(root / "a", seed=0)
     b = tiny_llama(root / "b", seed=1, layers=3)
-    lib = root / "libs" / "a-android.tar"  # prebuilt, as seed 000 copies the .tar into dist/lib
+    lib = root / "libs" / "a-android.tar"  # prebuilt, as seed 000 (above) copies the .tar into dist/lib
     r = subprocess.run(EDGELLM + ["compile", f"{a}/mlc-chat-config.json", "--device", "android", "-o", str(lib)],
                        capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-2000:]
     return root, a, b
 
 
+@pytest.mark.slow  # compiles and packages two models (minutes)
 def test_package_two_models(two_models):
     root, a, b = two_models
     config = {

@@ -1,7 +1,7 @@
 """Quantization: bit-exact packing (hand-made test vectors) and quantized models that compute
 exactly what the on-disk format stores.
 
-Formats (SPEC.md "Quantization modes", notes/mlc_formats.md sections 3-4): groups of
+Formats (../shared/SPEC.md and docs/formats.md, "Quantization modes" / "Quantization"): groups of
 consecutive K elements, scale = max|w| / max_int in the model dtype, code = round(w / scale +
 max_int) with ties to even (the offset is added *before* rounding, as MLC-LLM does), clamped to
 [0, 2 max_int]; code r of a word sits at bits r*bits .. r*bits+bits-1 (lowest first); codes
@@ -17,7 +17,7 @@ import pytest
 import torch
 import transformers as tf
 
-from edgellm.quantization.modes import QUANTIZATION_MODES, get_mode
+from edgellm.quantization.modes import get_mode
 from edgellm.quantization.pack import dequantize, quantize, unpack
 from edgellm.weights.tensor_cache import read_tensors
 from tests.helpers import convert, greedy, hf_greedy, run_logits, save_hf
@@ -40,7 +40,7 @@ def f16_bits(t: torch.Tensor) -> list[list[int]]:
 # so every w below is (code - 7) * 0.5 exactly. Group 1 (k 32..63) has max|w| = 1.75 -> scale
 # 0.25 (f16 0x3400); its third word holds values off the grid and exact .5 ties.
 Q4_ROW0_CODES = [
-    1, 2, 3, 4, 5, 6, 7, 8,  # word 0 -> 0x87654321 (the example of the notes)
+    1, 2, 3, 4, 5, 6, 7, 8,  # word 0 -> 0x87654321 (code j at bits 4j..4j+3)
     9, 10, 11, 12, 13, 14, 0, 7,  # word 1 -> 0x70EDCBA9
     7, 7, 7, 7, 7, 7, 7, 7,  # word 2 -> 0x77777777
     14, 0, 14, 0, 7, 7, 7, 7,  # word 3 -> 0x77770E0E
@@ -141,7 +141,7 @@ def test_q8f16_1_test_vector():
 @pytest.mark.parametrize("name,k", [("q4f16_1", 100), ("q4f32_1", 72), ("q3f16_1", 100),
                                     ("q3f16_1", 72), ("q4f16_2", 40)])
 def test_quantize_matches_independent_reference(name, k):
-    """Random matrices (with many exact ties) against a numpy re-implementation of the notes."""
+    """Random matrices (with many exact ties) against a numpy re-implementation of docs/formats.md's formula."""
     from tests.test_mlc_dir import mlc_group_quantize
 
     g = torch.Generator().manual_seed(k)
@@ -280,6 +280,44 @@ def test_quantization_actually_changes_weights(tmp_path):
     assert diff.max() <= step / 2 + 1e-6
 
 
-def test_all_modes_listed():
-    assert set(QUANTIZATION_MODES) >= {"q0f32", "q0f16", "q0bf16", "q4f16_1", "q4f32_1", "q4f16_2",
-                                       "q3f16_1", "q8f16_1"}
+# The modes ../shared/SPEC.md lists. MLC's names say what is stored: q<bits>f<dtype>_<variant> holds codes of
+# <bits> bits (0: none), with scales and every unquantized tensor in <dtype>.
+SPEC_MODES = ["q0f32", "q0f16", "q0bf16", "q4f16_1", "q4f32_1", "q4f16_2", "q3f16_1", "q8f16_1"]
+NAME_DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
+
+
+@pytest.mark.parametrize("name", SPEC_MODES)
+def test_each_mode_stores_what_its_name_says(name):
+    """Every SPEC mode exists and quantizes as its name and ../shared/SPEC.md's formula say: group modes pack
+    <bits>-bit codes 32 / bits to a word, lowest bits first, `w = (q - max_int) * scale`; q8f16_1 keeps
+    int8 codes in [-127, 127] with `w = q * scale`; a round trip is within half a step."""
+    mode = get_mode(name)
+    bits, dtype = int(name[1]), NAME_DTYPES[name[2:].split("_")[0]]
+    assert mode.model_dtype == dtype
+    if bits == 0:  # nothing quantized: conversion writes the weights in this dtype (test_convert.py)
+        assert not mode.quantized
+        return
+    k, gs = 100, mode.group_size  # 100 is a multiple of neither 32 nor 40: the last group is padded
+    groups = -(-k // gs)
+    w = torch.randn(6, k, generator=torch.Generator().manual_seed(bits)) * 0.1
+    w[1] = 0.0  # an all-zero row
+    q, s = quantize(w, mode)
+    assert s.dtype == dtype and s.shape == (6, groups)
+    if mode.kind == "group":
+        assert q.dtype == torch.int32 and q.shape == (6, groups * gs // (32 // bits))
+        words = q.to(torch.int64) & 0xFFFFFFFF
+        codes = torch.stack([(words >> (bits * j)) & (2**bits - 1) for j in range(32 // bits)], -1).view(6, -1)
+        max_int = 2 ** (bits - 1) - 1
+        assert codes.max() <= 2 * max_int and (codes[:, k:] == 0).all()
+        values, top = codes - max_int, max_int
+    else:
+        assert q.dtype == torch.int8 and q.shape == (6, groups * gs)
+        assert q.abs().max() <= 127
+        values, top = q.to(torch.int64), 127
+    step = s.float().repeat_interleave(gs, dim=1)
+    formula = (values.double() * step.double())[:, :k]
+    got = dequantize(q, s, mode, k, torch.float32)
+    assert torch.allclose(got.double(), formula, rtol=1e-3, atol=1e-6)
+    # half a step, plus the model dtype's rounding of the scale and of w / scale (up to `top` steps)
+    assert ((got - w).abs() <= (0.5 + top * torch.finfo(dtype).eps) * step[:, :k]).all()
+    assert (got[1] == 0).all()

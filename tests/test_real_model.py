@@ -8,6 +8,8 @@ import torch
 from edgellm import Engine
 from tests.helpers import convert, greedy, hf_greedy, run_logits, smollm2_gguf
 
+pytestmark = pytest.mark.slow  # converts and runs the real 135M model (minutes)
+
 CHINESE = "小明比小红年龄大，小红比小华年龄大。谁是年龄最小的？"
 
 

@@ -14,6 +14,8 @@ import httpx
 import openai
 import pytest
 
+pytestmark = pytest.mark.slow  # real server processes and schemathesis (minutes)
+
 
 def free_port() -> int:
     with socket.socket() as s:

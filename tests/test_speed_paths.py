@@ -14,16 +14,14 @@ import pytest
 import torch
 
 from edgellm.engine.build import build_engine
-from edgellm.engine.kv_cache import SlotKVCache
 from edgellm.engine.options import make_options
 from edgellm.engine.request import Request, SamplingParams
-from edgellm.models.base import Step
 from edgellm.models.loader import load_model
 from edgellm.quantization import kernels
 from edgellm.quantization.layers import QuantEmbedding, QuantLinear, repack_model
 from edgellm.quantization.modes import get_mode
 from edgellm.quantization.pack import dequantize, quantize
-from tests.helpers import convert, run_logits, save_hf
+from tests.helpers import convert, forward, kv_pool, run_logits, save_hf
 
 pytestmark = pytest.mark.skipif(not kernels.available(),
                                 reason=f"native kernels unavailable: {kernels.unavailable_reason()}")
@@ -159,13 +157,11 @@ def test_whole_model_logits_match_reference(quant, tiny_quantized):
     model, cfg = load_model(d)
     assert repack_model(model) > 0
     for chunk in (len(ids), 5, 1):  # GEMM path, few-row integer path, one row at a time
-        a = model.cfg
-        cache = SlotKVCache(a.num_layers, 1, cfg.context_window_size, a.num_kv_heads, a.head_dim)
+        pool, slot = kv_pool(model, cfg.context_window_size)
         outs = []
         with torch.inference_mode():
             for s in range(0, len(ids), chunk):
-                part = ids[s:s + chunk]
-                outs.append(model(part, Step.single(s, len(part)), cache))
+                outs.append(forward(model, pool, slot, ids[s:s + chunk], s))
         _close(torch.cat(outs), ref)
 
 
@@ -186,7 +182,7 @@ def test_fused_decode_matches_reference(quant, tiny_quantized):
 
 
 def test_kv_pool_growth_keeps_computed_positions(tiny_quantized):
-    """A prompt prefilled in chunks across several cache growths decodes like the fixed-size cache."""
+    """A prompt prefilled in chunks across several cache growths decodes like one whole-prompt prefill."""
     from tests.helpers import greedy
 
     d = tiny_quantized["q0f32"]
@@ -238,6 +234,7 @@ def test_fused_decode_kv_cache_types(kind, kv_dtype, tiny_quantized, tmp_path):
 
 
 # ---- the real model ---------------------------------------------------------------------------------------
+@pytest.mark.slow  # the real model
 def test_smollm2_q4_o0_and_o2_same_greedy_tokens(smollm2_q4):
     prompts = [[1, 504, 3458, 282, 4649, 314, 7042, 30, 378, 3458, 282, 4649, 314],
                [1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 3365, 28, 7018, 457, 2]]
@@ -249,6 +246,7 @@ def test_smollm2_q4_o0_and_o2_same_greedy_tokens(smollm2_q4):
         assert (a - b).abs().max().item() < 1e-3 * max(1.0, b.abs().max().item())
 
 
+@pytest.mark.slow  # the real model
 def test_smollm2_engine_o2_chat_matches_o0(smollm2_q4):
     from edgellm import Engine
 

@@ -2,18 +2,26 @@
 
 A forward step takes the new tokens of one or more sequences flattened into one row
 ([T] ids), a `Step` that says which sequence owns which rows, and a KV cache object that
-stores keys/values and computes attention (`cache.attend`). Shapes in comments:
+stores keys/values and computes attention (`cache.attend`). `CausalLM` is the skeleton every
+family's `Model` fills in (embedding -> blocks -> final norm -> logits). Shapes in comments:
 T = tokens in the step, H = query heads, KVH = key/value heads, D = head dim.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from edgellm.models.rope import rope_table
+from edgellm.quantization.layers import tied_logits
+
+if TYPE_CHECKING:
+    from edgellm.models.config import ArchConfig
+    from edgellm.quantization.modes import QuantMode
 
 
 @dataclass
@@ -136,3 +144,62 @@ class RopeCache(nn.Module):
 
 def select_rows(h: torch.Tensor, step: Step) -> torch.Tensor:
     return h if step.logit_rows is None else h[step.logit_rows]
+
+
+class CausalLM(nn.Module):
+    """Causal LM: token ids [T] -> logits [R, vocab] (float32) for the step's logit rows.
+
+    embedding -> blocks, each `block(x, cos, sin, step, cache)` -> final norm of the logit rows ->
+    output head (the untied one, else the embedding read as a linear) -> optional tanh soft-cap.
+    A family subclass registers its modules under its Hugging Face names in `build` and names
+    them in `PARTS`; the parts are looked up on every call (compile lowering swaps modules in place).
+    """
+
+    # Dotted names of (embedding, block list, final norm, untied output head).
+    PARTS: tuple[str, str, str, str]
+
+    def __init__(self, cfg: ArchConfig, mode: QuantMode | None = None, max_positions: int = 4096,
+                 dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.cfg = cfg
+        self.build(cfg, mode, dtype)
+        with torch.device("cpu"):  # real tables even when the weights are built on "meta"
+            self.rope = RopeCache(*rope_table(cfg.rope, cfg.rot_dim, max_positions))
+
+    def build(self, cfg: ArchConfig, mode: QuantMode | None, dtype: torch.dtype) -> None:
+        """Register the embedding, the blocks, the final norm and (untied) the output head."""
+        raise NotImplementedError
+
+    @property
+    def embedding(self) -> nn.Module:
+        return self.get_submodule(self.PARTS[0])
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.get_submodule(self.PARTS[1])
+
+    @property
+    def final_norm(self) -> nn.Module:
+        return self.get_submodule(self.PARTS[2])
+
+    @property
+    def output(self) -> nn.Module | None:
+        """The untied output head; None when the embedding is tied to it."""
+        return None if self.cfg.tie_word_embeddings else self.get_submodule(self.PARTS[3])
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.embedding(ids)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        head = self.output
+        out = (tied_logits(self.embedding, h) if head is None else head(h)).float()
+        if self.cfg.final_softcap:
+            out = torch.tanh(out / self.cfg.final_softcap) * self.cfg.final_softcap
+        return out
+
+    def forward(self, ids: torch.Tensor, step: Step, cache: KVCacheLike) -> torch.Tensor:
+        x = self.embed(ids)
+        cos, sin = self.rope(step.positions)
+        for block in self.blocks:
+            x = block(x, cos, sin, step, cache)
+        return self.logits(self.final_norm(select_rows(x, step)))

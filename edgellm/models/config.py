@@ -87,3 +87,21 @@ def windows_from_layer_types(hf: dict, layers: int, window: int | None) -> list[
     if not types or not window:
         return [None] * layers
     return [window if t == "sliding_attention" else None for t in types[:layers]]
+
+
+def no_chat_window(hf: dict) -> int:
+    """Default `chat_window` hook: MLC writes no sliding window into the chat config (-1)."""
+    return -1
+
+
+def hf_chat_window(hf: dict) -> int:
+    """`chat_window` hook of families whose MLC config carries the window: HF `sliding_window`
+    unless `use_sliding_window` is false, else -1."""
+    window = hf.get("sliding_window")
+    return int(window) if window and hf.get("use_sliding_window", True) is not False else -1
+
+
+def resize_sliding_layers(arch: ArchConfig, size: int) -> None:
+    """Default `override_window` hook: the layers that slide get window `size`; the others stay full."""
+    if any(w is not None for w in arch.windows):
+        arch.windows = [size if w is not None else None for w in arch.windows]

@@ -15,7 +15,7 @@ from torch import nn
 
 from edgellm.errors import UserError
 from edgellm.models.base import RMSNorm
-from edgellm.models.config import ArchConfig, llama_like, windows_from_layer_types
+from edgellm.models.config import ArchConfig, hf_chat_window, llama_like, windows_from_layer_types
 from edgellm.models.gguf_hooks import (
     LLAMA_TABLE,
     GGUFMeta,
@@ -30,8 +30,10 @@ from edgellm.models.gguf_hooks import (
 from edgellm.models.llama import MLP, Attention, hf_rename
 from edgellm.models.llama import Model as LlamaModel
 
-__all__ = ["DISK_NAMES", "GGUF_ARCH", "HF_FUSED", "Model", "gguf_config", "gguf_export_names", "gguf_metadata",
-           "gguf_tensor_names", "gguf_to_hf", "hf_rename", "hf_transform", "parse_config"]
+__all__ = ["DISK_NAMES", "GGUF_ARCH", "HF_FUSED", "Model", "chat_window", "gguf_config", "gguf_export_names",
+           "gguf_metadata", "gguf_tensor_names", "gguf_to_hf", "hf_rename", "hf_transform", "parse_config"]
+
+chat_window = hf_chat_window  # MLC's Gemma 2 config carries the window
 
 HF_FUSED = {
     "self_attn.qkv_proj": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
@@ -142,6 +144,6 @@ class Model(LlamaModel):
     native_decoder = None  # sandwich norms and soft-capping: no native decode step (yet)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        x = self.model.embed_tokens(ids)
+        x = self.embedding(ids)
         # transformers rounds the scale to the activation dtype before multiplying.
         return x * torch.tensor(self.cfg.hidden_size**0.5, dtype=x.dtype, device=x.device)

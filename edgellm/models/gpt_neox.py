@@ -17,11 +17,11 @@ from gguf import MODEL_TENSOR as T
 from torch import nn
 
 from edgellm.errors import UserError
-from edgellm.models.base import ACTIVATIONS, KVCacheLike, RopeCache, Step, apply_rope, select_rows
+from edgellm.models.base import ACTIVATIONS, CausalLM, KVCacheLike, Step, apply_rope
 from edgellm.models.config import ArchConfig, require
 from edgellm.models.gguf_hooks import GGUFMeta, K, expand, export_names, rope_metadata, special_token_ids, tname
-from edgellm.models.rope import rope_parameters, rope_table
-from edgellm.quantization.layers import make_embedding, make_linear, make_lm_head, tied_logits
+from edgellm.models.rope import rope_parameters
+from edgellm.quantization.layers import make_embedding, make_linear, make_lm_head
 from edgellm.quantization.modes import QuantMode
 
 HF_FUSED: dict[str, list[str]] = {}  # query_key_value is fused already
@@ -219,25 +219,12 @@ class Inner(nn.Module):
         self.final_layer_norm = layer_norm(cfg, dtype)
 
 
-class Model(nn.Module):
-    """Causal LM: token ids [T] -> logits [R, vocab] (float32) for the step's logit rows."""
+class Model(CausalLM):
+    """Causal LM under HF's GPT-NeoX names (only the blocks differ from Llama's)."""
 
-    def __init__(self, cfg: ArchConfig, mode: QuantMode | None = None, max_positions: int = 4096,
-                 dtype: torch.dtype = torch.float32):
-        super().__init__()
-        self.cfg = cfg
+    PARTS = ("gpt_neox.embed_in", "gpt_neox.layers", "gpt_neox.final_layer_norm", "embed_out")
+
+    def build(self, cfg: ArchConfig, mode: QuantMode | None, dtype: torch.dtype) -> None:
         self.gpt_neox = Inner(cfg, mode, dtype)
         if not cfg.tie_word_embeddings:
             self.embed_out = make_lm_head(cfg.hidden_size, cfg.vocab_size, mode, dtype)
-        with torch.device("cpu"):  # real tables even when the weights are built on "meta"
-            self.rope = RopeCache(*rope_table(cfg.rope, cfg.rot_dim, max_positions))
-
-    def forward(self, ids: torch.Tensor, step: Step, cache: KVCacheLike) -> torch.Tensor:
-        x = self.gpt_neox.embed_in(ids)
-        cos, sin = self.rope(step.positions)
-        for layer in self.gpt_neox.layers:
-            x = layer(x, cos, sin, step, cache)
-        h = self.gpt_neox.final_layer_norm(select_rows(x, step))
-        if self.cfg.tie_word_embeddings:
-            return tied_logits(self.gpt_neox.embed_in, h).float()
-        return self.embed_out(h).float()

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from edgellm.models.base import ACTIVATIONS, KVCacheLike, RMSNorm, RopeCache, Step, apply_rope, select_rows
+from edgellm.models.base import ACTIVATIONS, CausalLM, KVCacheLike, RMSNorm, Step, apply_rope
 from edgellm.models.config import ArchConfig, llama_like
 from edgellm.models.gguf_hooks import (
     LLAMA_TABLE,
@@ -21,8 +21,7 @@ from edgellm.models.gguf_hooks import (
     llama_part_rows,
     unpermute_llama_qk,
 )
-from edgellm.models.rope import rope_table
-from edgellm.quantization.layers import make_embedding, make_linear, make_lm_head, tied_logits
+from edgellm.quantization.layers import make_embedding, make_linear, make_lm_head
 from edgellm.quantization.modes import QuantMode
 
 # HF tensors fused into one of ours: ours -> HF parts, in row order.
@@ -140,20 +139,17 @@ class Inner(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
 
 
-class Model(nn.Module):
-    """Causal LM: token ids [T] -> logits [R, vocab] (float32) for the step's logit rows."""
+class Model(CausalLM):
+    """Causal LM under HF's Llama names (mistral, qwen2/3, phi3, gemma2, internlm2 subclass it)."""
+
+    PARTS = ("model.embed_tokens", "model.layers", "model.norm", "lm_head")
 
     block = Block
 
-    def __init__(self, cfg: ArchConfig, mode: QuantMode | None = None, max_positions: int = 4096,
-                 dtype: torch.dtype = torch.float32):
-        super().__init__()
-        self.cfg = cfg
+    def build(self, cfg: ArchConfig, mode: QuantMode | None, dtype: torch.dtype) -> None:
         self.model = Inner(cfg, mode, dtype, self.block)
         if not cfg.tie_word_embeddings:
             self.lm_head = self.build_lm_head(cfg, mode, dtype)
-        with torch.device("cpu"):  # real tables even when the weights are built on "meta"
-            self.rope = RopeCache(*rope_table(cfg.rope, cfg.rot_dim, max_positions))
 
     @staticmethod
     def build_lm_head(cfg: ArchConfig, mode: QuantMode | None, dtype: torch.dtype) -> nn.Module:
@@ -165,23 +161,3 @@ class Model(nn.Module):
         from edgellm.models.fused_decode import FusedDecoder
 
         return FusedDecoder.build(self, pool, Block, Attention, MLP)
-
-    def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.model.embed_tokens(ids)
-
-    def logits(self, h: torch.Tensor) -> torch.Tensor:
-        if self.cfg.tie_word_embeddings:
-            out = tied_logits(self.model.embed_tokens, h)
-        else:
-            out = self.lm_head(h)
-        out = out.float()
-        if self.cfg.final_softcap:
-            out = torch.tanh(out / self.cfg.final_softcap) * self.cfg.final_softcap
-        return out
-
-    def forward(self, ids: torch.Tensor, step: Step, cache: KVCacheLike) -> torch.Tensor:
-        x = self.embed(ids)
-        cos, sin = self.rope(step.positions)
-        for layer in self.model.layers:
-            x = layer(x, cos, sin, step, cache)
-        return self.logits(self.model.norm(select_rows(x, step)))

@@ -12,7 +12,7 @@ from edgellm.config import ChatConfig, load_chat_config
 from edgellm.errors import UserError
 from edgellm.models.config import ArchConfig
 from edgellm.models.mapping import from_disk_name
-from edgellm.models.registry import get_family
+from edgellm.models.registry import family_hook, get_family
 from edgellm.quantization.layers import QuantEmbedding, QuantLinear
 from edgellm.quantization.modes import QuantMode, get_mode
 from edgellm.weights.tensor_cache import read_tensors
@@ -24,10 +24,7 @@ def arch_config(cfg: ChatConfig, family: ModuleType | None = None) -> ArchConfig
     arch = family.parse_config(cfg.model_config)
     w = cfg.sliding_window_size
     if w and w > 0:
-        if any(x is not None for x in arch.windows):
-            arch.windows = [w if x is not None else None for x in arch.windows]
-        elif cfg.model_type == "mistral":  # as MLC: --sliding-window-size turns it on for Mistral
-            arch.windows = [w] * arch.num_layers
+        family_hook(family, "override_window")(arch, w)
     return arch
 
 

@@ -6,7 +6,7 @@ Names and fusions are llama's; MLC's Mistral has no tied variant, but a tied HF 
 
 from __future__ import annotations
 
-from edgellm.models.config import ArchConfig, llama_like
+from edgellm.models.config import ArchConfig, hf_chat_window, llama_like
 from edgellm.models.gguf_hooks import K
 from edgellm.models.llama import (
     DISK_NAMES,
@@ -21,8 +21,10 @@ from edgellm.models.llama import (
 )
 from edgellm.models.llama import gguf_metadata as llama_gguf_metadata
 
-__all__ = ["DISK_NAMES", "GGUF_ARCH", "HF_FUSED", "Model", "gguf_config", "gguf_export_names", "gguf_metadata",
-           "gguf_tensor_names", "gguf_to_hf", "hf_rename", "parse_config"]
+__all__ = ["DISK_NAMES", "GGUF_ARCH", "HF_FUSED", "Model", "chat_window", "gguf_config", "gguf_export_names",
+           "gguf_metadata", "gguf_tensor_names", "gguf_to_hf", "hf_rename", "override_window", "parse_config"]
+
+chat_window = hf_chat_window  # MLC's Mistral config carries the window
 
 DEFAULT_CONTEXT = 32768  # what Mistral-7B declares; used when an MLC config says -1 (unbounded)
 
@@ -44,3 +46,9 @@ def gguf_metadata(arch: ArchConfig, hf: dict) -> dict:
     if window:
         meta[K.Attention.SLIDING_WINDOW] = int(window)
     return meta
+
+
+def override_window(arch: ArchConfig, size: int) -> None:
+    """As MLC: a chat config's sliding_window_size turns the window on for every layer of Mistral,
+    even when config.json has none."""
+    arch.windows = [size] * arch.num_layers

@@ -7,14 +7,22 @@ A family's Model may offer `native_decoder(pool)`: its decode step as one native
 Its GGUF knowledge (llama.cpp's architecture name, keys and tensor names) sits beside it:
 `GGUF_ARCH`, `gguf_config`, `gguf_tensor_names`, `gguf_metadata`, `gguf_export_names`
 (see models/gguf_hooks.py).
+
+Optional, looked up with `family_hook` (a family without one gets the shared default):
+`chat_window(hf) -> int`, the `sliding_window_size` gen_config writes into mlc-chat-config.json
+(default -1, none), and `override_window(arch, size)`, which applies a chat config's
+`sliding_window_size` > 0 to the ArchConfig (default: resize the layers that already slide).
+A family may also have `hf_transform(name, tensor, arch)` (conversion) and `FLOAT32_TENSORS`.
 """
 
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from types import ModuleType
 
 from edgellm.errors import UserError
+from edgellm.models.config import no_chat_window, resize_sliding_layers
 
 MODEL_FAMILIES: dict[str, str] = {
     "llama": "edgellm.models.llama",
@@ -26,6 +34,9 @@ MODEL_FAMILIES: dict[str, str] = {
     "internlm2": "edgellm.models.internlm2",
     "gpt_neox": "edgellm.models.gpt_neox",
 }
+
+# Optional family hooks -> the default of a family that does not define one.
+DEFAULT_HOOKS: dict[str, Callable] = {"chat_window": no_chat_window, "override_window": resize_sliding_layers}
 
 # Spellings seen in the wild for the same families.
 ALIASES = {"phi-3": "phi3", "gptneox": "gpt_neox", "internlm2_5": "internlm2", "smollm": "llama"}
@@ -67,3 +78,8 @@ def gguf_family(arch: str | None) -> ModuleType:
         if family.GGUF_ARCH == arch:
             return family
     raise UserError(f"GGUF architecture {arch!r} is not supported (supported: {', '.join(gguf_architectures())})")
+
+
+def family_hook(family: ModuleType, name: str) -> Callable:
+    """The family module's optional hook `name` (one of DEFAULT_HOOKS), or the shared default."""
+    return getattr(family, name, DEFAULT_HOOKS[name])
