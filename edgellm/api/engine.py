@@ -49,6 +49,7 @@ class EngineBase:
         self.frontend = Frontend(Path(self.model_dir), self.config, self.context_window, self.options,
                                  vocab_limit=model.cfg.vocab_size if model is not None else None,
                                  fits=self.core.pool.fits)
+        self.frontend.prompt_logprobs = model_lib is None
         self.loop = EngineLoop(self.core)
         self.terminated = False
 

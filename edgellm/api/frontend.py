@@ -14,6 +14,7 @@ from typing import Any
 from edgellm.api import protocol as P
 from edgellm.api.processor import OutputProcessor
 from edgellm.api.responses import ResponseBuilder
+from edgellm.api.tokens import TokenBytes
 from edgellm.config import ChatConfig
 from edgellm.engine.options import EngineOptions
 from edgellm.engine.request import Request, SamplingParams
@@ -36,6 +37,7 @@ class Frontend:
         self.vocab_limit = min(config.vocab_size, vocab_limit or config.vocab_size)
         self.fits = fits  # whether a sequence of n tokens fits the KV budget alone
         self.tokenizer = Tokenizer.from_dir(model_dir)
+        self.token_bytes = TokenBytes(self.tokenizer)
         self.conv: Conversation | None = None
         if config.conv_template != "auto":
             self.conv = load_template(config.conv_template)
@@ -45,6 +47,7 @@ class Frontend:
         if self.tokenizer.eos_token_id is not None:
             self.stop_ids.add(self.tokenizer.eos_token_id)
         self._grammar = None  # GrammarCompiler, built on the first response_format
+        self.prompt_logprobs = True  # whether the runner can return the prompt rows' logits
 
     # ---- pieces ---------------------------------------------------------------------------------
     def sampling_params(self, r: P.SamplingFields, logprobs: bool, top_logprobs: int) -> SamplingParams:
@@ -126,6 +129,10 @@ class Frontend:
             if not prompt:
                 raise BadRequestError("prompt is empty", param="prompt")
             params = self.sampling_params(r, r.logprobs is not None, r.logprobs or 0)
+            if r.echo and r.logprobs is not None:
+                if not self.prompt_logprobs:
+                    raise BadRequestError("echo with logprobs needs the eager engine (no --model-lib)", param="echo")
+                params.prompt_logprobs = True
         if len(prompt) >= self.context_window:
             raise ContextWindowError(len(prompt), self.context_window)
         if not self.fits(len(prompt) + 1):
@@ -140,5 +147,5 @@ class Frontend:
         include_usage = bool(r.stream and r.stream_options and r.stream_options.include_usage)
         builder = ResponseBuilder(kind, req.request_id, r.model or model_id, r.n, self.tokenizer,
                                   echo_text=echo, include_usage=include_usage,
-                                  tokens_as_ids=r.return_tokens_as_token_ids)
+                                  tokens_as_ids=r.return_tokens_as_token_ids, token_bytes=self.token_bytes)
         return req, builder, r

@@ -6,13 +6,37 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 from edgellm.errors import BadRequestError
 
 
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+# Request fields accepted and ignored because they change nothing about the answer (docs/api.md).
+HARMLESS_FIELDS = frozenset({"user", "metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier"})
+
+
+def _refuse_unknown(cls: type[BaseModel], data: Any) -> Any:
+    """A field the server does not implement is a 400 naming it, never silently dropped."""
+    if isinstance(data, dict):
+        known = set(cls.model_fields) | {f.alias for f in cls.model_fields.values() if f.alias}
+        for key in data:
+            if key not in known and key not in HARMLESS_FIELDS:
+                raise PydanticCustomError("unsupported_parameter", "unsupported parameter: {name}", {"name": key})
+    return data
 
 
 class StreamOptions(BaseModel):
@@ -38,6 +62,11 @@ class SamplingFields(BaseModel):
 
     model_config = ConfigDict(extra="ignore", populate_by_name=True)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _unknown(cls, data: Any) -> Any:
+        return _refuse_unknown(cls, data)
+
     model: str | None = None
     max_tokens: int | None = Field(default=None, gt=0)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
@@ -48,7 +77,7 @@ class SamplingFields(BaseModel):
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     repetition_penalty: float | None = Field(default=None, gt=0.0)
     logit_bias: dict[int, float] | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), lt=2**64)
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
     n: int = Field(default=1, ge=1, le=16)  # each choice is a full sequence on a CPU: keep it bounded
@@ -59,6 +88,12 @@ class SamplingFields(BaseModel):
     user: str | None = None
     # vLLM's extension: logprob tokens as "token_id:<id>" (exact ids, no decoding ambiguity)
     return_tokens_as_token_ids: bool = False
+
+    @model_validator(mode="after")
+    def _stream_options(self) -> SamplingFields:
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options is only allowed with stream=true")
+        return self
 
     @field_validator("logit_bias")
     @classmethod
@@ -148,10 +183,27 @@ def parse_request(cls: type[BaseModel], kwargs: dict[str, Any]) -> Any:
     try:
         return cls.model_validate(kwargs)
     except ValidationError as e:
-        err = e.errors()[0]
-        param = ".".join(str(p) for p in err.get("loc", ()) if not isinstance(p, int)) or None
-        msg = err.get("msg", "invalid request").removeprefix("Value error, ")
-        raise BadRequestError(f"{param}: {msg}" if param else msg, param=param) from None
+        msg, param = describe_error(e.errors()[0])
+        raise BadRequestError(msg, param=param) from None
+
+
+def describe_error(err: dict) -> tuple[str, str | None]:
+    """(one-line message, parameter) for a pydantic validation error entry."""
+    msg = str(err.get("msg", "invalid request")).removeprefix("Value error, ")
+    if err.get("type") == "unsupported_parameter":
+        return msg, (err.get("ctx") or {}).get("name")
+    param = ".".join(str(p) for p in err.get("loc", ()) if p != "body" and not isinstance(p, int)) or None
+    return (f"{param}: {msg}" if param else msg), param
+
+
+def _keep_null(*names: str):
+    """A serializer keeping `names` as JSON null under exclude_none (OpenAI sends them as null)."""
+    def serialize(self, handler):
+        d = handler(self)
+        for name in names:
+            d.setdefault(name, None)
+        return d
+    return model_serializer(mode="wrap")(serialize)
 
 
 # ---- responses -------------------------------------------------------------------------------
@@ -193,9 +245,11 @@ class Usage(BaseModel):
 class ChatCompletionMessage(BaseModel):
     role: str = "assistant"
     content: str | None = None
+    _ser = _keep_null("content")
 
 
 class ChatCompletionResponseChoice(BaseModel):
+    _ser = _keep_null("finish_reason", "logprobs")
     index: int
     message: ChatCompletionMessage
     finish_reason: str | None = None
@@ -218,13 +272,26 @@ class DeltaMessage(BaseModel):
 
 
 class ChatCompletionStreamChoice(BaseModel):
+    _ser = _keep_null("finish_reason", "logprobs")
     index: int
     delta: DeltaMessage
     finish_reason: str | None = None
     logprobs: ChoiceLogprobs | None = None
 
 
-class ChatCompletionStreamResponse(BaseModel):
+class _Chunk(BaseModel):
+    # With stream_options.include_usage, OpenAI sends "usage": null on every chunk but the last.
+    _usage_null: bool = PrivateAttr(default=False)
+
+    @model_serializer(mode="wrap")
+    def _ser(self, handler):
+        d = handler(self)
+        if self._usage_null:
+            d.setdefault("usage", None)
+        return d
+
+
+class ChatCompletionStreamResponse(_Chunk):
     id: str
     object: str = "chat.completion.chunk"
     created: int = Field(default_factory=lambda: int(time.time()))
@@ -235,13 +302,14 @@ class ChatCompletionStreamResponse(BaseModel):
 
 
 class CompletionChoice(BaseModel):
+    _ser = _keep_null("finish_reason", "logprobs")
     index: int
     text: str
     finish_reason: str | None = None
     logprobs: CompletionLogprobs | None = None
 
 
-class CompletionResponse(BaseModel):
+class CompletionResponse(_Chunk):
     id: str
     object: str = "text_completion"
     created: int = Field(default_factory=lambda: int(time.time()))
