@@ -113,6 +113,15 @@ class GrammarCompiler:
         return result
 
 
+    def compile_tool_call(self, schema: dict) -> CompiledResponseFormat:
+        """A grammar for one compact JSON tool call (no free whitespace for a model to ramble in)."""
+        try:
+            compiled = self.compiler.compile_json_schema(json.dumps(draft07_to_2020_12(schema)), any_whitespace=False)
+        except Exception as e:
+            raise BadRequestError(f"invalid tool parameters schema: {e}", param="tools") from None
+        return CompiledResponseFormat(compiled, self.vocab_size)
+
+
 class CompiledResponseFormat:
     def __init__(self, compiled, vocab_size: int):
         self.compiled, self.vocab_size = compiled, vocab_size

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from edgellm.api import protocol as P
 from edgellm.api.processor import TokenOutput
+from edgellm.api.tools import TOOL_PREFIXES, parse_tool_calls
 from edgellm.engine.request import Request
 
 
@@ -13,19 +14,25 @@ class ChoiceState:
         self.finish_reason: str | None = None
         self.token_ids: list[int] = []
         self.logprobs: list[dict] = []
+        # tool mode (streaming): text held back while it may be a tool call, and its logprob entries
+        self.held = ""
+        self.held_logprobs: list[dict] = []
+        self.plain = False  # the reply is known to be text, not a tool call
 
 
 class ResponseBuilder:
     """Accumulates outputs of one request and renders them as chat or text completion objects."""
 
     def __init__(self, kind: str, request_id: str, model: str, n: int, tokenizer,
-                 echo_text: str = "", include_usage: bool = False, tokens_as_ids: bool = False, token_bytes=None):
+                 echo_text: str = "", include_usage: bool = False, tokens_as_ids: bool = False, token_bytes=None,
+                 tools: list[dict] | None = None):
         self.kind, self.id, self.model, self.tokenizer = kind, request_id, model, tokenizer
         self.choices = [ChoiceState() for _ in range(n)]
         self.echo_text = echo_text
         self.include_usage = include_usage
         self.tokens_as_ids = tokens_as_ids
         self.token_bytes = token_bytes  # TokenBytes: a token's exact bytes
+        self.tools = tools  # the tools a chat reply may call (parsed out of its text), or None
 
     @property
     def done(self) -> bool:
@@ -90,11 +97,14 @@ class ResponseBuilder:
     def final(self, req: Request):
         usage = self.usage(req)
         if self.kind == "chat":
-            return P.ChatCompletionResponse(id=self.id, model=self.model, usage=usage, choices=[
-                P.ChatCompletionResponseChoice(index=i, message=P.ChatCompletionMessage(content=c.text),
-                                               finish_reason=c.finish_reason,
-                                               logprobs=self._chat_logprobs(c.logprobs))
-                for i, c in enumerate(self.choices)])
+            choices = []
+            for i, c in enumerate(self.choices):
+                content, calls = parse_tool_calls(c.text, self.tools) if self.tools else (c.text, [])
+                message = P.ChatCompletionMessage(content=content, tool_calls=calls or None)
+                choices.append(P.ChatCompletionResponseChoice(
+                    index=i, message=message, finish_reason="tool_calls" if calls else c.finish_reason,
+                    logprobs=self._chat_logprobs(c.logprobs)))
+            return P.ChatCompletionResponse(id=self.id, model=self.model, usage=usage, choices=choices)
         prompt_infos = self.prompt_logprobs(req)
         return P.CompletionResponse(id=self.id, model=self.model, usage=usage, choices=[
             P.CompletionChoice(index=i, text=self.echo_text + c.text, finish_reason=c.finish_reason,
@@ -116,6 +126,9 @@ class ResponseBuilder:
         self.add(outs)
         result = []
         for o in outs:
+            if self.kind == "chat" and self.tools:
+                result.extend(self._tool_mode_chunks(o))
+                continue
             if o.text or o.logprobs:
                 if self.kind == "chat":
                     result.append(self._chat_chunk(o.index, P.DeltaMessage(content=o.text), None,
@@ -129,6 +142,43 @@ class ResponseBuilder:
                 else:
                     result.append(self._text_chunk(o.index, "", o.finish_reason))
         return result
+
+    def _tool_mode_chunks(self, o: TokenOutput) -> list:
+        """Chat streaming when tools are offered: text that may be a tool call is held until the
+        choice ends, then sent as `delta.tool_calls` (id and name first, then the arguments in pieces)."""
+        c = self.choices[o.index]
+        out = []
+        if not c.plain:
+            c.held += o.text
+            c.held_logprobs += o.logprobs or []
+            head = c.held.lstrip()
+            if head and not any(head.startswith(p) or p.startswith(head) for p in TOOL_PREFIXES):
+                c.plain = True
+                out.append(self._chat_chunk(o.index, P.DeltaMessage(content=c.held), None,
+                                            self._chat_logprobs(c.held_logprobs)))
+        elif o.text or o.logprobs:
+            out.append(self._chat_chunk(o.index, P.DeltaMessage(content=o.text), None, self._chat_logprobs(o.logprobs)))
+        if not o.finish_reason:
+            return out
+        finish = o.finish_reason
+        if not c.plain:
+            content, calls = parse_tool_calls(c.held, self.tools)
+            if content:
+                out.append(self._chat_chunk(o.index, P.DeltaMessage(content=content), None,
+                                            self._chat_logprobs(c.held_logprobs)))
+            for k, call in enumerate(calls):
+                fn = call["function"]
+                out.append(self._chat_chunk(o.index, P.DeltaMessage(tool_calls=[
+                    {"index": k, "id": call["id"], "type": "function",
+                     "function": {"name": fn["name"], "arguments": ""}}]), None))
+                args = fn["arguments"]
+                for at in range(0, len(args), 16):
+                    out.append(self._chat_chunk(o.index, P.DeltaMessage(tool_calls=[
+                        {"index": k, "function": {"arguments": args[at:at + 16]}}]), None))
+            if calls:
+                finish = "tool_calls"
+        out.append(self._chat_chunk(o.index, P.DeltaMessage(), finish))
+        return out
 
     def _chat_chunk(self, index: int, delta: P.DeltaMessage, finish: str | None, logprobs=None):
         chunk = P.ChatCompletionStreamResponse(id=self.id, model=self.model, choices=[
