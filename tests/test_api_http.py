@@ -206,3 +206,8 @@ def test_length_cut_mid_character_drops_unfinished_bytes(server, tok):
     assert "".join(c["choices"][0]["text"] for c in chunks) == r["text"]
     msg = post(server, "/v1/chat/completions", {"messages": MSG, **{k: v for k, v in body.items() if k != "prompt"}})
     assert "\ufffd" not in msg.json()["choices"][0]["message"]["content"]
+
+
+def test_no_cors_by_default(server):
+    r = httpx.get(server.base + "/v1/models", headers={"Origin": "http://ui.example"})
+    assert "access-control-allow-origin" not in r.headers

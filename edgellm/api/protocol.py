@@ -246,6 +246,51 @@ class CompletionRequest(SamplingFields):
         return v
 
 
+class EmbeddingRequest(BaseModel):
+    model: str | None = None
+    input: str | list[str] | list[int] | list[list[int]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(default=None, gt=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unknown(cls, data: Any) -> Any:
+        return _refuse_unknown(cls, data)
+
+    @field_validator("input")
+    @classmethod
+    def _nonempty(cls, v):
+        if isinstance(v, list) and not v:
+            raise ValueError("input must not be empty")
+        if isinstance(v, list) and len(v) > 2048:
+            raise ValueError("at most 2048 inputs per request")
+        return v
+
+
+class TokenizeRequest(BaseModel):
+    """llama.cpp's /tokenize body."""
+
+    content: str
+    add_special: bool = False
+    with_pieces: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unknown(cls, data: Any) -> Any:
+        return _refuse_unknown(cls, data)
+
+
+class DetokenizeRequest(BaseModel):
+    """llama.cpp's /detokenize body."""
+
+    tokens: list[int]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unknown(cls, data: Any) -> Any:
+        return _refuse_unknown(cls, data)
+
+
 def parse_request(cls: type[BaseModel], kwargs: dict[str, Any]) -> Any:
     """Validate request kwargs; errors become BadRequestError naming the parameter."""
     try:

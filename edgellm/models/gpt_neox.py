@@ -151,12 +151,14 @@ class Model(nn.Module):
         with torch.device("cpu"):  # real tables even when the weights are built on "meta"
             self.rope = RopeCache(*rope_table(cfg.rope, cfg.rot_dim, max_positions))
 
-    def forward(self, ids: torch.Tensor, step: Step, cache: KVCacheLike) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, step: Step, cache: KVCacheLike, hidden: bool = False) -> torch.Tensor:
         x = self.gpt_neox.embed_in(ids)
         cos, sin = self.rope(step.positions)
         for layer in self.gpt_neox.layers:
             x = layer(x, cos, sin, step, cache)
         h = self.gpt_neox.final_layer_norm(select_rows(x, step))
+        if hidden:
+            return h
         if self.cfg.tie_word_embeddings:
             return tied_logits(self.gpt_neox.embed_in, h).float()
         return self.embed_out(h).float()

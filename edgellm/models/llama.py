@@ -137,9 +137,11 @@ class Model(nn.Module):
             out = torch.tanh(out / self.cfg.final_softcap) * self.cfg.final_softcap
         return out
 
-    def forward(self, ids: torch.Tensor, step: Step, cache: KVCacheLike) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, step: Step, cache: KVCacheLike, hidden: bool = False) -> torch.Tensor:
+        """Logits [rows, vocab]; with `hidden`, the final normed hidden states [rows, hidden_size] instead."""
         x = self.embed(ids)
         cos, sin = self.rope(step.positions)
         for layer in self.model.layers:
             x = layer(x, cos, sin, step, cache)
-        return self.logits(self.model.norm(select_rows(x, step)))
+        h = self.model.norm(select_rows(x, step))
+        return h if hidden else self.logits(h)

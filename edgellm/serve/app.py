@@ -11,11 +11,19 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request as StarletteRequest
 
-from edgellm.api.protocol import ChatCompletionRequest, CompletionRequest, describe_error
+from edgellm.api.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    EmbeddingRequest,
+    TokenizeRequest,
+    describe_error,
+)
 from edgellm.errors import BadRequestError, EngineTerminatedError, UserError
 from edgellm.serve.metrics import render_prometheus
 from edgellm.serve.ui import mount_ui
@@ -80,7 +88,8 @@ class _RawReceive:
 
 
 def create_app(engine, api_key: str | None = None, model_aliases: tuple[str, ...] = (),
-               max_body_bytes: int = MAX_BODY_BYTES, ui: bool = True) -> FastAPI:
+               max_body_bytes: int = MAX_BODY_BYTES, ui: bool = True,
+               allowed_origins: tuple[str, ...] = ()) -> FastAPI:
     """A FastAPI app serving `engine` (an AsyncEngine), and the browser chat page at `/` unless `ui` is false."""
     app = FastAPI(title="edgellm", version=_version(), description="OpenAI-compatible API served by edgellm")
     names = {engine.model_id, *model_aliases}
@@ -145,6 +154,30 @@ def create_app(engine, api_key: str | None = None, model_aliases: tuple[str, ...
     async def completions(body: CompletionRequest, request: Request):
         return await run("text", body, request)
 
+    @app.post("/v1/embeddings")
+    async def embeddings(body: EmbeddingRequest):
+        bad = check_model(body.model)
+        if bad is not None:
+            return bad
+        try:
+            return await engine.embed(body)
+        except BadRequestError as e:
+            return error_response(400, str(e), param=e.param, code=e.code)
+        except EngineTerminatedError as e:
+            return error_response(503, str(e), type_="server_error")
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest):
+        tokens = await asyncio.to_thread(engine.tokenize, body.content, body.add_special, body.with_pieces)
+        return {"tokens": tokens}
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest):
+        try:
+            return {"content": await asyncio.to_thread(engine.detokenize, body.tokens)}
+        except BadRequestError as e:
+            return error_response(400, str(e), param=e.param)
+
     @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [_model_card(engine)]}
@@ -182,6 +215,9 @@ def create_app(engine, api_key: str | None = None, model_aliases: tuple[str, ...
         mount_ui(app)
     app.add_middleware(BodyLimit, limit=max_body_bytes)
     app.add_middleware(_RawReceive)
+    if allowed_origins:  # outermost: a browser's preflight (no API key) is answered before auth
+        app.add_middleware(CORSMiddleware, allow_origins=list(allowed_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["*"])
     return app
 
 
