@@ -168,5 +168,5 @@ class Frontend:
         builder = ResponseBuilder(kind, req.request_id, r.model or model_id, r.n, self.tokenizer,
                                   echo_text=echo, include_usage=include_usage,
                                   tokens_as_ids=r.return_tokens_as_token_ids, token_bytes=self.token_bytes,
-                                  tools=tools)
+                                  tools=tools, parallel_tool_calls=getattr(r, "parallel_tool_calls", None) is not False)
         return req, builder, r

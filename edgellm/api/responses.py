@@ -25,7 +25,7 @@ class ResponseBuilder:
 
     def __init__(self, kind: str, request_id: str, model: str, n: int, tokenizer,
                  echo_text: str = "", include_usage: bool = False, tokens_as_ids: bool = False, token_bytes=None,
-                 tools: list[dict] | None = None):
+                 tools: list[dict] | None = None, parallel_tool_calls: bool = True):
         self.kind, self.id, self.model, self.tokenizer = kind, request_id, model, tokenizer
         self.choices = [ChoiceState() for _ in range(n)]
         self.echo_text = echo_text
@@ -33,6 +33,7 @@ class ResponseBuilder:
         self.tokens_as_ids = tokens_as_ids
         self.token_bytes = token_bytes  # TokenBytes: a token's exact bytes
         self.tools = tools  # the tools a chat reply may call (parsed out of its text), or None
+        self.parallel_tool_calls = parallel_tool_calls  # False: only a reply's first call counts
 
     @property
     def done(self) -> bool:
@@ -99,7 +100,7 @@ class ResponseBuilder:
         if self.kind == "chat":
             choices = []
             for i, c in enumerate(self.choices):
-                content, calls = parse_tool_calls(c.text, self.tools) if self.tools else (c.text, [])
+                content, calls = self._parse(c.text) if self.tools else (c.text, [])
                 message = P.ChatCompletionMessage(content=content, tool_calls=calls or None)
                 choices.append(P.ChatCompletionResponseChoice(
                     index=i, message=message, finish_reason="tool_calls" if calls else c.finish_reason,
@@ -143,6 +144,10 @@ class ResponseBuilder:
                     result.append(self._text_chunk(o.index, "", o.finish_reason))
         return result
 
+    def _parse(self, text: str) -> tuple[str | None, list[dict]]:
+        content, calls = parse_tool_calls(text, self.tools)
+        return content, calls if self.parallel_tool_calls else calls[:1]
+
     def _tool_mode_chunks(self, o: TokenOutput) -> list:
         """Chat streaming when tools are offered: text that may be a tool call is held until the
         choice ends, then sent as `delta.tool_calls` (id and name first, then the arguments in pieces)."""
@@ -162,7 +167,7 @@ class ResponseBuilder:
             return out
         finish = o.finish_reason
         if not c.plain:
-            content, calls = parse_tool_calls(c.held, self.tools)
+            content, calls = self._parse(c.held)
             if content:
                 out.append(self._chat_chunk(o.index, P.DeltaMessage(content=content), None,
                                             self._chat_logprobs(c.held_logprobs)))
