@@ -11,7 +11,7 @@ from typing import Any
 from edgellm.api.engine import EngineBase
 from edgellm.api.responses import ResponseBuilder
 from edgellm.engine.request import Request
-from edgellm.errors import BadRequestError
+from edgellm.errors import BadRequestError, EngineTerminatedError
 
 PREPARE_TIMEOUT_S = 30.0
 
@@ -30,6 +30,15 @@ class _AsyncChat:
         self.completions = _AsyncCompletions(engine, "chat")
 
 
+class _AsyncEmbeddings:
+    def __init__(self, engine: AsyncEngine):
+        self.engine = engine
+
+    async def create(self, **kwargs: Any) -> dict:
+        """Embeddings of `input` (a string, strings, or token ids), OpenAI's response shape as a dict."""
+        return await self.engine.embed(kwargs)
+
+
 class AsyncEngine(EngineBase):
     """Engine for asyncio programs (the HTTP server uses it); requests batch continuously."""
 
@@ -41,6 +50,7 @@ class AsyncEngine(EngineBase):
         self._prepare = ThreadPoolExecutor(max_workers=2, thread_name_prefix="edgellm-prepare")
         self.chat = _AsyncChat(self)
         self.completions = _AsyncCompletions(self, "text")
+        self.embeddings = _AsyncEmbeddings(self)
 
     async def __aenter__(self) -> AsyncEngine:
         return self
@@ -56,6 +66,12 @@ class AsyncEngine(EngineBase):
         """A parsed request (the server's `ChatCompletionRequest` / `CompletionRequest`, validated once):
         the completion, or an async iterator of chunks when it streams. `kind` is "chat" or "text"."""
         return await self._create(kind, request)
+
+    async def embed(self, request) -> dict:
+        """An embeddings request (the server's `EmbeddingRequest` or a dict) answered off the event loop."""
+        if self.terminated:
+            raise EngineTerminatedError()
+        return await asyncio.to_thread(self.embedder.create, request)
 
     async def _create(self, kind: str, request):
         loop = asyncio.get_running_loop()

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from edgellm.api.embeddings import Embedder
 from edgellm.api.frontend import Frontend
 from edgellm.api.responses import ResponseBuilder
 from edgellm.config import load_chat_config
@@ -14,7 +15,7 @@ from edgellm.engine.build import build_engine, pick_device
 from edgellm.engine.loop import EngineLoop
 from edgellm.engine.options import EngineOptions, make_options
 from edgellm.engine.request import Request
-from edgellm.errors import EngineTerminatedError, UserError
+from edgellm.errors import BadRequestError, EngineTerminatedError, UserError
 from edgellm.prepare import prepare_model
 
 __all__ = ["Engine", "EngineBase", "pick_device"]
@@ -49,8 +50,10 @@ class EngineBase:
         self.frontend = Frontend(Path(self.model_dir), self.config, self.context_window, self.options,
                                  vocab_limit=model.cfg.vocab_size if model is not None else None,
                                  fits=self.core.pool.fits)
+        self.frontend.prompt_logprobs = model_lib is None
         self.loop = EngineLoop(self.core)
         self.terminated = False
+        self.embedder = Embedder(self)
 
     # What tests and tools look at; the core owns them.
     @property
@@ -68,6 +71,30 @@ class EngineBase:
     def chat_prompt(self, messages: list[dict[str, Any]]) -> list[int]:
         """Token ids of a conversation rendered with the model's template."""
         return self.frontend.chat_prompt(messages)
+
+    def tokenize(self, text: str, add_special: bool = False, with_pieces: bool = False) -> list:
+        """Token ids of `text` (llama.cpp's /tokenize); with_pieces: [{"id", "piece"}], a piece being
+        its text, or its bytes when they are not complete UTF-8."""
+        ids = self.tokenizer.encode(text, add_special_tokens=add_special)
+        if not with_pieces:
+            return ids
+        out = []
+        for tid in ids:
+            raw = self.frontend.token_bytes(tid)
+            try:
+                piece: str | list[int] = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                piece = list(raw)
+            out.append({"id": tid, "piece": piece})
+        return out
+
+    def detokenize(self, tokens: list[int]) -> str:
+        """Text of token ids (special tokens included, as llama.cpp's /detokenize)."""
+        bad = [t for t in tokens if not 0 <= t < self.config.vocab_size]
+        if bad:
+            raise BadRequestError(f"token id {bad[0]} is outside the vocabulary (size {self.config.vocab_size})",
+                                  param="tokens")
+        return self.tokenizer.decode(tokens, skip_special_tokens=False)
 
     def _build(self, kind: str, request, sink) -> tuple[Request, ResponseBuilder, Any]:
         if self.terminated:
@@ -116,6 +143,17 @@ class _Chat:
         self.completions = _SyncCompletions(engine, "chat")
 
 
+class _Embeddings:
+    def __init__(self, engine: Engine):
+        self.engine = engine
+
+    def create(self, **kwargs: Any) -> dict:
+        """Embeddings of `input` (a string, strings, or token ids), OpenAI's response shape as a dict."""
+        if self.engine.terminated:
+            raise EngineTerminatedError()
+        return self.engine.embedder.create(kwargs)
+
+
 class Engine(EngineBase):
     """Blocking, thread-safe engine: `engine.chat.completions.create(...)` like OpenAI's client.
 
@@ -127,6 +165,7 @@ class Engine(EngineBase):
         super().__init__(model, model_lib, device, **kwargs)
         self.chat = _Chat(self)
         self.completions = _SyncCompletions(self, "text")
+        self.embeddings = _Embeddings(self)
 
     def __enter__(self) -> Engine:
         return self

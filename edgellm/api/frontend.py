@@ -14,6 +14,8 @@ from typing import Any
 from edgellm.api import protocol as P
 from edgellm.api.processor import OutputProcessor
 from edgellm.api.responses import ResponseBuilder
+from edgellm.api.tokens import TokenBytes
+from edgellm.api.tools import forced_schema, template_messages
 from edgellm.config import ChatConfig
 from edgellm.engine.options import EngineOptions
 from edgellm.engine.request import Request, SamplingParams
@@ -26,6 +28,18 @@ MAX_STOP_STRINGS = 16
 MAX_STOP_LENGTH = 256
 
 
+def chat_prompt(tokenizer: Tokenizer, conv: Conversation | None, messages: list[dict[str, Any]],
+                tools: list[dict[str, Any]] | None = None) -> list[int]:
+    """Token ids of a conversation rendered with the named template `conv` or (None) the model's jinja one."""
+    if conv is not None:
+        msgs = template_messages(messages, tools, False, "tool" in conv.roles)
+        return tokenizer.encode_prompt(render(conv, msgs))
+    # The model's jinja template gets `tools` when it renders them; otherwise Hermes instructions.
+    renders = "tools" in (tokenizer.chat_template or "")
+    msgs = template_messages(messages, tools, renders, True)
+    return tokenizer.encode(tokenizer.apply_chat_template(msgs, tools=tools if renders else None))
+
+
 class Frontend:
     """Everything a request needs to know about the model's text side: tokenizer, template, stops."""
 
@@ -36,6 +50,7 @@ class Frontend:
         self.vocab_limit = min(config.vocab_size, vocab_limit or config.vocab_size)
         self.fits = fits  # whether a sequence of n tokens fits the KV budget alone
         self.tokenizer = Tokenizer.from_dir(model_dir)
+        self.token_bytes = TokenBytes(self.tokenizer)
         self.conv: Conversation | None = None
         if config.conv_template != "auto":
             self.conv = load_template(config.conv_template)
@@ -45,6 +60,7 @@ class Frontend:
         if self.tokenizer.eos_token_id is not None:
             self.stop_ids.add(self.tokenizer.eos_token_id)
         self._grammar = None  # GrammarCompiler, built on the first response_format
+        self.prompt_logprobs = True  # whether the runner can return the prompt rows' logits
 
     # ---- pieces ---------------------------------------------------------------------------------
     def sampling_params(self, r: P.SamplingFields, logprobs: bool, top_logprobs: int) -> SamplingParams:
@@ -78,18 +94,19 @@ class Frontend:
             stops += [s for s in self.conv.stop_str if s not in stops]
         return stops
 
-    def chat_prompt(self, messages: list[dict[str, Any]]) -> list[int]:
-        """Token ids of a conversation rendered with the model's template."""
-        if self.conv is not None:
-            return self.tokenizer.encode_prompt(render(self.conv, messages))
-        return self.tokenizer.encode(self.tokenizer.apply_chat_template(messages))
+    def chat_prompt(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> list[int]:
+        """Token ids of a conversation (with the tools offered, if any) rendered with the model's template."""
+        return chat_prompt(self.tokenizer, self.conv, messages, tools)
 
-    def grammar(self, response_format: P.ResponseFormat):
+    def _compiler(self):
         if self._grammar is None:
             from edgellm.api.grammar import GrammarCompiler
 
             self._grammar = GrammarCompiler(self.tokenizer, self.config.vocab_size, self.stop_ids)
-        return self._grammar.compile(response_format)
+        return self._grammar
+
+    def grammar(self, response_format: P.ResponseFormat):
+        return self._compiler().compile(response_format)
 
     # ---- a whole request -------------------------------------------------------------------------
     def parse(self, kind: str, request: P.SamplingFields | dict[str, Any]) -> P.SamplingFields:
@@ -101,9 +118,12 @@ class Frontend:
               model_id: str) -> tuple[Request, ResponseBuilder, P.SamplingFields]:
         """(engine request whose outputs go to `sink(list[TokenOutput])`, response builder, parsed request)."""
         r = self.parse(kind, request)
+        tools = None
         if kind == "chat":
-            messages = [{"role": m.role, "content": m.text()} for m in r.messages]
-            prompt = self.chat_prompt(messages)
+            messages = [m.to_dict() for m in r.messages]
+            if r.tools and r.tool_choice != "none":
+                tools = r.tool_dicts()
+            prompt = self.chat_prompt(messages, tools)
             if not prompt:
                 raise BadRequestError("the messages render to an empty prompt", param="messages")
             bad = [t for t in prompt if t >= self.vocab_limit]
@@ -112,6 +132,9 @@ class Frontend:
                                       f"(size {self.vocab_limit})", param="messages")
             params = self.sampling_params(r, r.logprobs, r.top_logprobs or 0)
             echo = ""
+            forced, name = r.forced_tool()
+            if tools and forced:
+                params.grammar = self._compiler().compile_tool_call(forced_schema(tools, name))
         else:
             if isinstance(r.prompt, str):
                 prompt = self.tokenizer.encode(r.prompt, add_special_tokens=True)
@@ -126,6 +149,10 @@ class Frontend:
             if not prompt:
                 raise BadRequestError("prompt is empty", param="prompt")
             params = self.sampling_params(r, r.logprobs is not None, r.logprobs or 0)
+            if r.echo and r.logprobs is not None:
+                if not self.prompt_logprobs:
+                    raise BadRequestError("echo with logprobs needs the eager engine (no --model-lib)", param="echo")
+                params.prompt_logprobs = True
         if len(prompt) >= self.context_window:
             raise ContextWindowError(len(prompt), self.context_window)
         if not self.fits(len(prompt) + 1):
@@ -140,5 +167,6 @@ class Frontend:
         include_usage = bool(r.stream and r.stream_options and r.stream_options.include_usage)
         builder = ResponseBuilder(kind, req.request_id, r.model or model_id, r.n, self.tokenizer,
                                   echo_text=echo, include_usage=include_usage,
-                                  tokens_as_ids=r.return_tokens_as_token_ids)
+                                  tokens_as_ids=r.return_tokens_as_token_ids, token_bytes=self.token_bytes,
+                                  tools=tools, parallel_tool_calls=getattr(r, "parallel_tool_calls", None) is not False)
         return req, builder, r

@@ -27,6 +27,38 @@ def _vocab_type(tokenizer) -> Any:
     return xgr.VocabType.RAW
 
 
+def draft07_to_2020_12(node: Any) -> Any:
+    """Rewrite the draft-07 forms clients still send into JSON Schema 2020-12, which xgrammar reads:
+    `definitions` -> `$defs` (and their `$ref`s), array-form `items` -> `prefixItems` with
+    `additionalItems` -> `items`."""
+    if isinstance(node, list):
+        return [draft07_to_2020_12(x) for x in node]
+    if not isinstance(node, dict):
+        return node
+    out = {}
+    for key, value in node.items():
+        if key == "definitions" and isinstance(value, dict):
+            out.setdefault("$defs", {}).update({k: draft07_to_2020_12(v) for k, v in value.items()})
+        elif key == "$defs" and isinstance(value, dict):
+            out.setdefault("$defs", {}).update({k: draft07_to_2020_12(v) for k, v in value.items()})
+        elif key == "$ref" and isinstance(value, str) and "/definitions/" in value:
+            out[key] = value.replace("/definitions/", "/$defs/")
+        elif key == "items" and isinstance(value, list):
+            out["prefixItems"] = draft07_to_2020_12(value)
+            extra = node.get("additionalItems", True if "additionalItems" not in node else node["additionalItems"])
+            if extra is not True:
+                out["items"] = draft07_to_2020_12(extra)
+        elif key == "additionalItems":
+            continue  # folded into `items` above (meaningless without array-form items)
+        elif key == "$schema":
+            continue
+        elif key in ("properties", "patternProperties", "dependentSchemas") and isinstance(value, dict):
+            out[key] = {name: draft07_to_2020_12(v) for name, v in value.items()}  # names, not keywords
+        else:
+            out[key] = draft07_to_2020_12(value)
+    return out
+
+
 class GrammarCompiler:
     """One per engine: the tokenizer's vocabulary as xgrammar needs it, and a grammar cache."""
 
@@ -51,6 +83,12 @@ class GrammarCompiler:
         elif response_format.schema_ is not None:
             schema = response_format.schema_
         text = None if schema is None else schema if isinstance(schema, str) else json.dumps(schema, sort_keys=True)
+        if text is not None and len(text) <= MAX_SCHEMA_CHARS:
+            try:  # draft-07 forms become 2020-12 (the cache key is the translated schema)
+                text = json.dumps(draft07_to_2020_12(json.loads(text)), sort_keys=True)
+            except ValueError:
+                raise BadRequestError("response_format: the JSON schema is not valid JSON",
+                                      param="response_format") from None
         if text is not None and len(text) > MAX_SCHEMA_CHARS:
             # compile time grows faster than linearly with a schema's size (a 1 MB enum takes minutes)
             raise BadRequestError(f"response_format: the JSON schema has {len(text)} characters; at most "
@@ -73,6 +111,15 @@ class GrammarCompiler:
             while len(self._cache) > GRAMMAR_CACHE_SIZE:
                 self._cache.popitem(last=False)
         return result
+
+
+    def compile_tool_call(self, schema: dict) -> CompiledResponseFormat:
+        """A grammar for one compact JSON tool call (no free whitespace for a model to ramble in)."""
+        try:
+            compiled = self.compiler.compile_json_schema(json.dumps(draft07_to_2020_12(schema)), any_whitespace=False)
+        except Exception as e:
+            raise BadRequestError(f"invalid tool parameters schema: {e}", param="tools") from None
+        return CompiledResponseFormat(compiled, self.vocab_size)
 
 
 class CompiledResponseFormat:

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from edgellm.engine.request import Request, SeqOutput
 from edgellm.tokenizer.streamer import StopMatcher, StreamDecoder
 
+_REPLACEMENT = "\ufffd"
+
 
 @dataclass
 class TokenOutput:
@@ -43,9 +45,12 @@ class OutputProcessor:
         for o in outs:
             decoder, stopper = self.decoders[o.index], self.stoppers[o.index]
             finish, text = o.finish_reason, ""
-            for tok in o.token_ids:
+            infos = []  # logprob entries of the tokens that made text (never a stop token's)
+            for k, tok in enumerate(o.token_ids):
                 if finish == "stop" and req.is_stop_token(tok):
                     continue  # a stop token is not text
+                if o.logprobs and k < len(o.logprobs):
+                    infos.append(o.logprobs[k])
                 piece, stopped = stopper.feed(decoder.put(tok))
                 text += piece
                 if stopped:
@@ -54,10 +59,13 @@ class OutputProcessor:
                         stops.append(o.index)
                     break
             if finish not in (None, "abort") and not stopper.stopped:  # release held-back text
-                text += stopper.feed(decoder.flush())[0]
+                tail = decoder.flush()
+                if finish == "length":  # cut mid-character: drop the unfinished bytes, not a U+FFFD
+                    tail = tail.rstrip(_REPLACEMENT)
+                text += stopper.feed(tail)[0]
                 if not stopper.stopped:
                     text += stopper.flush()
-            texts.append(TokenOutput(o.index, o.token_ids, text, o.logprobs, finish))
+            texts.append(TokenOutput(o.index, o.token_ids, text, infos or None, finish))
             self._open -= finish is not None
         if self.buffered:
             self._held.extend(texts)

@@ -6,13 +6,37 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 from edgellm.errors import BadRequestError
 
 
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+# Request fields accepted and ignored because they change nothing about the answer (docs/api.md).
+HARMLESS_FIELDS = frozenset({"user", "metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier"})
+
+
+def _refuse_unknown(cls: type[BaseModel], data: Any) -> Any:
+    """A field the server does not implement is a 400 naming it, never silently dropped."""
+    if isinstance(data, dict):
+        known = set(cls.model_fields) | {f.alias for f in cls.model_fields.values() if f.alias}
+        for key in data:
+            if key not in known and key not in HARMLESS_FIELDS:
+                raise PydanticCustomError("unsupported_parameter", "unsupported parameter: {name}", {"name": key})
+    return data
 
 
 class StreamOptions(BaseModel):
@@ -38,6 +62,11 @@ class SamplingFields(BaseModel):
 
     model_config = ConfigDict(extra="ignore", populate_by_name=True)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _unknown(cls, data: Any) -> Any:
+        return _refuse_unknown(cls, data)
+
     model: str | None = None
     max_tokens: int | None = Field(default=None, gt=0)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
@@ -48,7 +77,7 @@ class SamplingFields(BaseModel):
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     repetition_penalty: float | None = Field(default=None, gt=0.0)
     logit_bias: dict[int, float] | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), lt=2**64)
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
     n: int = Field(default=1, ge=1, le=16)  # each choice is a full sequence on a CPU: keep it bounded
@@ -59,6 +88,17 @@ class SamplingFields(BaseModel):
     user: str | None = None
     # vLLM's extension: logprob tokens as "token_id:<id>" (exact ids, no decoding ambiguity)
     return_tokens_as_token_ids: bool = False
+    # MLC-LLM's extension, sent by its clients and tests: {"ignore_eos": true} is honoured; its other keys
+    # (grammar execution mode, special requests) tune MLC's own engine and change nothing here.
+    debug_config: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _stream_options(self) -> SamplingFields:
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options is only allowed with stream=true")
+        if self.debug_config and self.debug_config.get("ignore_eos"):
+            self.ignore_eos = True
+        return self
 
     @field_validator("logit_bias")
     @classmethod
@@ -88,11 +128,55 @@ class SamplingFields(BaseModel):
         return v
 
 
+class FunctionDef(BaseModel):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(BaseModel):
+    type: Literal["function"] = "function"
+    function: FunctionDef
+
+
+class ToolCallFunction(BaseModel):
+    name: str
+    arguments: str | dict[str, Any] = ""
+
+
+class ToolCall(BaseModel):
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+
+    @model_validator(mode="after")
+    def _tool_fields(self) -> ChatMessage:
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only assistant messages carry tool_calls")
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a tool message needs the tool_call_id it answers")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        """The message for a chat template: role, text content, and the tool-call fields."""
+        d: dict[str, Any] = {"role": self.role, "content": self.text()}
+        if self.tool_calls:
+            d["tool_calls"] = [c.model_dump() for c in self.tool_calls]
+        if self.tool_call_id:
+            d["tool_call_id"] = self.tool_call_id
+        if self.name:
+            d["name"] = self.name
+        return d
 
     def text(self) -> str | None:
         if self.content is None or isinstance(self.content, str):
@@ -110,9 +194,33 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     max_completion_tokens: int | None = Field(default=None, gt=0)
+    tools: list[Tool] | None = None
+    # "none" | "auto" | "required" | {"type": "function", "function": {"name": ...}}
+    tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+
+    def tool_dicts(self) -> list[dict[str, Any]]:
+        return [t.model_dump(exclude_none=True) for t in self.tools or []]
+
+    def forced_tool(self) -> tuple[bool, str | None]:
+        """(whether a call is required, the function it must be or None for any)."""
+        choice = self.tool_choice
+        if isinstance(choice, dict):
+            return True, (choice.get("function") or {}).get("name")
+        return choice == "required", None
 
     @model_validator(mode="after")
     def _check(self) -> ChatCompletionRequest:
+        if self.tool_choice is not None and self.tool_choice != "none" and not self.tools:
+            raise ValueError("tool_choice needs tools")
+        if isinstance(self.tool_choice, dict):
+            fn = self.tool_choice.get("function")
+            if self.tool_choice.get("type") != "function" or not isinstance(fn, dict) or "name" not in fn:
+                raise ValueError('tool_choice must be "none", "auto", "required" or '
+                                 '{"type": "function", "function": {"name": ...}}')
+        if self.tools and self.response_format is not None and self.response_format.type != "text" \
+                and self.forced_tool()[0]:
+            raise ValueError("response_format cannot be combined with a required tool call")
         if not self.messages:
             raise ValueError("messages must not be empty")
         if self.top_logprobs and not self.logprobs:
@@ -143,15 +251,77 @@ class CompletionRequest(SamplingFields):
         return v
 
 
+class EmbeddingRequest(BaseModel):
+    model: str | None = None
+    input: str | list[str] | list[int] | list[list[int]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(default=None, gt=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unknown(cls, data: Any) -> Any:
+        return _refuse_unknown(cls, data)
+
+    @field_validator("input")
+    @classmethod
+    def _nonempty(cls, v):
+        if isinstance(v, list) and not v:
+            raise ValueError("input must not be empty")
+        if isinstance(v, list) and len(v) > 2048:
+            raise ValueError("at most 2048 inputs per request")
+        return v
+
+
+class TokenizeRequest(BaseModel):
+    """llama.cpp's /tokenize body."""
+
+    content: str
+    add_special: bool = False
+    with_pieces: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unknown(cls, data: Any) -> Any:
+        return _refuse_unknown(cls, data)
+
+
+class DetokenizeRequest(BaseModel):
+    """llama.cpp's /detokenize body."""
+
+    tokens: list[int]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unknown(cls, data: Any) -> Any:
+        return _refuse_unknown(cls, data)
+
+
 def parse_request(cls: type[BaseModel], kwargs: dict[str, Any]) -> Any:
     """Validate request kwargs; errors become BadRequestError naming the parameter."""
     try:
         return cls.model_validate(kwargs)
     except ValidationError as e:
-        err = e.errors()[0]
-        param = ".".join(str(p) for p in err.get("loc", ()) if not isinstance(p, int)) or None
-        msg = err.get("msg", "invalid request").removeprefix("Value error, ")
-        raise BadRequestError(f"{param}: {msg}" if param else msg, param=param) from None
+        msg, param = describe_error(e.errors()[0])
+        raise BadRequestError(msg, param=param) from None
+
+
+def describe_error(err: dict) -> tuple[str, str | None]:
+    """(one-line message, parameter) for a pydantic validation error entry."""
+    msg = str(err.get("msg", "invalid request")).removeprefix("Value error, ")
+    if err.get("type") == "unsupported_parameter":
+        return msg, (err.get("ctx") or {}).get("name")
+    param = ".".join(str(p) for p in err.get("loc", ()) if p != "body" and not isinstance(p, int)) or None
+    return (f"{param}: {msg}" if param else msg), param
+
+
+def _keep_null(*names: str):
+    """A serializer keeping `names` as JSON null under exclude_none (OpenAI sends them as null)."""
+    def serialize(self, handler):
+        d = handler(self)
+        for name in names:
+            d.setdefault(name, None)
+        return d
+    return model_serializer(mode="wrap")(serialize)
 
 
 # ---- responses -------------------------------------------------------------------------------
@@ -193,9 +363,12 @@ class Usage(BaseModel):
 class ChatCompletionMessage(BaseModel):
     role: str = "assistant"
     content: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    _ser = _keep_null("content")
 
 
 class ChatCompletionResponseChoice(BaseModel):
+    _ser = _keep_null("finish_reason", "logprobs")
     index: int
     message: ChatCompletionMessage
     finish_reason: str | None = None
@@ -215,16 +388,30 @@ class ChatCompletionResponse(BaseModel):
 class DeltaMessage(BaseModel):
     role: str | None = None
     content: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
 
 
 class ChatCompletionStreamChoice(BaseModel):
+    _ser = _keep_null("finish_reason", "logprobs")
     index: int
     delta: DeltaMessage
     finish_reason: str | None = None
     logprobs: ChoiceLogprobs | None = None
 
 
-class ChatCompletionStreamResponse(BaseModel):
+class _Chunk(BaseModel):
+    # With stream_options.include_usage, OpenAI sends "usage": null on every chunk but the last.
+    _usage_null: bool = PrivateAttr(default=False)
+
+    @model_serializer(mode="wrap")
+    def _ser(self, handler):
+        d = handler(self)
+        if self._usage_null:
+            d.setdefault("usage", None)
+        return d
+
+
+class ChatCompletionStreamResponse(_Chunk):
     id: str
     object: str = "chat.completion.chunk"
     created: int = Field(default_factory=lambda: int(time.time()))
@@ -235,13 +422,14 @@ class ChatCompletionStreamResponse(BaseModel):
 
 
 class CompletionChoice(BaseModel):
+    _ser = _keep_null("finish_reason", "logprobs")
     index: int
     text: str
     finish_reason: str | None = None
     logprobs: CompletionLogprobs | None = None
 
 
-class CompletionResponse(BaseModel):
+class CompletionResponse(_Chunk):
     id: str
     object: str = "text_completion"
     created: int = Field(default_factory=lambda: int(time.time()))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from edgellm.api import protocol as P
 from edgellm.api.processor import TokenOutput
+from edgellm.api.tools import TOOL_PREFIXES, parse_tool_calls
 from edgellm.engine.request import Request
 
 
@@ -13,19 +14,26 @@ class ChoiceState:
         self.finish_reason: str | None = None
         self.token_ids: list[int] = []
         self.logprobs: list[dict] = []
+        # tool mode (streaming): text held back while it may be a tool call, and its logprob entries
+        self.held = ""
+        self.held_logprobs: list[dict] = []
+        self.plain = False  # the reply is known to be text, not a tool call
 
 
 class ResponseBuilder:
     """Accumulates outputs of one request and renders them as chat or text completion objects."""
 
     def __init__(self, kind: str, request_id: str, model: str, n: int, tokenizer,
-                 echo_text: str = "", include_usage: bool = False, tokens_as_ids: bool = False):
+                 echo_text: str = "", include_usage: bool = False, tokens_as_ids: bool = False, token_bytes=None,
+                 tools: list[dict] | None = None, parallel_tool_calls: bool = True):
         self.kind, self.id, self.model, self.tokenizer = kind, request_id, model, tokenizer
         self.choices = [ChoiceState() for _ in range(n)]
         self.echo_text = echo_text
         self.include_usage = include_usage
-        self.sent_role = [False] * n
         self.tokens_as_ids = tokens_as_ids
+        self.token_bytes = token_bytes  # TokenBytes: a token's exact bytes
+        self.tools = tools  # the tools a chat reply may call (parsed out of its text), or None
+        self.parallel_tool_calls = parallel_tool_calls  # False: only a reply's first call counts
 
     @property
     def done(self) -> bool:
@@ -43,6 +51,9 @@ class ResponseBuilder:
                 c.finish_reason = o.finish_reason
 
     # ---- logprobs ------------------------------------------------------------------------
+    def _bytes(self, tid: int) -> list[int]:
+        return list(self.token_bytes(tid)) if self.token_bytes else list(self._token_str(tid).encode())
+
     def _token_str(self, tid: int) -> str:
         if self.tokens_as_ids:
             return f"token_id:{tid}"
@@ -54,9 +65,8 @@ class ResponseBuilder:
         content = []
         for info in infos:
             tok = self._token_str(info["token_id"])
-            tops = [P.TopLogprob(token=self._token_str(t), logprob=lp, bytes=list(self._token_str(t).encode()))
-                    for t, lp in info["top"]]
-            content.append(P.TokenLogprob(token=tok, logprob=info["logprob"], bytes=list(tok.encode()),
+            tops = [P.TopLogprob(token=self._token_str(t), logprob=lp, bytes=self._bytes(t)) for t, lp in info["top"]]
+            content.append(P.TokenLogprob(token=tok, logprob=info["logprob"], bytes=self._bytes(info["token_id"]),
                                           top_logprobs=tops))
         return P.ChoiceLogprobs(content=content)
 
@@ -68,7 +78,10 @@ class ResponseBuilder:
             tok = self._token_str(info["token_id"])
             out.tokens.append(tok)
             out.token_logprobs.append(info["logprob"])
-            out.top_logprobs.append({self._token_str(t): lp for t, lp in info["top"]} or None)
+            if info.get("logprob") is None:  # the first prompt token: nothing predicts it
+                out.top_logprobs.append(None)
+            else:  # the sampled token is always listed, as OpenAI and vLLM do (even with logprobs=0)
+                out.top_logprobs.append({tok: info["logprob"], **{self._token_str(t): lp for t, lp in info["top"]}})
             out.text_offset.append(offset)
             offset += len(tok)
         return out
@@ -85,43 +98,113 @@ class ResponseBuilder:
     def final(self, req: Request):
         usage = self.usage(req)
         if self.kind == "chat":
-            return P.ChatCompletionResponse(id=self.id, model=self.model, usage=usage, choices=[
-                P.ChatCompletionResponseChoice(index=i, message=P.ChatCompletionMessage(content=c.text),
-                                               finish_reason=c.finish_reason,
-                                               logprobs=self._chat_logprobs(c.logprobs))
-                for i, c in enumerate(self.choices)])
+            choices = []
+            for i, c in enumerate(self.choices):
+                content, calls = self._parse(c.text) if self.tools else (c.text, [])
+                message = P.ChatCompletionMessage(content=content, tool_calls=calls or None)
+                choices.append(P.ChatCompletionResponseChoice(
+                    index=i, message=message, finish_reason="tool_calls" if calls else c.finish_reason,
+                    logprobs=self._chat_logprobs(c.logprobs)))
+            return P.ChatCompletionResponse(id=self.id, model=self.model, usage=usage, choices=choices)
+        prompt_infos = self.prompt_logprobs(req)
         return P.CompletionResponse(id=self.id, model=self.model, usage=usage, choices=[
             P.CompletionChoice(index=i, text=self.echo_text + c.text, finish_reason=c.finish_reason,
-                               logprobs=self._completion_logprobs(c.logprobs, len(self.echo_text)))
+                               logprobs=self._completion_logprobs(prompt_infos + c.logprobs if c.logprobs or
+                                                                  prompt_infos else None, 0))
             for i, c in enumerate(self.choices)])
+
+    def prompt_logprobs(self, req: Request) -> list[dict]:
+        """Echoed prompt tokens' logprob entries (the first with logprob None), when asked for."""
+        if not (self.echo_text and req.params.prompt_logprobs):
+            return []
+        rows = req.sequences[0].prompt_logprobs
+        return [{"token_id": req.prompt_ids[0], "logprob": None, "top": []}] + rows
 
     # ---- streaming ------------------------------------------------------------------------
     def chunks(self, outs: list[TokenOutput]) -> list:
-        """Stream chunks for one batch of outputs (one chunk per choice that has something)."""
+        """Stream chunks for one batch of outputs: a choice's new text (with its logprobs), and when
+        it finished a last chunk with an empty delta and the finish reason (as OpenAI frames it)."""
         self.add(outs)
         result = []
         for o in outs:
-            if not o.text and not o.finish_reason and not o.logprobs:
+            if self.kind == "chat" and self.tools:
+                result.extend(self._tool_mode_chunks(o))
                 continue
-            if self.kind == "chat":
-                delta = P.DeltaMessage(content=o.text)
-                if not self.sent_role[o.index]:
-                    delta.role = "assistant"
-                    self.sent_role[o.index] = True
-                choice = P.ChatCompletionStreamChoice(index=o.index, delta=delta, finish_reason=o.finish_reason,
-                                                      logprobs=self._chat_logprobs(o.logprobs))
-                result.append(P.ChatCompletionStreamResponse(id=self.id, model=self.model, choices=[choice]))
-            else:
-                choice = P.CompletionChoice(index=o.index, text=o.text, finish_reason=o.finish_reason,
-                                            logprobs=self._completion_logprobs(o.logprobs, 0))
-                result.append(P.CompletionResponse(id=self.id, model=self.model, choices=[choice]))
+            if o.text or o.logprobs:
+                if self.kind == "chat":
+                    result.append(self._chat_chunk(o.index, P.DeltaMessage(content=o.text), None,
+                                                   self._chat_logprobs(o.logprobs)))
+                else:
+                    result.append(self._text_chunk(o.index, o.text, None,
+                                                   self._completion_logprobs(o.logprobs, 0)))
+            if o.finish_reason:
+                if self.kind == "chat":
+                    result.append(self._chat_chunk(o.index, P.DeltaMessage(), o.finish_reason))
+                else:
+                    result.append(self._text_chunk(o.index, "", o.finish_reason))
         return result
 
+    def _parse(self, text: str) -> tuple[str | None, list[dict]]:
+        content, calls = parse_tool_calls(text, self.tools)
+        return content, calls if self.parallel_tool_calls else calls[:1]
+
+    def _tool_mode_chunks(self, o: TokenOutput) -> list:
+        """Chat streaming when tools are offered: text that may be a tool call is held until the
+        choice ends, then sent as `delta.tool_calls` (id and name first, then the arguments in pieces)."""
+        c = self.choices[o.index]
+        out = []
+        if not c.plain:
+            c.held += o.text
+            c.held_logprobs += o.logprobs or []
+            head = c.held.lstrip()
+            if head and not any(head.startswith(p) or p.startswith(head) for p in TOOL_PREFIXES):
+                c.plain = True
+                out.append(self._chat_chunk(o.index, P.DeltaMessage(content=c.held), None,
+                                            self._chat_logprobs(c.held_logprobs)))
+        elif o.text or o.logprobs:
+            out.append(self._chat_chunk(o.index, P.DeltaMessage(content=o.text), None, self._chat_logprobs(o.logprobs)))
+        if not o.finish_reason:
+            return out
+        finish = o.finish_reason
+        if not c.plain:
+            content, calls = self._parse(c.held)
+            if content:
+                out.append(self._chat_chunk(o.index, P.DeltaMessage(content=content), None,
+                                            self._chat_logprobs(c.held_logprobs)))
+            for k, call in enumerate(calls):
+                fn = call["function"]
+                out.append(self._chat_chunk(o.index, P.DeltaMessage(tool_calls=[
+                    {"index": k, "id": call["id"], "type": "function",
+                     "function": {"name": fn["name"], "arguments": ""}}]), None))
+                args = fn["arguments"]
+                for at in range(0, len(args), 16):
+                    out.append(self._chat_chunk(o.index, P.DeltaMessage(tool_calls=[
+                        {"index": k, "function": {"arguments": args[at:at + 16]}}]), None))
+            if calls:
+                finish = "tool_calls"
+        out.append(self._chat_chunk(o.index, P.DeltaMessage(), finish))
+        return out
+
+    def _chat_chunk(self, index: int, delta: P.DeltaMessage, finish: str | None, logprobs=None):
+        chunk = P.ChatCompletionStreamResponse(id=self.id, model=self.model, choices=[
+            P.ChatCompletionStreamChoice(index=index, delta=delta, finish_reason=finish, logprobs=logprobs)])
+        chunk._usage_null = self.include_usage
+        return chunk
+
+    def _text_chunk(self, index: int, text: str, finish: str | None, logprobs=None):
+        chunk = P.CompletionResponse(id=self.id, model=self.model, choices=[
+            P.CompletionChoice(index=index, text=text, finish_reason=finish, logprobs=logprobs)])
+        chunk._usage_null = self.include_usage
+        return chunk
+
     def first_chunks(self) -> list:
-        """Completions with echo stream the prompt first; chat streams nothing up front."""
-        if self.kind != "chat" and self.echo_text:
-            return [P.CompletionResponse(id=self.id, model=self.model, choices=[
-                P.CompletionChoice(index=i, text=self.echo_text) for i in range(len(self.choices))])]
+        """Chat streams open with the role (and empty content) per choice; completions with echo
+        stream the prompt first."""
+        if self.kind == "chat":
+            return [self._chat_chunk(i, P.DeltaMessage(role="assistant", content=""), None)
+                    for i in range(len(self.choices))]
+        if self.echo_text:
+            return [self._text_chunk(i, self.echo_text, None) for i in range(len(self.choices))]
         return []
 
     def usage_chunk(self, req: Request):

@@ -18,6 +18,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overrides", default=None,
                    help='engine options, e.g. "max_num_sequence=16;max_total_seq_length=16384;prefill_chunk_size=512"')
     p.add_argument("--no-ui", action="store_true", help="do not serve the browser chat page at /")
+    p.add_argument("--allowed-origins", default=None,
+                   help="comma-separated browser origins allowed to call the API (CORS), or '*'; default none")
     p.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024)
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
@@ -38,8 +40,9 @@ def run(args: argparse.Namespace) -> int:
     model_dir = prepare_model(args.model, log=lambda msg: print(msg, file=sys.stderr, flush=True))
     engine = AsyncEngine(str(model_dir), args.model_lib, args.device, mode=args.mode, **overrides)
     aliases = tuple(a for a in (args.model, str(model_dir), engine.config.model_type) if a)
+    origins = tuple(o.strip() for o in (args.allowed_origins or "").split(",") if o.strip())
     app = create_app(engine, api_key=args.api_key, model_aliases=aliases, max_body_bytes=args.max_body_bytes,
-                     ui=not args.no_ui)
+                     ui=not args.no_ui, allowed_origins=origins)
     print(f"Serving {engine.model_id} on http://{args.host}:{args.port}/v1 "
           f"({engine.options.num_sequences} concurrent sequences, context {engine.context_window})",
           file=sys.stderr, flush=True)

@@ -81,7 +81,7 @@ class EngineCore:
     def _run(self, chunks: list, emit) -> tuple[list, torch.Tensor | None]:
         """The runner's step; if it fails, each request's chunks run alone so only the failing ones fail."""
         try:
-            return chunks, self.runner.step(chunks)
+            return chunks, self._runner_step(chunks)
         except Exception as e:
             requests = list(dict.fromkeys(c.seq.request for c in chunks))
             if len(requests) == 1:
@@ -92,12 +92,32 @@ class EngineCore:
         for req in requests:
             own = [c for c in chunks if c.seq.request is req]
             try:
-                rows.append(self.runner.step(own))
+                rows.append(self._runner_step(own))
                 kept += own
             except Exception as e:
                 log.warning("request %s failed: %s", req.request_id, e)
                 emit(req, self.abort(req, error=e))
         return kept, (torch.cat(rows) if rows else None)
+
+    def _runner_step(self, chunks: list):
+        logits = self.runner.step(chunks)
+        for c, rows in getattr(self.runner, "prompt_logits", ()):  # requests with prompt_logprobs
+            self._prompt_logprobs(c.seq, c.start, rows)
+        return logits
+
+    @staticmethod
+    def _prompt_logprobs(seq: Sequence, start: int, rows) -> None:
+        """Logprob entries of prompt tokens start+1.. from the rows at positions start.. (rows [n, vocab])."""
+        lp = torch.log_softmax(rows, dim=-1)
+        targets = torch.tensor(seq.prompt_ids[start + 1:start + 1 + rows.shape[0]], dtype=torch.long)
+        chosen = lp.gather(1, targets[:, None])[:, 0].tolist()
+        k = seq.params.top_logprobs
+        tops = lp.topk(k, dim=-1) if k else None
+        for i, (tok, val) in enumerate(zip(targets.tolist(), chosen)):
+            if start + i < len(seq.prompt_logprobs):
+                continue  # recomputed after a preemption
+            top = list(zip(tops.indices[i].tolist(), tops.values[i].tolist())) if tops is not None else []
+            seq.prompt_logprobs.append({"token_id": tok, "logprob": val, "top": top})
 
     def _append(self, seq: Sequence, tok: int, info: dict | None, t: float) -> SeqOutput:
         req, p = seq.request, seq.request.params

@@ -31,6 +31,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: bool = False
     top_logprobs: int = 0
+    prompt_logprobs: bool = False  # also the prompt tokens' logprobs (the core then skips the prefix cache)
     grammar: Any = None  # compiled grammar with .matcher() (edgellm.api.grammar), or None
 
     @property
@@ -76,6 +77,7 @@ class Sequence:
         if seed is not None:
             self.generator = torch.Generator().manual_seed((int(seed) + index) % 2**63)
         self.grammar_matcher = request.params.grammar.matcher() if request.params.grammar is not None else None
+        self.prompt_logprobs: list[dict] = []  # entries for prompt tokens 1.. (with params.prompt_logprobs)
         self.t_prefill_start: float | None = None
         self.t_first_token: float | None = None
         self.t_last_token: float | None = None

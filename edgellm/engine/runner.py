@@ -30,6 +30,7 @@ class ModelRunner:
     def __init__(self, model: nn.Module, pool: KVPool, device: str = "cpu", opt: str = DEFAULT_OPT):
         self.model, self.pool, self.device, self.opt = model, pool, device, opt
         self.fused = None  # the model's native decode step, when it offers one (O2)
+        self.prompt_logits: list = []  # the last step's [(chunk, logits [n, vocab])] for prompt_logprobs
         if opt != "O0" and str(device) == "cpu":
             from edgellm.quantization.layers import repack_model
 
@@ -40,13 +41,21 @@ class ModelRunner:
 
     def step(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
         """Logits [R, vocab] (float32, on CPU) for the chunks that complete their sequence, in order."""
+        self.prompt_logits = []
         if self.fused is not None and all(c.length == 1 and c.completes for c in chunks):
             with torch.inference_mode():
                 return self.fused(chunks)
         ids: list[int] = []
         rows: list[int] = []
+        prompt_rows: list[tuple[ScheduledChunk, int, int]] = []  # (chunk, first row index in `rows`, count)
         for c in chunks:
+            first = len(ids)
             ids.extend(c.seq.all_ids[c.start:c.start + c.length])
+            # Prompt logprobs: the rows predicting the chunk's next prompt tokens, ahead of the sampling row.
+            n_prompt = min(c.start + c.length, len(c.seq.prompt_ids) - 1) - c.start
+            if c.seq.params.prompt_logprobs and n_prompt > 0:
+                prompt_rows.append((c, len(rows), n_prompt))
+                rows.extend(range(first, first + n_prompt))
             if c.completes:
                 rows.append(len(ids) - 1)
         step = Step([c.seq.slot for c in chunks], [c.start for c in chunks], [c.length for c in chunks],
@@ -56,5 +65,11 @@ class ModelRunner:
             step.positions = step.positions.to(self.device)
             step.logit_rows = step.logit_rows.to(self.device)
         with torch.inference_mode():
-            logits = self.model(tokens, step, self.pool)
-        return logits.float().cpu()
+            logits = self.model(tokens, step, self.pool).float().cpu()
+        self.prompt_logits = [(c, logits[at:at + n]) for c, at, n in prompt_rows]
+        if prompt_rows:  # hand back only the sampling rows
+            keep = torch.ones(len(rows), dtype=torch.bool)
+            for _, at, n in prompt_rows:
+                keep[at:at + n] = False
+            logits = logits[keep]
+        return logits

@@ -57,7 +57,7 @@ class Scheduler:
             seq = self.waiting[0]
             if seq.slot is None:
                 slot, reused = (None, 0)
-                if self.reuse_kv and not seq.output_ids:
+                if self.reuse_kv and not seq.output_ids and not seq.params.prompt_logprobs:
                     slot, reused = self.pool.take_prefix(seq.all_ids)
                 if slot is None:
                     slot = self.pool.new_slot()

@@ -197,9 +197,11 @@ class CausalLM(nn.Module):
             out = torch.tanh(out / self.cfg.final_softcap) * self.cfg.final_softcap
         return out
 
-    def forward(self, ids: torch.Tensor, step: Step, cache: KVCacheLike) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, step: Step, cache: KVCacheLike, hidden: bool = False) -> torch.Tensor:
+        """Logits [rows, vocab]; with `hidden`, the final normed hidden states [rows, hidden_size] instead."""
         x = self.embed(ids)
         cos, sin = self.rope(step.positions)
         for block in self.blocks:
             x = block(x, cos, sin, step, cache)
-        return self.logits(self.final_norm(select_rows(x, step)))
+        h = self.final_norm(select_rows(x, step))
+        return h if hidden else self.logits(h)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import secrets
@@ -10,10 +11,19 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import Request as StarletteRequest
 
-from edgellm.api.protocol import ChatCompletionRequest, CompletionRequest
+from edgellm.api.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    EmbeddingRequest,
+    TokenizeRequest,
+    describe_error,
+)
 from edgellm.errors import BadRequestError, EngineTerminatedError, UserError
 from edgellm.serve.metrics import render_prometheus
 from edgellm.serve.ui import mount_ui
@@ -63,8 +73,23 @@ class _TooLarge(Exception):
     pass
 
 
+class _RawReceive:
+    """ASGI middleware (outermost): keeps the server's own `receive` in the scope. Starlette's
+    BaseHTTPMiddleware (the `@app.middleware` functions) hides the client's disconnect from the
+    endpoint's `request.is_disconnected()`; reading the raw channel sees it."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            scope["edgellm.raw_receive"] = receive
+        return await self.app(scope, receive, send)
+
+
 def create_app(engine, api_key: str | None = None, model_aliases: tuple[str, ...] = (),
-               max_body_bytes: int = MAX_BODY_BYTES, ui: bool = True) -> FastAPI:
+               max_body_bytes: int = MAX_BODY_BYTES, ui: bool = True,
+               allowed_origins: tuple[str, ...] = ()) -> FastAPI:
     """A FastAPI app serving `engine` (an AsyncEngine), and the browser chat page at `/` unless `ui` is false."""
     app = FastAPI(title="edgellm", version=_version(), description="OpenAI-compatible API served by edgellm")
     names = {engine.model_id, *model_aliases}
@@ -81,12 +106,10 @@ def create_app(engine, api_key: str | None = None, model_aliases: tuple[str, ...
     @app.exception_handler(RequestValidationError)
     async def _invalid(_request: Request, exc: RequestValidationError):
         err = (exc.errors() or [{}])[0]
-        loc = [str(p) for p in err.get("loc", ()) if p != "body" and not isinstance(p, int)]
-        param = ".".join(loc) or None
-        msg = str(err.get("msg", "invalid request")).removeprefix("Value error, ")
+        msg, param = describe_error(err)
         if err.get("type") == "json_invalid":
             msg, param = "request body is not valid JSON", None
-        return error_response(400, f"{param}: {msg}" if param else msg, param=param)
+        return error_response(400, msg, param=param)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_request: Request, exc: StarletteHTTPException):
@@ -104,12 +127,14 @@ def create_app(engine, api_key: str | None = None, model_aliases: tuple[str, ...
                                   type_="not_found_error", param="model", code="model_not_found")
         return None
 
-    async def run(kind: str, body):
+    async def run(kind: str, body, request: Request):
         bad = check_model(body.model)
         if bad is not None:
             return bad
         try:
-            result = await engine.run_request(kind, body)
+            result = await _until_disconnect(engine.run_request(kind, body), request, body.stream)
+            if result is None:
+                return error_response(499, "client closed the request", code="client_closed_request")
         except BadRequestError as e:
             return error_response(400, str(e), param=e.param, code=e.code)
         except EngineTerminatedError as e:
@@ -122,12 +147,36 @@ def create_app(engine, api_key: str | None = None, model_aliases: tuple[str, ...
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest):
-        return await run("chat", body)
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        return await run("chat", body, request)
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest):
-        return await run("text", body)
+    async def completions(body: CompletionRequest, request: Request):
+        return await run("text", body, request)
+
+    @app.post("/v1/embeddings")
+    async def embeddings(body: EmbeddingRequest):
+        bad = check_model(body.model)
+        if bad is not None:
+            return bad
+        try:
+            return await engine.embed(body)
+        except BadRequestError as e:
+            return error_response(400, str(e), param=e.param, code=e.code)
+        except EngineTerminatedError as e:
+            return error_response(503, str(e), type_="server_error")
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest):
+        tokens = await asyncio.to_thread(engine.tokenize, body.content, body.add_special, body.with_pieces)
+        return {"tokens": tokens}
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest):
+        try:
+            return {"content": await asyncio.to_thread(engine.detokenize, body.tokens)}
+        except BadRequestError as e:
+            return error_response(400, str(e), param=e.param)
 
     @app.get("/v1/models")
     async def models():
@@ -165,7 +214,32 @@ def create_app(engine, api_key: str | None = None, model_aliases: tuple[str, ...
     if ui:
         mount_ui(app)
     app.add_middleware(BodyLimit, limit=max_body_bytes)
+    app.add_middleware(_RawReceive)
+    if allowed_origins:  # outermost: a browser's preflight (no API key) is answered before auth
+        app.add_middleware(CORSMiddleware, allow_origins=list(allowed_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["*"])
     return app
+
+
+async def _until_disconnect(work, request: Request, stream: bool, poll_s: float = 0.1):
+    """Await `work`; a non-streaming request whose client goes away is cancelled (its task aborts the
+    engine request, freeing its batch slot and KV cache) and None is returned. Streams notice on write."""
+    task = asyncio.ensure_future(work)
+    if stream:
+        return await task
+    raw = StarletteRequest(request.scope, request.scope.get("edgellm.raw_receive", request.receive))
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=poll_s)
+            if done:
+                return task.result()
+            if await raw.is_disconnected():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+                return None
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
 
 
 async def _sse(stream):
