@@ -30,6 +30,8 @@ class ChatConfig:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     top_p: float = 1.0
+    top_k: int = 0  # <= 0: off (MLC's config has no top_k; gen_config writes llama.cpp's default)
+    min_p: float = 0.0
     conv_template: dict | str = "LM"
     pad_token_id: int = 0
     bos_token_id: int | None = 1

@@ -57,8 +57,8 @@ class Frontend:
         return SamplingParams(
             temperature=cfg.temperature if r.temperature is None else r.temperature,
             top_p=cfg.top_p if r.top_p is None else r.top_p,
-            top_k=r.top_k or 0,
-            min_p=r.min_p or 0.0,
+            top_k=cfg.top_k if r.top_k is None else r.top_k,
+            min_p=cfg.min_p if r.min_p is None else r.min_p,
             frequency_penalty=cfg.frequency_penalty if r.frequency_penalty is None else r.frequency_penalty,
             presence_penalty=cfg.presence_penalty if r.presence_penalty is None else r.presence_penalty,
             repetition_penalty=cfg.repetition_penalty if r.repetition_penalty is None else r.repetition_penalty,

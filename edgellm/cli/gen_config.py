@@ -27,7 +27,7 @@ def run(args: argparse.Namespace) -> int:
                      sliding_window_size=args.sliding_window_size,
                      prefill_chunk_size=args.prefill_chunk_size,
                      tensor_parallel_shards=args.tensor_parallel_shards,
-                     max_batch_size=args.max_batch_size, force=args.force)
+                     max_batch_size=args.max_batch_size, force=args.force, log=print)
     print(f"Wrote {args.output}/mlc-chat-config.json ({cfg.model_type}, {cfg.quantization}, "
           f"context {cfg.context_window_size}, tokenizer: {', '.join(cfg.tokenizer_files)})")
     return 0
