@@ -35,6 +35,19 @@ def quantize_rows(weight: torch.Tensor, mode: QuantMode, device: str = "cpu"
     return q_all, s_all
 
 
+def check_device(device: str | None) -> str:
+    """The torch device to quantize on; UserError when this machine does not have it."""
+    d = "cpu" if device in ("auto", None, "") else str(device).strip().lower()
+    base = d.split(":")[0]
+    if base == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+    if base == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise UserError(f"--device {device}: Apple's MPS is not available on this machine; use --device cpu")
+    if base not in ("cpu", "cuda", "mps"):
+        raise UserError(f"--device {device}: unknown device; use cpu, cuda or mps")
+    return d
+
+
 def resolve_model_type(hf_cfg: dict, model_type: str) -> str:
     return hf_cfg.get("model_type") if model_type in (None, "", "auto") else model_type
 
@@ -45,6 +58,7 @@ def convert_weight(config: str | Path, quantization: str, output: str | Path, *,
                    force: bool = False, progress: bool | None = None) -> dict:
     """Convert a model's weights into `output`; returns the tensor-cache manifest."""
     mode = get_mode(quantization)
+    device = check_device(device)
     src, hf_cfg = open_source(config, source, source_format)
     mt = resolve_model_type(hf_cfg, model_type)
     family = get_family(mt)
@@ -54,7 +68,6 @@ def convert_weight(config: str | Path, quantization: str, output: str | Path, *,
     del model
     lora = LoraMerger(lora_adapter) if lora_adapter else None
     mapper = HFMapper(family, arch)
-    device = "cpu" if device in ("auto", None) else device
     written: set[str] = set()
     with staged_output(Path(output), force=force, replaces_shards=True) as stage:
         writer = ShardWriter(stage)
