@@ -37,6 +37,8 @@ class ChatConfig:
     bos_token_id: int | None = 1
     eos_token_id: int | list[int] | None = 2
     tokenizer_files: list[str] = field(default_factory=list)
+    # what differs from the quantization's default layout: {"group_size": 0|64|128, "lm_head_bits": 4|8|16}
+    quantization_layout: dict = field(default_factory=dict)
     tokenizer_info: dict = field(default_factory=dict)
     version: str = VERSION
 

@@ -67,6 +67,27 @@ def choose_sampling(gen: dict, gguf_path: Path | None, explicit: dict | None) ->
     return dict(LLAMA_CPP_SAMPLING), "llama.cpp's defaults: the model carries none"
 
 
+def _layout(output: Path, quantization: str, group_size: int | None, lm_head_bits: int | None) -> dict:
+    """The quantization layout: the flags, else what convert_weight recorded in OUTPUT's tensor cache."""
+    from edgellm.quantization.modes import with_layout
+
+    mode = with_layout(get_mode(quantization), group_size, lm_head_bits)
+    recorded = None
+    for name in ("tensor-cache.json", "ndarray-cache.json"):
+        if (output / name).exists():
+            try:
+                recorded = json.loads((output / name).read_text())["metadata"].get("QuantizationLayout", {})
+            except (OSError, ValueError, KeyError, AttributeError):
+                recorded = None
+            break
+    if recorded is None or (group_size is None and lm_head_bits is None):
+        return mode.layout if recorded is None else get_mode(quantization, recorded).layout
+    if recorded != mode.layout:
+        raise UserError(f"{output} holds weights converted with quantization layout {recorded or 'default'}, "
+                        f"not {mode.layout or 'default'}; drop --group-size/--lm-quant-bit or convert again")
+    return mode.layout
+
+
 def _conv_template(name: str, tok_config: dict) -> dict | str:
     if name == "auto":
         if not tok_config.get("chat_template"):
@@ -84,14 +105,15 @@ def gen_config(config: str | Path, quantization: str, conv_template: str, output
                model_type: str = "auto", context_window_size: int | None = None,
                sliding_window_size: int | None = None, prefill_chunk_size: int | None = None,
                tensor_parallel_shards: int | None = None, max_batch_size: int | None = None,
-               force: bool = False, sampling: dict[str, float] | None = None, log=None) -> ChatConfig:
+               force: bool = False, sampling: dict[str, float] | None = None, log=None,
+               group_size: int | None = None, lm_head_bits: int | None = None) -> ChatConfig:
     """Write `output/mlc-chat-config.json` and tokenizer files; returns the config written.
 
     `sampling` (temperature, top_p, penalties) overrides the defaults; otherwise they come from
     generation_config.json, else the GGUF's metadata, else llama.cpp's defaults. `log` (e.g. print)
     is told which were chosen.
     """
-    get_mode(quantization)
+    layout = _layout(Path(output), quantization, group_size, lm_head_bits)
     path = resolve_config(config)
     gguf = find_gguf(path)
     if gguf is not None:
@@ -152,6 +174,7 @@ def gen_config(config: str | Path, quantization: str, conv_template: str, output
             bos_token_id=gen.get("bos_token_id", hf.get("bos_token_id")),
             eos_token_id=eos,
             tokenizer_files=written,
+            quantization_layout=layout,
             **chosen,
         )
         cfg.save(stage)

@@ -11,7 +11,8 @@ from edgellm.errors import UserError
 from edgellm.models.loader import build_model, expected_tensors
 from edgellm.models.mapping import HFMapper, to_disk_name
 from edgellm.models.registry import get_family
-from edgellm.quantization.modes import QuantMode, get_mode
+from edgellm.quantization.layers import QuantEmbedding, QuantLinear
+from edgellm.quantization.modes import QuantMode, get_mode, with_layout
 from edgellm.quantization.pack import quantize
 from edgellm.weights.lora import LoraMerger
 from edgellm.weights.source import open_source
@@ -55,9 +56,14 @@ def resolve_model_type(hf_cfg: dict, model_type: str) -> str:
 def convert_weight(config: str | Path, quantization: str, output: str | Path, *,
                    model_type: str = "auto", device: str = "cpu", source: str | Path | None = None,
                    source_format: str = "auto", lora_adapter: str | Path | None = None,
-                   force: bool = False, progress: bool | None = None) -> dict:
-    """Convert a model's weights into `output`; returns the tensor-cache manifest."""
-    mode = get_mode(quantization)
+                   force: bool = False, progress: bool | None = None, group_size: int | None = None,
+                   lm_head_bits: int | None = None) -> dict:
+    """Convert a model's weights into `output`; returns the tensor-cache manifest.
+
+    `group_size` (32, 64, 128, 0 = per channel) and `lm_head_bits` (4, 8, 16) change the q4/q8 layout;
+    the change is recorded in the tensor cache's metadata (QuantizationLayout) for gen_config.
+    """
+    mode = with_layout(get_mode(quantization), group_size, lm_head_bits)
     device = check_device(device)
     src, hf_cfg = open_source(config, source, source_format)
     mt = resolve_model_type(hf_cfg, model_type)
@@ -65,6 +71,7 @@ def convert_weight(config: str | Path, quantization: str, output: str | Path, *,
     arch = family.parse_config(hf_cfg)
     model = build_model(family, arch, mode, max_positions=1)
     want = expected_tensors(model)
+    modes = {f"{p}.weight": m.mode for p, m in model.named_modules() if isinstance(m, (QuantLinear, QuantEmbedding))}
     del model
     lora = LoraMerger(lora_adapter) if lora_adapter else None
     mapper = HFMapper(family, arch)
@@ -81,7 +88,7 @@ def convert_weight(config: str | Path, quantization: str, output: str | Path, *,
                 if lora is not None:
                     tensor = lora.apply(hf_name, tensor)
                 for name, t in mapper.feed(hf_name, tensor):
-                    _write(writer, family, mode, want, name, t, arch.tie_word_embeddings, device)
+                    _write(writer, family, modes.get(name, mode), want, name, t, arch.tie_word_embeddings, device)
                     written.add(name)
                 del tensor
         except BaseException:
@@ -95,7 +102,7 @@ def convert_weight(config: str | Path, quantization: str, output: str | Path, *,
         missing = [n for n in want if n not in written]
         if missing:
             raise UserError(f"the checkpoint lacks {missing[0]} ({len(missing)} tensors missing)")
-        return writer.close()
+        return writer.close({"QuantizationLayout": mode.layout} if mode.layout else None)
 
 
 def _write(writer: ShardWriter, family, mode: QuantMode, want: dict, name: str, t: torch.Tensor,
