@@ -69,6 +69,10 @@ class EngineBase:
         """Token ids of a conversation rendered with the model's template."""
         return self.frontend.chat_prompt(messages)
 
+    def fit_history(self, messages: list[dict[str, Any]], max_tokens: int | None = None) -> tuple[list, int]:
+        """(messages, whole turns dropped) to fit the context window (the chat option truncate_history)."""
+        return self.frontend.fit_history(messages, max_tokens)
+
     def _build(self, kind: str, request, sink) -> tuple[Request, ResponseBuilder, Any]:
         if self.terminated:
             raise EngineTerminatedError()

@@ -84,6 +84,15 @@ class Frontend:
             return self.tokenizer.encode_prompt(render(self.conv, messages))
         return self.tokenizer.encode(self.tokenizer.apply_chat_template(messages))
 
+    def fit_history(self, messages: list[dict[str, Any]], max_tokens: int | None = None) -> tuple[list, int]:
+        """(messages, turns dropped): the oldest whole turns dropped so the prompt leaves room for a reply
+        (max_tokens, else a quarter of the window) in the context window; see tokenizer/history.py."""
+        from edgellm.tokenizer.history import fit_history
+
+        reserve = min(max_tokens or self.context_window // 4, self.context_window // 2)
+        budget = self.context_window - 1 - reserve
+        return fit_history(messages, lambda m: len(self.chat_prompt(m)), budget, target=budget * 3 // 4)
+
     def grammar(self, response_format: P.ResponseFormat):
         if self._grammar is None:
             from edgellm.api.grammar import GrammarCompiler
@@ -103,6 +112,8 @@ class Frontend:
         r = self.parse(kind, request)
         if kind == "chat":
             messages = [{"role": m.role, "content": m.text()} for m in r.messages]
+            if r.truncate_history:
+                messages = self.fit_history(messages, r.max_tokens)[0]
             prompt = self.chat_prompt(messages)
             if not prompt:
                 raise BadRequestError("the messages render to an empty prompt", param="messages")

@@ -110,6 +110,8 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     max_completion_tokens: int | None = Field(default=None, gt=0)
+    # edgellm/MNN extension: drop the oldest whole turns (never the system prompt) to fit the window
+    truncate_history: bool = False
 
     @model_validator(mode="after")
     def _check(self) -> ChatCompletionRequest:

@@ -55,6 +55,9 @@ def _turn(session, line: str) -> bool:
     reply = session.send(line)
     try:
         for piece in reply:
+            if session.notice:
+                print(session.notice, flush=True)
+                session.notice = None
             print(piece, end="", flush=True)
         print(flush=True)
     except KeyboardInterrupt:
