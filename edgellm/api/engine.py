@@ -41,6 +41,8 @@ class EngineBase:
         self.model_dir = prepare_model(model)  # the public convenience path: a GGUF or HF dir is converted once
         self.model_id = Path(self.model_dir).name
         self.model_lib = model_lib
+        if device in (None, "", "auto") and self.options.backend_type:  # MNN's backend_type
+            device = self.options.backend_type
         self.device = pick_device(device)
         self.config = load_chat_config(Path(self.model_dir))
         self.core = build_engine(self.model_dir, self.options, self.device, model_lib, config=self.config)
