@@ -90,6 +90,10 @@ def _cache_dir(source: Path, quantization: str, sampling: dict | None = None) ->
 def prepare_model(model: str | Path | None, quantization: str = DEFAULT_QUANTIZATION,
                   progress: bool = True, log=print) -> Path:
     """A converted model directory for MODEL (None = the bundled default model)."""
+    if model is not None:
+        from edgellm.weights.hub import resolve_model
+
+        model = resolve_model(model)  # HF://org/name or org/name -> its snapshot directory
     source = default_model_source() if model is None else Path(model).expanduser()
     if not source.exists():
         raise UserError(f"{model}: no such file or directory")

@@ -11,8 +11,10 @@ SOURCE_FORMATS = ("auto", "huggingface-safetensor", "huggingface-torch", "gguf",
 
 
 def resolve_config(config: str | Path) -> Path:
-    """The model directory or .gguf file that CONFIG names."""
-    path = Path(config).expanduser()
+    """The model directory or .gguf file that CONFIG names (HF://org/name and org/name through the hub)."""
+    from edgellm.weights.hub import resolve_model
+
+    path = Path(resolve_model(config)).expanduser()
     if not path.exists():
         raise UserError(f"{config}: no such file or directory")
     if path.is_file() and path.name == "config.json":
