@@ -12,12 +12,11 @@ import pytest
 import torch
 
 from edgellm import Engine
-from edgellm.engine.kv_cache import SlotKVCache
 from edgellm.gen_config import gen_config
-from edgellm.models.base import Step
 from edgellm.models.loader import load_model
 from edgellm.quantization.layers import QuantEmbedding, QuantLinear, repack_model
 from edgellm.weights.convert import convert_weight
+from tests.helpers import forward, kv_pool
 
 IDS = torch.tensor([5, 17, 200, 33, 90, 4, 250, 11, 64, 120])
 
@@ -29,10 +28,9 @@ def convert_with(hf, out, quantization, **layout):
 
 
 def logits(model, cfg) -> torch.Tensor:
-    a = model.cfg
-    cache = SlotKVCache(a.num_layers, 1, cfg.context_window_size, a.num_kv_heads, a.head_dim)
+    pool, slot = kv_pool(model, len(IDS) + 1)
     with torch.inference_mode():
-        return model(IDS, Step.single(0, len(IDS)), cache)
+        return forward(model, pool, slot, IDS, 0)
 
 
 def dequantized_reference(model_dir):
@@ -111,14 +109,13 @@ def completion_ids(eng, prompt: list[int], n: int) -> list[int]:
 
 
 def reference_greedy(model, cfg, n: int) -> list[int]:
-    a = model.cfg
-    cache = SlotKVCache(a.num_layers, 1, cfg.context_window_size, a.num_kv_heads, a.head_dim)
+    pool, slot = kv_pool(model, len(IDS) + n + 1)
     out = []
     with torch.inference_mode():
-        last = model(IDS, Step.single(0, len(IDS)), cache)[-1]
+        last = forward(model, pool, slot, IDS, 0)[-1]
         for i in range(n):
             out.append(int(last.argmax()))
-            last = model(torch.tensor([out[-1]]), Step.single(len(IDS) + i, 1), cache)[-1]
+            last = forward(model, pool, slot, torch.tensor([out[-1]]), len(IDS) + i)[-1]
     return out
 
 
