@@ -83,3 +83,16 @@ def test_mnn_config_json_is_read_as_runtime_options(tiny_model, tmp_path):
     r = subprocess.run([sys.executable, "-m", "edgellm", "chat", str(model / "config.json")], input="hello\n",
                        capture_output=True, text=True, timeout=300, env=_env())
     assert r.returncode == 2 and "memory must be low or high" in r.stderr
+
+
+def test_bench_reads_the_mnn_config(tiny_model, tmp_path):
+    model = tmp_path / "model_dir"
+    shutil.copytree(tiny_model, model)
+    (model / "config.json").write_text(json.dumps({"llm_model": "llm.mnn", "llm_weight": "llm.mnn.weight",
+                                                   "backend_type": "cpu", "thread_num": 1, "quant_qkv": 1}))
+    r = subprocess.run([sys.executable, "-m", "edgellm", "bench", str(model / "config.json"), "--prompt-len", "8",
+                        "--gen-len", "4", "--repeat", "1", "--no-bandwidth", "--json"],
+                       capture_output=True, text=True, timeout=300, env=_env())
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert report["threads"] == 1 and report["kv_cache_dtype"] == "int8"
