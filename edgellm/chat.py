@@ -54,6 +54,8 @@ class ChatSession:
     settings: dict = field(default_factory=dict)
     history: list[dict] = field(default_factory=list)
     last_usage: object = None
+    truncated: bool = False  # turns were dropped to fit the context window (said once)
+    notice: str | None = None  # set by send() when the caller should tell the user something
 
     def apply_set(self, text: str) -> dict:
         """Parse `/set k=v;k=v`; all pairs are checked before any is applied."""
@@ -83,6 +85,7 @@ class ChatSession:
         """Stream the reply to `text`. A reply cut short (Ctrl-C) stays in the history as far as it got;
         a request that fails (e.g. over the context window) leaves the history unchanged."""
         self.history.append({"role": "user", "content": text})
+        self._fit_window()
         try:
             stream = self.engine.chat.completions.create(
                 messages=self.history, stream=True, stream_options={"include_usage": True}, **self.settings)
@@ -108,6 +111,20 @@ class ChatSession:
             raise
         self.history.append({"role": "assistant", "content": "".join(reply)})
 
+    def _fit_window(self) -> None:
+        """Drop the oldest whole turns when the history outgrows the context window (the kept turns
+        stay dropped: the remaining prefix is stable, so its cached KV is reused next turns)."""
+        fit = getattr(self.engine, "fit_history", None)
+        if fit is None:
+            return
+        kept, dropped = fit(self.history, self.settings.get("max_tokens"))
+        if dropped:
+            self.history[:] = kept
+            if not self.truncated:
+                self.truncated = True
+                self.notice = (f"[the conversation outgrew the {self.engine.context_window}-token context window: "
+                               "the oldest turns are dropped from now on]")
+
     def stats(self) -> str:
         if self.last_usage is None:
             return "no request has finished yet"
@@ -120,6 +137,7 @@ class ChatSession:
 
     def reset(self) -> None:
         self.history.clear()
+        self.truncated = False
         self.engine.reset()
 
     def command(self, line: str) -> str | None:

@@ -30,11 +30,15 @@ class ChatConfig:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     top_p: float = 1.0
+    top_k: int = 0  # <= 0: off (MLC's config has no top_k; gen_config writes llama.cpp's default)
+    min_p: float = 0.0
     conv_template: dict | str = "LM"
     pad_token_id: int = 0
     bos_token_id: int | None = 1
     eos_token_id: int | list[int] | None = 2
     tokenizer_files: list[str] = field(default_factory=list)
+    # what differs from the quantization's default layout: {"group_size": 0|64|128, "lm_head_bits": 4|8|16}
+    quantization_layout: dict = field(default_factory=dict)
     tokenizer_info: dict = field(default_factory=dict)
     version: str = VERSION
 

@@ -18,14 +18,74 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "mer
                    "tokenizer.model", "added_tokens.json", "special_tokens_map.json")
 
 
-def _sampling_defaults(gen: dict) -> dict:
+# llama.cpp's defaults (common/common.h), for models that carry no sampling settings of their own:
+# MLC's plain 1.0/1.0 makes small models ramble into noise.
+LLAMA_CPP_SAMPLING = {"temperature": 0.8, "top_p": 0.95, "top_k": 40, "min_p": 0.05}
+SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
+                 "frequency_penalty")
+# GGUF general.sampling.* metadata key -> chat config field
+GGUF_SAMPLING_KEYS = {"temp": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
+                      "penalty_repeat": "repetition_penalty"}
+
+
+def _from_generation_config(gen: dict) -> dict:
     out = {}
-    for key in ("temperature", "top_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
+    for key in SAMPLING_KEYS:
         if gen.get(key) is not None:
-            out[key] = float(gen[key])
+            out[key] = int(gen[key]) if key == "top_k" else float(gen[key])
     if gen.get("do_sample") is False:
         out["temperature"] = 0.0
     return out
+
+
+def gguf_sampling(path: Path) -> dict:
+    """Sampling settings a GGUF carries in its general.sampling.* metadata (empty if none)."""
+    import gguf
+
+    reader = gguf.GGUFReader(path, "r")
+    out = {}
+    for key, name in GGUF_SAMPLING_KEYS.items():
+        field = reader.fields.get(f"general.sampling.{key}")
+        if field is not None:
+            value = field.contents()
+            out[name] = int(value) if name == "top_k" else round(float(value), 6)
+    return out
+
+
+def choose_sampling(gen: dict, gguf_path: Path | None, explicit: dict | None) -> tuple[dict, str]:
+    """(sampling defaults, where they came from): explicit values over generation_config.json, over
+    the GGUF's general.sampling.* metadata, over llama.cpp's defaults."""
+    if explicit:
+        return {**_from_generation_config(gen), **explicit}, "as given"
+    found = _from_generation_config(gen)
+    if found:
+        return found, "from generation_config.json"
+    if gguf_path is not None:
+        found = gguf_sampling(gguf_path)
+        if found:
+            return found, "from the GGUF's general.sampling metadata"
+    return dict(LLAMA_CPP_SAMPLING), "llama.cpp's defaults: the model carries none"
+
+
+def _layout(output: Path, quantization: str, group_size: int | None, lm_head_bits: int | None) -> dict:
+    """The quantization layout: the flags, else what convert_weight recorded in OUTPUT's tensor cache."""
+    from edgellm.quantization.modes import with_layout
+
+    mode = with_layout(get_mode(quantization), group_size, lm_head_bits)
+    recorded = None
+    for name in ("tensor-cache.json", "ndarray-cache.json"):
+        if (output / name).exists():
+            try:
+                recorded = json.loads((output / name).read_text())["metadata"].get("QuantizationLayout", {})
+            except (OSError, ValueError, KeyError, AttributeError):
+                recorded = None
+            break
+    if recorded is None or (group_size is None and lm_head_bits is None):
+        return mode.layout if recorded is None else get_mode(quantization, recorded).layout
+    if recorded != mode.layout:
+        raise UserError(f"{output} holds weights converted with quantization layout {recorded or 'default'}, "
+                        f"not {mode.layout or 'default'}; drop --group-size/--lm-quant-bit or convert again")
+    return mode.layout
 
 
 def _conv_template(name: str, tok_config: dict) -> dict | str:
@@ -45,12 +105,15 @@ def gen_config(config: str | Path, quantization: str, conv_template: str, output
                model_type: str = "auto", context_window_size: int | None = None,
                sliding_window_size: int | None = None, prefill_chunk_size: int | None = None,
                tensor_parallel_shards: int | None = None, max_batch_size: int | None = None,
-               force: bool = False, sampling: dict[str, float] | None = None) -> ChatConfig:
+               force: bool = False, sampling: dict[str, float] | None = None, log=None,
+               group_size: int | None = None, lm_head_bits: int | None = None) -> ChatConfig:
     """Write `output/mlc-chat-config.json` and tokenizer files; returns the config written.
 
-    `sampling` (temperature, top_p, penalties) overrides the defaults read from generation_config.json.
+    `sampling` (temperature, top_p, penalties) overrides the defaults; otherwise they come from
+    generation_config.json, else the GGUF's metadata, else llama.cpp's defaults. `log` (e.g. print)
+    is told which were chosen.
     """
-    get_mode(quantization)
+    layout = _layout(Path(output), quantization, group_size, lm_head_bits)
     path = resolve_config(config)
     gguf = find_gguf(path)
     if gguf is not None:
@@ -79,6 +142,9 @@ def gen_config(config: str | Path, quantization: str, conv_template: str, output
     ctx = context_window_size or arch.max_position_embeddings
     chunk = min(prefill_chunk_size or 2048, ctx)
 
+    chosen, origin = choose_sampling(gen, gguf, sampling)
+    if log is not None:
+        log("Sampling defaults: " + ", ".join(f"{k}={v}" for k, v in chosen.items()) + f" ({origin})")
     with staged_output(Path(output), force=force) as stage:
         written = []
         if src is not None:
@@ -108,7 +174,8 @@ def gen_config(config: str | Path, quantization: str, conv_template: str, output
             bos_token_id=gen.get("bos_token_id", hf.get("bos_token_id")),
             eos_token_id=eos,
             tokenizer_files=written,
-            **_sampling_defaults({**gen, **(sampling or {})}),
+            quantization_layout=layout,
+            **chosen,
         )
         cfg.save(stage)
     return cfg

@@ -25,6 +25,40 @@ DEFAULT_QUANTIZATION = "q4f16_1"
 DEFAULT_MODEL_SAMPLING = {"temperature": 0.2, "top_p": 0.9}
 
 
+# MNN-LLM config.json keys that name files (edgellm reads the model directory instead)
+MNN_FILE_KEYS = ("base_dir", "llm_config", "llm_model", "llm_weight", "block_model", "lm_model", "embedding_model",
+                 "embedding_file", "tokenizer_file", "visual_model", "audio_model")
+MNN_MARKERS = MNN_FILE_KEYS + ("backend_type", "thread_num", "precision", "memory", "quant_qkv", "kvcache_mmap",
+                               "tmp_path", "reuse_kv", "max_new_tokens")
+
+
+def runtime_config(model: str | Path | None) -> tuple[str | Path | None, dict]:
+    """(the model to load, runtime options) for MODEL. An MNN-LLM style config.json (llm_model, llm_weight,
+    backend_type, thread_num, ...) names the model directory it sits in (or its base_dir, or llm_model when
+    that is a model edgellm reads) and carries runtime options; anything else is returned as is."""
+    if model is None:
+        return None, {}
+    p = Path(model).expanduser()
+    if not (p.is_file() and p.suffix == ".json" and p.name != "mlc-chat-config.json"):
+        return model, {}
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return model, {}
+    if not isinstance(data, dict) or "model_type" in data or "architectures" in data \
+            or not any(k in data for k in MNN_MARKERS):
+        return model, {}
+    base = (p.parent / data["base_dir"]) if data.get("base_dir") else p.parent
+    target = base
+    llm_model = data.get("llm_model")
+    if llm_model and (base / llm_model).exists() and (find_gguf(base / llm_model) or (base / llm_model).is_dir()):
+        target = base / llm_model
+    options = {k: v for k, v in data.items() if k not in MNN_FILE_KEYS}
+    if "tmp_path" in options and not Path(options["tmp_path"]).is_absolute():
+        options["tmp_path"] = str(p.parent / options["tmp_path"])
+    return target, options
+
+
 def is_converted(path: Path) -> bool:
     return path.is_dir() and (path / "mlc-chat-config.json").exists() and \
         any((path / n).exists() for n in CACHE_NAMES)
@@ -56,6 +90,10 @@ def _cache_dir(source: Path, quantization: str, sampling: dict | None = None) ->
 def prepare_model(model: str | Path | None, quantization: str = DEFAULT_QUANTIZATION,
                   progress: bool = True, log=print) -> Path:
     """A converted model directory for MODEL (None = the bundled default model)."""
+    if model is not None:
+        from edgellm.weights.hub import resolve_model
+
+        model = resolve_model(model)  # HF://org/name or org/name -> its snapshot directory
     source = default_model_source() if model is None else Path(model).expanduser()
     if not source.exists():
         raise UserError(f"{model}: no such file or directory")

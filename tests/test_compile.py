@@ -221,7 +221,7 @@ def _one_line_error(capsys, *args: str) -> str:
 
 
 def test_unknown_device_lists_the_supported_ones(tiny, tmp_path, capsys):
-    for dev in ("tpu", "vulkan", "webgpu"):
+    for dev in ("tpu", "webgpu"):
         err = _one_line_error(capsys, "compile", str(tiny), "--device", dev, "-o", str(tmp_path / "x.so"))
         assert repr(dev) in err and "cpu, cuda, mps, android, iphone" in err
     assert not list(tmp_path.iterdir())

@@ -21,7 +21,8 @@ def two_models(tmp_path_factory) -> tuple[Path, Path, Path]:
     a = tiny_llama(root / "a", seed=0)
     b = tiny_llama(root / "b", seed=1, layers=3)
     lib = root / "libs" / "a-android.tar"  # prebuilt, as seed 000 (above) copies the .tar into dist/lib
-    r = subprocess.run(EDGELLM + ["compile", f"{a}/mlc-chat-config.json", "--device", "android", "-o", str(lib)],
+    r = subprocess.run(EDGELLM + ["compile", f"{a}/mlc-chat-config.json", "--device", "android", "-o", str(lib),
+                                  "--overrides", "context_window_size=128;prefill_chunk_size=16"],
                        capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-2000:]
     return root, a, b
@@ -60,6 +61,23 @@ def test_package_two_models(two_models):
         assert "tensor-cache.json" in files and "tokenizer.json" in files and "mlc-chat-config.json" in files
     bundled_a = json.loads((dist / "bundle" / "tiny_a" / "mlc-chat-config.json").read_text())
     assert bundled_a["context_window_size"] == 128 and bundled_a["prefill_chunk_size"] == 16
+
+
+def test_overrides_that_differ_from_the_prebuilt_library_are_refused(two_models):
+    root, a, _ = two_models
+    config = {"device": "android",
+              "model_list": [{"model": str(a), "bundle_weight": True, "model_id": "tiny_a", "model_lib": "llama_a",
+                              "estimated_vram_bytes": 1,
+                              "overrides": {"context_window_size": 64, "prefill_chunk_size": 16}}],
+              "model_lib_path_for_prepare_libs": {"llama_a": "./libs/a-android.tar"}}
+    cfg_path = root / "mlc-package-config-64.json"
+    cfg_path.write_text(json.dumps(config))
+    r = subprocess.run(EDGELLM + ["package", "--package-config", str(cfg_path), "-o", str(root / "dist64")],
+                       capture_output=True, text=True, timeout=900)
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode == 2 and len(lines) == 1, r.stderr
+    assert "context_window_size=64" in lines[0] and "compiled for context_window_size=128" in lines[0]
+    assert not (root / "dist64" / "bundle" / "mlc-app-config.json").exists()
 
 
 @pytest.mark.parametrize("config, needle", [

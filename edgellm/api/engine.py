@@ -42,6 +42,8 @@ class EngineBase:
         self.model_dir = prepare_model(model)  # the public convenience path: a GGUF or HF dir is converted once
         self.model_id = Path(self.model_dir).name
         self.model_lib = model_lib
+        if device in (None, "", "auto") and self.options.backend_type:  # MNN's backend_type
+            device = self.options.backend_type
         self.device = pick_device(device)
         self.config = load_chat_config(Path(self.model_dir))
         self.core = build_engine(self.model_dir, self.options, self.device, model_lib, config=self.config)
@@ -95,6 +97,10 @@ class EngineBase:
             raise BadRequestError(f"token id {bad[0]} is outside the vocabulary (size {self.config.vocab_size})",
                                   param="tokens")
         return self.tokenizer.decode(tokens, skip_special_tokens=False)
+
+    def fit_history(self, messages: list[dict[str, Any]], max_tokens: int | None = None) -> tuple[list, int]:
+        """(messages, whole turns dropped) to fit the context window (the chat option truncate_history)."""
+        return self.frontend.fit_history(messages, max_tokens)
 
     def _build(self, kind: str, request, sink) -> tuple[Request, ResponseBuilder, Any]:
         if self.terminated:

@@ -73,8 +73,8 @@ class Frontend:
         return SamplingParams(
             temperature=cfg.temperature if r.temperature is None else r.temperature,
             top_p=cfg.top_p if r.top_p is None else r.top_p,
-            top_k=r.top_k or 0,
-            min_p=r.min_p or 0.0,
+            top_k=cfg.top_k if r.top_k is None else r.top_k,
+            min_p=cfg.min_p if r.min_p is None else r.min_p,
             frequency_penalty=cfg.frequency_penalty if r.frequency_penalty is None else r.frequency_penalty,
             presence_penalty=cfg.presence_penalty if r.presence_penalty is None else r.presence_penalty,
             repetition_penalty=cfg.repetition_penalty if r.repetition_penalty is None else r.repetition_penalty,
@@ -97,6 +97,15 @@ class Frontend:
     def chat_prompt(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> list[int]:
         """Token ids of a conversation (with the tools offered, if any) rendered with the model's template."""
         return chat_prompt(self.tokenizer, self.conv, messages, tools)
+
+    def fit_history(self, messages: list[dict[str, Any]], max_tokens: int | None = None) -> tuple[list, int]:
+        """(messages, turns dropped): the oldest whole turns dropped so the prompt leaves room for a reply
+        (max_tokens, else a quarter of the window) in the context window; see tokenizer/history.py."""
+        from edgellm.tokenizer.history import fit_history
+
+        reserve = min(max_tokens or self.context_window // 4, self.context_window // 2)
+        budget = self.context_window - 1 - reserve
+        return fit_history(messages, lambda m: len(self.chat_prompt(m)), budget, target=budget * 3 // 4)
 
     def _compiler(self):
         if self._grammar is None:
@@ -121,6 +130,8 @@ class Frontend:
         tools = None
         if kind == "chat":
             messages = [m.to_dict() for m in r.messages]
+            if r.truncate_history:
+                messages = self.fit_history(messages, r.max_tokens)[0]
             if r.tools and r.tool_choice != "none":
                 tools = r.tool_dicts()
             prompt = self.chat_prompt(messages, tools)

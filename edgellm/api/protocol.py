@@ -208,6 +208,8 @@ class ChatCompletionRequest(SamplingFields):
         if isinstance(choice, dict):
             return True, (choice.get("function") or {}).get("name")
         return choice == "required", None
+    # edgellm/MNN extension: drop the oldest whole turns (never the system prompt) to fit the window
+    truncate_history: bool = False
 
     @model_validator(mode="after")
     def _check(self) -> ChatCompletionRequest:

@@ -31,6 +31,18 @@ def run(args: argparse.Namespace) -> int:
     import sys
 
     from edgellm.bench import format_report, run_bench
+    from edgellm.engine.options import make_options
+    from edgellm.prepare import runtime_config
+
+    args.model, file_options = runtime_config(args.model)  # an MNN-style config.json: options for its model
+    if file_options:
+        opts = make_options(file_options)
+        args.threads = args.threads or opts.threads
+        args.use_mmap = args.use_mmap or opts.use_mmap
+        if args.kv_cache_dtype == "auto":
+            args.kv_cache_dtype = opts.kv_cache_dtype
+        if opts.backend_type and args.device == "cpu":
+            args.device = opts.backend_type
 
     report = run_bench(args.model, prompt_len=args.prompt_len, gen_len=args.gen_len, batch=args.batch,
                        threads=args.threads, repeat=args.repeat, opt=args.opt, device=args.device,

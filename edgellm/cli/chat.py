@@ -55,6 +55,9 @@ def _turn(session, line: str) -> bool:
     reply = session.send(line)
     try:
         for piece in reply:
+            if session.notice:
+                print(session.notice, flush=True)
+                session.notice = None
             print(piece, end="", flush=True)
         print(flush=True)
     except KeyboardInterrupt:
@@ -75,9 +78,10 @@ def run(args: argparse.Namespace) -> int:
     from edgellm.api.engine import Engine
     from edgellm.chat import ChatSession
     from edgellm.engine.options import make_options, parse_overrides
-    from edgellm.prepare import prepare_model
+    from edgellm.prepare import prepare_model, runtime_config
 
-    overrides = parse_overrides(args.overrides)
+    args.model, file_options = runtime_config(args.model)  # an MNN-style config.json: options for its model
+    overrides = {**file_options, **parse_overrides(args.overrides)}
     make_options(overrides)  # reject bad overrides before any slow work
     model_dir = prepare_model(args.model, log=lambda msg: print(msg, file=sys.stderr, flush=True))
     engine = Engine(str(model_dir), args.model_lib, args.device, **overrides)

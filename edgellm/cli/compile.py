@@ -1,4 +1,5 @@
-"""edgellm compile MODEL -o LIB [--device D] [--opt O2] [--overrides "k=v;k=v"]"""
+"""edgellm compile MODEL -o LIB [--quantization Q] [--model-type T] [--device D] [--host TRIPLE] [--opt O2]
+[--system-lib-prefix P] [--overrides "k=v;k=v"]"""
 
 from __future__ import annotations
 
@@ -17,7 +18,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="O0..O3 (default O2). .pt2: O0/O1 build faster, O3 autotunes GEMMs. "
                         ".pte: O0 keeps float32 weights, O1-O3 use int4 weights with int8 activations")
     p.add_argument("--overrides", default="",
-                   help='"context_window_size=N;prefill_chunk_size=N;max_batch_size=N"')
+                   help='"context_window_size=N;prefill_chunk_size=N;max_batch_size=N;sliding_window=N;'
+                        'tensor_parallel_shards=1"')
+    p.add_argument("--quantization", default=None,
+                   help="checked against the model's own (a library is built for the converted weights)")
+    p.add_argument("--model-type", default=None, help="checked against the model's own")
+    p.add_argument("--host", default=None,
+                   help="target LLVM triple: arm64-apple-ios -> iphone, aarch64-linux-android -> android, "
+                        "this machine's desktop triple -> cpu (others and wasm32 are refused)")
+    p.add_argument("--system-lib-prefix", default=None,
+                   help="recorded in the library; names the artifact inside a .tar")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -27,5 +37,7 @@ def run(args: argparse.Namespace) -> int:
     if "=" in opt:  # MLC-LLM's TVM flags ("flashinfer=1;cublas_gemm=1"): nothing to switch here
         print(f"note: --opt {opt!r}: TVM pass flags do not apply to edgellm; using O2", file=sys.stderr)
         opt = "O2"
-    compile_model(args.model, args.output, args.device, opt, args.overrides)
+    compile_model(args.model, args.output, args.device, opt, args.overrides, host=args.host,
+                  system_lib_prefix=args.system_lib_prefix, quantization=args.quantization,
+                  model_type=args.model_type)
     return 0

@@ -18,6 +18,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--source-format", default="auto", help=f"one of {', '.join(SOURCE_FORMATS)}")
     p.add_argument("--lora-adapter", default=None, help="PEFT LoRA adapter directory to merge")
     p.add_argument("--force", action="store_true", help="write into a directory holding other files")
+    p.add_argument("--group-size", "--quant-block", "--quant_block", dest="group_size", type=int, default=None,
+                   help="q4/q8 modes: elements per scale, 32 (default), 64, 128 or 0 (per channel)")
+    p.add_argument("--lm-quant-bit", "--lm_quant_bit", dest="lm_head_bits", type=int, default=None,
+                   help="bits of the embedding and lm_head (4, 8, or 16 = unquantized); default: as the body")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -25,7 +29,8 @@ def run(args: argparse.Namespace) -> int:
 
     manifest = convert_weight(args.config, args.quantization, args.output, model_type=args.model_type,
                               device=args.device, source=args.source, source_format=args.source_format,
-                              lora_adapter=args.lora_adapter, force=args.force)
+                              lora_adapter=args.lora_adapter, force=args.force, group_size=args.group_size,
+                              lm_head_bits=args.lm_head_bits)
     meta = manifest["metadata"]
     print(f"Wrote {len(manifest['records'])} shards to {args.output}: {meta['ParamSize']:,} parameters, "
           f"{meta['ParamBytes'] / 2**20:.1f} MiB, {meta['BitsPerParam']:.2f} bits/param")

@@ -17,6 +17,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tensor-parallel-shards", type=int, default=None)
     p.add_argument("--max-batch-size", type=int, default=None)
     p.add_argument("--force", action="store_true")
+    p.add_argument("--group-size", "--quant-block", "--quant_block", dest="group_size", type=int, default=None,
+                   help="as given to convert_weight (default: read from the converted weights in OUTPUT)")
+    p.add_argument("--lm-quant-bit", "--lm_quant_bit", dest="lm_head_bits", type=int, default=None,
+                   help="as given to convert_weight (default: read from the converted weights in OUTPUT)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -27,7 +31,8 @@ def run(args: argparse.Namespace) -> int:
                      sliding_window_size=args.sliding_window_size,
                      prefill_chunk_size=args.prefill_chunk_size,
                      tensor_parallel_shards=args.tensor_parallel_shards,
-                     max_batch_size=args.max_batch_size, force=args.force)
+                     max_batch_size=args.max_batch_size, force=args.force, log=print,
+                     group_size=args.group_size, lm_head_bits=args.lm_head_bits)
     print(f"Wrote {args.output}/mlc-chat-config.json ({cfg.model_type}, {cfg.quantization}, "
           f"context {cfg.context_window_size}, tokenizer: {', '.join(cfg.tokenizer_files)})")
     return 0

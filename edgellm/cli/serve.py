@@ -35,7 +35,10 @@ def run(args: argparse.Namespace) -> int:
 
     if not 0 < args.port < 65536:
         raise UserError(f"--port must be in 1..65535, got {args.port}")
-    overrides = parse_overrides(args.overrides)
+    from edgellm.prepare import runtime_config
+
+    args.model, file_options = runtime_config(args.model)  # an MNN-style config.json: options for its model
+    overrides = {**file_options, **parse_overrides(args.overrides)}
     make_options({**overrides, "mode": args.mode})
     model_dir = prepare_model(args.model, log=lambda msg: print(msg, file=sys.stderr, flush=True))
     engine = AsyncEngine(str(model_dir), args.model_lib, args.device, mode=args.mode, **overrides)

@@ -29,7 +29,7 @@ def write_tar(out: Path, artifact: Path, metadata: dict) -> None:
         info = tarfile.TarInfo(METADATA_NAME)
         info.size, info.mode = len(blob), 0o644
         tar.addfile(info, io.BytesIO(blob))
-        tar.add(artifact, arcname=f"{out.stem}{artifact.suffix}")
+        tar.add(artifact, arcname=artifact.name)
     tmp.replace(out)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import tempfile
 import time
 from dataclasses import dataclass
@@ -49,17 +50,70 @@ def plan(cfg, overrides: dict) -> tuple[int, int, int]:
     return ctx, max(1, min(chunk, ctx)), batch
 
 
+def check_model_flags(cfg, model_dir: Path, quantization: str | None, model_type: str | None) -> None:
+    """`--quantization` / `--model-type` on compile must name what the model was converted as."""
+    where = model_dir / CHAT_CONFIG
+    if quantization not in (None, "", "auto"):
+        from edgellm.quantization.modes import get_mode
+
+        get_mode(quantization)
+        if quantization != cfg.quantization:
+            raise UserError(f"--quantization {quantization}: the model is {cfg.quantization} ({where}); "
+                            f"convert it with --quantization {quantization} first, or drop the flag")
+    if model_type not in (None, "", "auto"):
+        from edgellm.models.registry import get_family
+
+        get_family(model_type)
+        if model_type != cfg.model_type:
+            raise UserError(f"--model-type {model_type}: the model is {cfg.model_type} ({where})")
+
+
+def check_prefix(prefix: str | None) -> str | None:
+    if prefix in (None, "", "auto"):
+        return None
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", prefix):
+        raise UserError(f"--system-lib-prefix {prefix!r}: use letters, digits and underscores "
+                        "(a C identifier prefix, e.g. llama_q4f16_1_)")
+    return prefix
+
+
+def apply_sliding_window(model, model_type: str, window: int) -> None:
+    """Set the attention window of a loaded model's layers (-1: none), as gen_config's
+    --sliding-window-size does: the layers that slide, or every layer of a Mistral."""
+    layers = [m for m in model.modules() if hasattr(m, "window") and hasattr(m, "layer")]
+    sliding = [m for m in layers if m.window is not None]
+    if window == -1:
+        targets = sliding
+    elif sliding or model_type == "mistral":
+        targets = sliding or layers
+    else:
+        raise UserError(f"--overrides sliding_window: {model_type} models have no sliding-window attention")
+    for m in targets:
+        m.window = None if window == -1 else window
+
+
 def compile_model(model: str | Path, output: str | Path, device: str | None = None, opt: str = "O2",
-                  overrides: str | dict | None = None, log=print) -> CompileResult:
+                  overrides: str | dict | None = None, log=print, *, host: str | None = None,
+                  system_lib_prefix: str | None = None, quantization: str | None = None,
+                  model_type: str | None = None) -> CompileResult:
+    """Build a model library for a device (or the `host` triple's device); see docs/mobile.md."""
     t0 = time.perf_counter()
     output = Path(output).expanduser()
-    dev = T.normalize_device(device, output)
+    if host:
+        from edgellm.compile.host import host_device
+
+        explicit = None if device in (None, "", "auto") else T.normalize_device(device, output)
+        dev = host_device(host, explicit)
+    else:
+        dev = T.normalize_device(device, output)
     kind = T.check_output(output, dev)
     if opt not in T.OPT_LEVELS:
         raise UserError(f"--opt {opt!r}: choose from {', '.join(T.OPT_LEVELS)}")
     ov = T.parse_overrides(overrides)
+    prefix = check_prefix(system_lib_prefix)
     model_dir = resolve_model_dir(model)
     cfg = load_chat_config(model_dir)
+    check_model_flags(cfg, model_dir, quantization, model_type)
     inner = T.artifact_kind(dev)
     if inner == "pt2":
         T.check_device_available(dev)
@@ -68,6 +122,12 @@ def compile_model(model: str | Path, output: str | Path, device: str | None = No
 
         require_executorch()
     ctx, chunk, batch = plan(cfg, ov)
+    if ov.get("sliding_window", -1) > 0:
+        from edgellm.models.loader import arch_config
+
+        if cfg.model_type != "mistral" and not any(w is not None for w in arch_config(cfg).windows):
+            raise UserError(f"--overrides sliding_window: {cfg.model_type} models have no sliding-window "
+                            "attention")
 
     from edgellm.models.loader import load_model
 
@@ -75,12 +135,16 @@ def compile_model(model: str | Path, output: str | Path, device: str | None = No
         f"context {ctx}, prefill chunk {chunk} -> {output}")
     load_device = dev if inner == "pt2" and dev != "cpu" else "cpu"
     mdl, cfg = load_model(model_dir, device=load_device)
+    if "sliding_window" in ov:
+        apply_sliding_window(mdl, cfg.model_type, ov["sliding_window"])
     meta = T.make_metadata(device=dev, kind=inner, cfg=cfg, arch=mdl.cfg, model_dir=model_dir, overrides=ov,
                            max_len=ctx, chunk=chunk, max_batch=batch, opt=opt,
-                           extra={"bos_token_id": cfg.bos_token_id, "eos_token_ids": cfg.eos_ids})
+                           extra={"bos_token_id": cfg.bos_token_id, "eos_token_ids": cfg.eos_ids,
+                                  "host": host, "system_lib_prefix": prefix})
     output.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=output.parent, prefix=".edgellm-lib-") as tmp:
-        art = output if kind != "tar" else Path(tmp) / f"{output.stem}.{inner}"
+        # the prefix names the artifact inside an archive (MLC prefixes the symbols of a system lib)
+        art = output if kind != "tar" else Path(tmp) / f"{prefix or ''}{output.stem}.{inner}"
         if inner == "pt2":
             from edgellm.compile.aoti import compile_pt2
 

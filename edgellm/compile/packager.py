@@ -113,6 +113,7 @@ def _prepare_lib(entry: dict, device: str, cfg_dir: Path, lib_map: dict, lib_dir
         if not src.exists():
             raise UserError(f"model_lib_path_for_prepare_libs[{name!r}]: {src} does not exist")
         meta, artifact, kind = inspect_library(src)
+        _check_overrides(meta, entry, src.name)
         if meta.get("device") != device:
             raise UserError(f"model library {src.name} was compiled for {meta.get('device')}, but the package "
                             f"config's device is {device}")
@@ -131,6 +132,17 @@ def _prepare_lib(entry: dict, device: str, cfg_dir: Path, lib_map: dict, lib_dir
         meta = res.metadata
     (lib_dir / f"{name}.json").write_text(json.dumps(meta, indent=2) + "\n")
     return dest, meta
+
+
+def _check_overrides(meta: dict, entry: dict, lib_name: str) -> None:
+    """A prebuilt library was compiled for fixed sizes: an entry's overrides must say the same."""
+    overrides = T.parse_overrides(entry.get("overrides") or {})
+    for key in ("context_window_size", "prefill_chunk_size", "max_batch_size"):
+        if key in overrides and meta.get(key) is not None and int(meta[key]) != overrides[key]:
+            raise UserError(f"{entry['model_id']}: overrides say {key}={overrides[key]}, but the model library "
+                            f"{lib_name} was compiled for {key}={meta[key]}; recompile it with --overrides "
+                            f"\"{key}={overrides[key]}\" (or drop its model_lib_path_for_prepare_libs entry to "
+                            "compile it here), or change the override")
 
 
 def _check_lib_fits(meta: dict, lib: Path, model_dir: Path, model_id: str) -> None:
@@ -163,6 +175,7 @@ def package(config_path: str | Path = "mlc-package-config.json", output: str | P
         if lib_name not in done_libs:
             done_libs[lib_name] = _prepare_lib(entry, device, cfg_dir, lib_map, lib_dir, log)
         lib_path, meta = done_libs[lib_name]
+        _check_overrides(meta, entry, lib_path.name)
         model = str(entry["model"])
         if not _is_url(model):
             _check_lib_fits(meta, lib_path, (cfg_dir / model).expanduser(), model_id)

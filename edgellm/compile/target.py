@@ -27,7 +27,8 @@ AOTI_DEVICES = ("cpu", "cuda", "mps")
 MOBILE_DEVICES = ("android", "iphone")
 AOTI_SUFFIXES = (".pt2", ".so", ".dylib")
 PTE_SUFFIXES = (".pte",)
-OVERRIDE_KEYS = ("context_window_size", "prefill_chunk_size", "max_batch_size")
+OVERRIDE_KEYS = ("context_window_size", "prefill_chunk_size", "max_batch_size", "sliding_window",
+                 "tensor_parallel_shards")
 OPT_LEVELS = ("O0", "O1", "O2", "O3")
 LIB_FORMAT = "edgellm-model-lib"
 METADATA_NAME = "metadata.json"
@@ -53,8 +54,32 @@ def normalize_device(device: str | None, output: Path | None = None) -> str:
         return base
     if base in ALIASES:
         return ALIASES[base]
+    if base in ("vulkan", "opencl"):
+        raise UserError(f"device {base}: not supported here: {_gpu_delegate_missing(base)}; "
+                        f"supported devices: {device_list()}")
     hint = " (no such backend in edgellm)" if base in UNSUPPORTED else ""
     raise UserError(f"unknown device {device!r}{hint}; supported devices: {device_list()}")
+
+
+def _gpu_delegate_missing(base: str) -> str:
+    """What is missing to build a phone-GPU program for `base` with ExecuTorch (read from the installed
+    runtime library's backend names: importing ExecuTorch here would print warnings)."""
+    import importlib.util
+    import mmap
+
+    if base == "opencl":
+        return "ExecuTorch has no OpenCL delegate"
+    spec = importlib.util.find_spec("executorch")
+    libs = [p for loc in (spec.submodule_search_locations or []) if spec
+            for p in (Path(loc) / "extension" / "pybindings").glob("_portable_lib*")] if spec else []
+    if not libs:
+        return "ExecuTorch (with its Vulkan delegate) is not installed"
+    with open(libs[0], "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+        has_vulkan = m.find(b"VulkanBackend") >= 0
+    if not has_vulkan:
+        return ("the installed ExecuTorch runtime has no VulkanBackend (PyPI's build registers none), "
+                "so a Vulkan program could neither be checked nor run here")
+    return "edgellm does not lower its models to ExecuTorch's Vulkan delegate yet"
 
 
 def artifact_kind(device: str) -> str:
@@ -101,14 +126,21 @@ def parse_overrides(text: str | dict | None) -> dict[str, int]:
             items.append((k.strip(), v.strip()))
     out: dict[str, int] = {}
     for k, v in items:
+        k = k.strip().replace("-", "_")
+        if k == "sliding_window_size":
+            k = "sliding_window"
         if k not in OVERRIDE_KEYS:
             raise UserError(f"--overrides: unknown key {k!r}; known keys: {', '.join(OVERRIDE_KEYS)}")
         try:
             n = int(v)
         except (TypeError, ValueError):
             raise UserError(f"--overrides: {k} must be an integer, got {v!r}") from None
-        if n <= 0:
-            raise UserError(f"--overrides: {k} must be positive, got {n}")
+        if n <= 0 and not (k == "sliding_window" and n == -1):
+            off = " (or -1 for no sliding window)" if k == "sliding_window" else ""
+            raise UserError(f"--overrides: {k} must be positive{off}, got {n}")
+        if k == "tensor_parallel_shards" and n > 1:
+            raise UserError(f"--overrides: tensor_parallel_shards={n}: tensor parallelism is not supported yet "
+                            "in compiled libraries; use 1")
         out[k] = n
     return out
 

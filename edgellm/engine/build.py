@@ -61,11 +61,23 @@ def build_engine(model_dir: str | Path, options: EngineOptions, device: str = "c
         return EngineCore(runner, scheduler, Sampler(), min(ctx, runner.context_window))
     model, _ = load_model(model_dir, device=device, use_mmap=options.use_mmap, max_positions=ctx,
                           verify=options.verify_weights)
+    if options.memory == "high" and (device != "cpu" or options.opt == "O0"):
+        from edgellm.compile.lowering import float_model  # no native kernels: float weights are faster
+
+        model = float_model(model)
     arch = model.cfg
     windows = [w if options.sliding_window_size is None else options.sliding_window_size for w in arch.windows]
     budget = options.max_total_seq_length or default_kv_budget(ctx)
     kv_dtype = options.kv_dtype(get_mode(cfg.quantization).model_dtype)
-    pool = KVPool(arch.num_layers, arch.num_kv_heads, arch.head_dim, windows, budget, kv_dtype, device)
+    alloc = None
+    if options.kvcache_mmap:  # MNN's kvcache_mmap: the KV cache in memory-mapped files under tmp_path
+        if device != "cpu":
+            raise UserError("kvcache_mmap keeps the KV cache in memory-mapped files: cpu only")
+        from edgellm.engine.kv_pool import mmap_allocator
+
+        alloc = mmap_allocator(options.tmp_path)
+    pool = KVPool(arch.num_layers, arch.num_kv_heads, arch.head_dim, windows, budget, kv_dtype, device,
+                  alloc=alloc)
     runner = ModelRunner(model, pool, device, opt=options.opt)
     scheduler = Scheduler(pool, options.num_sequences, chunk, options.reuse_kv)
     return EngineCore(runner, scheduler, Sampler(), ctx, model=model)

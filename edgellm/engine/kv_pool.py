@@ -67,11 +67,34 @@ class SeqKV:
         return sum(t.numel() * t.element_size() * 2 for t in self.k if t is not None)
 
 
+def mmap_allocator(tmp_path: str | None = None):
+    """An allocator of CPU tensors backed by memory-mapped files under `tmp_path` (MNN's kvcache_mmap):
+    the OS pages the KV cache out to disk under memory pressure. Each file is unlinked as soon as it
+    is mapped, so nothing is left behind; its space is freed with the tensor."""
+    import os
+    import tempfile
+
+    def alloc(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        numel = 1
+        for n in shape:
+            numel *= n
+        fd, path = tempfile.mkstemp(prefix="edgellm-kv-", suffix=".bin", dir=tmp_path)
+        try:
+            os.close(fd)
+            t = torch.from_file(path, shared=True, size=max(numel, 1), dtype=dtype)
+        finally:
+            os.unlink(path)
+        return t[:numel].view(shape)
+
+    return alloc
+
+
 class KVPool:
     """Per-sequence KV regions for a model, within `budget_tokens` tokens' worth of memory."""
 
     def __init__(self, num_layers: int, kv_heads: int, head_dim: int, windows: list[int | None],
-                 budget_tokens: int, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+                 budget_tokens: int, dtype: torch.dtype = torch.float32, device: str = "cpu", alloc=None):
+        self.alloc = alloc  # (shape, dtype) -> tensor, e.g. mmap_allocator(); None: torch.empty
         self.num_layers, self.kv_heads, self.head_dim = num_layers, kv_heads, head_dim
         self.windows, self.dtype, self.device = windows, dtype, device
         if dtype == torch.int8 and head_dim % 4:
@@ -173,8 +196,11 @@ class KVPool:
             kv.base[layer] = keep_from
             return
         shape = (self.kv_heads, new_cap, self.row)
-        k = torch.empty(shape, dtype=self.dtype, device=self.device)
-        v = torch.empty(shape, dtype=self.dtype, device=self.device)
+        if self.alloc is not None:
+            k, v = self.alloc(shape, self.dtype), self.alloc(shape, self.dtype)
+        else:
+            k = torch.empty(shape, dtype=self.dtype, device=self.device)
+            v = torch.empty(shape, dtype=self.dtype, device=self.device)
         if old_k is not None and keep:
             s = keep_from - base
             k[:, :keep] = old_k[:, s:s + keep]

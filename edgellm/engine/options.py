@@ -42,15 +42,32 @@ class EngineOptions:
     opt: str = DEFAULT_OPT  # O0: reference eager; O1: native kernels; O2 (= O3): + one native call per decode step
     seed: int | None = None
     verify_weights: bool = True
+    # MNN-LLM's runtime names (docs/runtime-options.md)
+    kvcache_mmap: bool = False  # KV cache in memory-mapped files under tmp_path (RAM-short devices)
+    tmp_path: str | None = None  # where kvcache_mmap's files go (default: the system temp dir)
+    backend_type: str | None = None  # cpu, cuda, metal/mps: the device when device is "auto"
+    memory: str = "low"  # low: weights stay quantized; high: whatever is fastest (may dequantize)
+    precision: str | None = None  # accepted and passed through (another option implements it)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise UserError(f"unknown mode {self.mode!r}; choose from {', '.join(MODES)}")
         if isinstance(self.kv_cache_dtype, int) or str(self.kv_cache_dtype).isdigit():
-            # MNN's quant_qkv: 0 = no quantization, anything else = int8 keys/values
-            self.kv_cache_dtype = "auto" if int(self.kv_cache_dtype) == 0 else "int8"
+            # MNN's quant_qkv: 0 none; 1 int8 keys; 2 fp8 values; 3 int8 keys + fp8 values; 4 as 3 + int8
+            # queries. The pool quantizes keys and values together, to int8 rows with a scale (values too:
+            # as small as fp8 and more precise), so 1-4 all mean the int8 cache.
+            q = int(self.kv_cache_dtype)
+            if q not in (0, 1, 2, 3, 4):
+                raise UserError(f"quant_qkv must be 0, 1, 2, 3 or 4 (as MNN-LLM), got {q}")
+            self.kv_cache_dtype = "auto" if q == 0 else "int8"
         if self.kv_cache_dtype not in KV_DTYPES:
             raise UserError(f"kv_cache_dtype must be one of {', '.join(KV_DTYPES)}, got {self.kv_cache_dtype!r}")
+        if self.memory not in ("low", "high"):
+            raise UserError(f"memory must be low or high, got {self.memory!r}")
+        if self.tmp_path is not None and not os.path.isdir(self.tmp_path):
+            raise UserError(f"tmp_path {self.tmp_path}: no such directory")
+        if self.backend_type is not None:
+            self.backend_type = backend_device(self.backend_type)
         if self.opt not in OPT_LEVELS:
             raise UserError(f"opt must be O0..O3, got {self.opt!r}")
         for name in ("max_num_sequence", "max_total_seq_length", "prefill_chunk_size",
@@ -75,6 +92,18 @@ class EngineOptions:
     @property
     def thread_count(self) -> int:
         return self.threads or os.cpu_count() or 1
+
+
+# MNN-LLM's backend_type -> torch device
+BACKENDS = {"cpu": "cpu", "cuda": "cuda", "metal": "mps", "mps": "mps", "auto": "auto"}
+
+
+def backend_device(backend: str) -> str:
+    b = str(backend).strip().lower()
+    if b not in BACKENDS:
+        raise UserError(f"backend_type {backend!r}: choose cpu, cuda or metal (opencl and vulkan have no "
+                        "backend in edgellm)")
+    return BACKENDS[b]
 
 
 _FIELDS = {f.name: f for f in fields(EngineOptions)}

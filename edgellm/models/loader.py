@@ -71,7 +71,7 @@ def load_model(model_dir: str | Path, *, device: str = "cpu", use_mmap: bool = F
     model_dir = Path(model_dir)
     cfg = load_chat_config(model_dir)
     family = get_family(cfg.model_type)
-    mode = get_mode(cfg.quantization)
+    mode = get_mode(cfg.quantization, cfg.quantization_layout)
     arch = arch_config(cfg, family)
     model = build_model(family, arch, mode, max_positions or runtime_context(cfg, arch), dtype)
     want = model.state_dict()

@@ -22,6 +22,10 @@ if TYPE_CHECKING:
     from edgellm.quantization.kernels import PackedWeight
 
 
+# Group sizes the native kernels are used for: the named modes' own (q4/q8: 32, q3: 40).
+NATIVE_GROUP_SIZES = (32, 40)
+
+
 class QuantLinear(nn.Module):
     """y = x @ dequant(q_weight, q_scale).T + bias."""
 
@@ -115,16 +119,15 @@ def make_linear(in_features: int, out_features: int, bias: bool, mode: QuantMode
 
 def make_embedding(num: int, dim: int, mode: QuantMode | None,
                    dtype: torch.dtype = torch.float32) -> nn.Module:
-    if mode is None or not mode.quantized or not mode.quantize_embedding:
+    mode = mode.head_mode if mode is not None else None
+    if mode is None:
         return nn.Embedding(num, dim, dtype=dtype)
     return QuantEmbedding(num, dim, mode, dtype)
 
 
 def make_lm_head(in_features: int, vocab: int, mode: QuantMode | None,
                  dtype: torch.dtype = torch.float32) -> nn.Module:
-    if mode is not None and mode.quantized and not mode.quantize_embedding:
-        mode = None
-    return make_linear(in_features, vocab, False, mode, dtype)
+    return make_linear(in_features, vocab, False, mode.head_mode if mode is not None else None, dtype)
 
 
 def tied_logits(embedding: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -150,6 +153,8 @@ def repack_model(model: nn.Module) -> int:
         qw = m.q_weight
         if qw is None or qw.device.type != "cpu" or (m.mode.kind == "group" and m.mode.bits > 4):
             continue
+        if m.mode.group_size not in NATIVE_GROUP_SIZES:
+            continue  # other group sizes (--group-size 64/128/0) compute on the reference path
         m.repack()
     _release_freed_memory()
     return len(layers)

@@ -25,7 +25,7 @@ def quantize(weight: torch.Tensor, mode: QuantMode) -> tuple[torch.Tensor, torch
     match its converter; padding past K gets code 0.
     """
     n, k = weight.shape
-    kp, gs = mode.padded_k(k), mode.group_size
+    kp, gs = mode.padded_k(k), mode.group_for(weight.shape[1])
     md = mode.model_dtype
     if kp != k:
         weight = F.pad(weight, (0, kp - k))
@@ -86,7 +86,7 @@ def dequantize(
     """(q_weight, q_scale) -> [N, k] weight in `dtype`; exactly `(q - max_int) * scale`."""
     q = unpack(q_weight, mode)
     n, kp = q.shape
-    gs = mode.group_size
+    gs = kp // q_scale.shape[-1]
     offset = 0 if mode.kind == "int8" else mode.max_int
     w = (q.to(dtype) - offset).view(n, kp // gs, gs) * q_scale.to(dtype).unsqueeze(-1)
     return w.view(n, kp)[:, :k]

@@ -11,7 +11,8 @@ from edgellm.errors import UserError
 from edgellm.models.loader import build_model, expected_tensors
 from edgellm.models.mapping import HFMapper, to_disk_name
 from edgellm.models.registry import get_family
-from edgellm.quantization.modes import QuantMode, get_mode
+from edgellm.quantization.layers import QuantEmbedding, QuantLinear
+from edgellm.quantization.modes import QuantMode, get_mode, with_layout
 from edgellm.quantization.pack import quantize
 from edgellm.weights.lora import LoraMerger
 from edgellm.weights.source import open_source
@@ -35,6 +36,19 @@ def quantize_rows(weight: torch.Tensor, mode: QuantMode, device: str = "cpu"
     return q_all, s_all
 
 
+def check_device(device: str | None) -> str:
+    """The torch device to quantize on; UserError when this machine does not have it."""
+    d = "cpu" if device in ("auto", None, "") else str(device).strip().lower()
+    base = d.split(":")[0]
+    if base == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+    if base == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise UserError(f"--device {device}: Apple's MPS is not available on this machine; use --device cpu")
+    if base not in ("cpu", "cuda", "mps"):
+        raise UserError(f"--device {device}: unknown device; use cpu, cuda or mps")
+    return d
+
+
 def resolve_model_type(hf_cfg: dict, model_type: str) -> str:
     return hf_cfg.get("model_type") if model_type in (None, "", "auto") else model_type
 
@@ -42,19 +56,25 @@ def resolve_model_type(hf_cfg: dict, model_type: str) -> str:
 def convert_weight(config: str | Path, quantization: str, output: str | Path, *,
                    model_type: str = "auto", device: str = "cpu", source: str | Path | None = None,
                    source_format: str = "auto", lora_adapter: str | Path | None = None,
-                   force: bool = False, progress: bool | None = None) -> dict:
-    """Convert a model's weights into `output`; returns the tensor-cache manifest."""
-    mode = get_mode(quantization)
+                   force: bool = False, progress: bool | None = None, group_size: int | None = None,
+                   lm_head_bits: int | None = None) -> dict:
+    """Convert a model's weights into `output`; returns the tensor-cache manifest.
+
+    `group_size` (32, 64, 128, 0 = per channel) and `lm_head_bits` (4, 8, 16) change the q4/q8 layout;
+    the change is recorded in the tensor cache's metadata (QuantizationLayout) for gen_config.
+    """
+    mode = with_layout(get_mode(quantization), group_size, lm_head_bits)
+    device = check_device(device)
     src, hf_cfg = open_source(config, source, source_format)
     mt = resolve_model_type(hf_cfg, model_type)
     family = get_family(mt)
     arch = family.parse_config(hf_cfg)
     model = build_model(family, arch, mode, max_positions=1)
     want = expected_tensors(model)
+    modes = {f"{p}.weight": m.mode for p, m in model.named_modules() if isinstance(m, (QuantLinear, QuantEmbedding))}
     del model
     lora = LoraMerger(lora_adapter) if lora_adapter else None
     mapper = HFMapper(family, arch)
-    device = "cpu" if device in ("auto", None) else device
     written: set[str] = set()
     with staged_output(Path(output), force=force, replaces_shards=True) as stage:
         writer = ShardWriter(stage)
@@ -68,7 +88,7 @@ def convert_weight(config: str | Path, quantization: str, output: str | Path, *,
                 if lora is not None:
                     tensor = lora.apply(hf_name, tensor)
                 for name, t in mapper.feed(hf_name, tensor):
-                    _write(writer, family, mode, want, name, t, arch.tie_word_embeddings, device)
+                    _write(writer, family, modes.get(name, mode), want, name, t, arch.tie_word_embeddings, device)
                     written.add(name)
                 del tensor
         except BaseException:
@@ -82,7 +102,7 @@ def convert_weight(config: str | Path, quantization: str, output: str | Path, *,
         missing = [n for n in want if n not in written]
         if missing:
             raise UserError(f"the checkpoint lacks {missing[0]} ({len(missing)} tensors missing)")
-        return writer.close()
+        return writer.close({"QuantizationLayout": mode.layout} if mode.layout else None)
 
 
 def _write(writer: ShardWriter, family, mode: QuantMode, want: dict, name: str, t: torch.Tensor,

@@ -11,8 +11,10 @@ SOURCE_FORMATS = ("auto", "huggingface-safetensor", "huggingface-torch", "gguf",
 
 
 def resolve_config(config: str | Path) -> Path:
-    """The model directory or .gguf file that CONFIG names."""
-    path = Path(config).expanduser()
+    """The model directory or .gguf file that CONFIG names (HF://org/name and org/name through the hub)."""
+    from edgellm.weights.hub import resolve_model
+
+    path = Path(resolve_model(config)).expanduser()
     if not path.exists():
         raise UserError(f"{config}: no such file or directory")
     if path.is_file() and path.name == "config.json":
@@ -60,12 +62,18 @@ def open_source(config: str | Path, source: str | Path | None = None, source_for
         src = GGUFSource(gguf)
         cfg = src.hf_config if cfg_path == src_path or cfg_path.is_file() else hf_config(cfg_path)
         return src, cfg
+    if gguf is not None:
+        raise UserError(f"{gguf} is a GGUF file, not {source_format}; use --source-format gguf (or auto)")
     if not cfg_path.is_dir():
         raise UserError(f"{config}: expected a model directory, its config.json, or a .gguf file")
     cfg = hf_config(cfg_path)
     quant_method = str((cfg.get("quantization_config") or {}).get("quant_method", "")).lower()
     if source_format == "auto" and quant_method in ("awq", "gptq"):
         source_format = quant_method
+    if source_format in ("awq", "gptq") and quant_method != source_format:
+        found = f"a {quant_method} checkpoint" if quant_method else "not quantized (no quantization_config)"
+        raise UserError(f"--source-format {source_format}: {cfg_path} is {found}; "
+                        "use --source-format auto")
     if source_format in ("awq", "gptq"):
         from edgellm.weights.gptq_reader import open_prequantized
 

@@ -86,10 +86,10 @@ class ShardWriter:
         self.param_count += logical_numel if logical_numel is not None else data.numel()
         self.param_bytes += len(raw)
 
-    def close(self) -> dict:
+    def close(self, extra: dict | None = None) -> dict:
         self._close_shard()
         meta = {"ParamSize": self.param_count, "ParamBytes": self.param_bytes,
-                "BitsPerParam": round(8.0 * self.param_bytes / max(self.param_count, 1), 4)}
+                "BitsPerParam": round(8.0 * self.param_bytes / max(self.param_count, 1), 4), **(extra or {})}
         manifest = {"metadata": meta, "records": self.shards}
         text = json.dumps(manifest, indent=1)
         for name in CACHE_NAMES:  # older MLC runtimes and apps only know ndarray-cache.json
