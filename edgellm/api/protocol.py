@@ -59,6 +59,8 @@ class SamplingFields(BaseModel):
     user: str | None = None
     # vLLM's extension: logprob tokens as "token_id:<id>" (exact ids, no decoding ambiguity)
     return_tokens_as_token_ids: bool = False
+    # edgellm's extension: false = no speculative decoding for this request (when the engine uses it)
+    speculative: bool = True
 
     @field_validator("logit_bias")
     @classmethod

@@ -39,16 +39,16 @@ class ModelRunner:
                 self.fused = native(pool)
 
     def step(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
-        """Logits [R, vocab] (float32, on CPU) for the chunks that complete their sequence, in order."""
-        if self.fused is not None and all(c.length == 1 and c.completes for c in chunks):
+        """Logits [R, vocab] (float32, on CPU) for the chunks that complete their sequence, in order
+        (1 + len(draft) rows for a chunk that verifies drafted tokens)."""
+        if self.fused is not None and all(c.length == 1 and c.completes and not c.draft for c in chunks):
             with torch.inference_mode():
                 return self.fused(chunks)
         ids: list[int] = []
         rows: list[int] = []
         for c in chunks:
-            ids.extend(c.seq.all_ids[c.start:c.start + c.length])
-            if c.completes:
-                rows.append(len(ids) - 1)
+            ids.extend(c.token_ids)
+            rows.extend(range(len(ids) - c.logit_rows, len(ids)))  # a verify chunk: all its rows
         step = Step([c.seq.slot for c in chunks], [c.start for c in chunks], [c.length for c in chunks],
                     logit_rows=torch.tensor(rows, dtype=torch.long))
         tokens = torch.tensor(ids, dtype=torch.long, device=self.device)
