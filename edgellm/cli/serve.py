@@ -17,6 +17,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-lib", default=None, help="a compiled model library (.pt2)")
     p.add_argument("--overrides", default=None,
                    help='engine options, e.g. "max_num_sequence=16;max_total_seq_length=16384;prefill_chunk_size=512"')
+    p.add_argument("--speculative-mode", default=None, choices=["disable", "small_draft", "ngram"],
+                   help="speculative decoding: a draft model (--additional-models) or prompt lookup")
+    p.add_argument("--additional-models", nargs="+", default=None, metavar="DIR",
+                   help="models besides the main one; small_draft drafts with the first")
     p.add_argument("--no-ui", action="store_true", help="do not serve the browser chat page at /")
     p.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024)
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
@@ -26,14 +30,14 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from edgellm.api.async_engine import AsyncEngine
-    from edgellm.engine.options import make_options, parse_overrides
+    from edgellm.engine.options import make_options, parse_overrides, speculative_overrides
     from edgellm.errors import UserError
     from edgellm.prepare import prepare_model
     from edgellm.serve.app import create_app
 
     if not 0 < args.port < 65536:
         raise UserError(f"--port must be in 1..65535, got {args.port}")
-    overrides = parse_overrides(args.overrides)
+    overrides = {**parse_overrides(args.overrides), **speculative_overrides(args)}
     make_options({**overrides, "mode": args.mode})
     model_dir = prepare_model(args.model, log=lambda msg: print(msg, file=sys.stderr, flush=True))
     engine = AsyncEngine(str(model_dir), args.model_lib, args.device, mode=args.mode, **overrides)

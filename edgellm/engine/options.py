@@ -136,3 +136,13 @@ def parse_overrides(text: str | None) -> dict[str, str]:
             raise UserError(f"bad override {piece!r}: expected key=value pairs separated by ';'")
         out[key] = value
     return out
+
+
+def speculative_overrides(args) -> dict:
+    """The serve/chat flags --speculative-mode and --additional-models as option values."""
+    out: dict = {}
+    if getattr(args, "speculative_mode", None):
+        out["speculative_mode"] = args.speculative_mode
+    if getattr(args, "additional_models", None):
+        out["additional_models"] = list(args.additional_models)
+    return out
