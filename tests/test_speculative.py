@@ -199,7 +199,8 @@ def test_rejection_sampling_keeps_the_target_distribution(draft_kind):
     assert stat < crit, (stat, crit)
 
 
-def test_speculative_sampling_of_a_tiny_model_keeps_its_distribution(tiny_model, tiny_model_q4, tiny_draft):
+@pytest.mark.slow
+def test_speculative_sampling_of_a_tiny_model_keeps_its_distribution(tiny_model, tiny_model_q4):
     """Joint histogram of the first two sampled tokens (the second is verified) vs the target's softmax."""
     prompt = [10, 50, 70, 90, 33, 21]
     params = dict(temperature=1.0, top_k=3)
@@ -212,10 +213,10 @@ def test_speculative_sampling_of_a_tiny_model_keeps_its_distribution(tiny_model,
         second = second / second.sum()
         for t2 in second.nonzero().flatten().tolist():
             joint[(t1, t2)] = float(first[t1] * second[t2])
-    n = 1500
-    for draft in (tiny_model_q4, tiny_draft):
+    n = 800
+    for draft in (tiny_model_q4,):  # the quantized twin: drafts both accepted and rejected
         opts = make_options({"speculative_mode": "small_draft", "additional_models": str(draft),
-                             "max_num_sequence": 16, "spec_draft_length": 2})
+                             "max_num_sequence": 32, "spec_draft_length": 2})
         core = build_engine(tiny_model, opts)
         reqs = [Request(f"r{i}", prompt, SamplingParams(**params, seed=i, max_tokens=4)) for i in range(n)]
         for r in reqs:
@@ -223,7 +224,8 @@ def test_speculative_sampling_of_a_tiny_model_keeps_its_distribution(tiny_model,
         while core.has_work:
             core.step()
         counts = Counter(tuple(r.sequences[0].output_ids[:2]) for r in reqs)
-        assert core.metrics.counters["spec_draft_tokens_total"] > 0
+        c = core.metrics.counters
+        assert c["spec_draft_tokens_total"] > c["spec_accepted_tokens_total"] > 0
         stat, crit = chi_square_ok(counts, joint, n)
         assert stat < crit, (draft.name, stat, crit)
         again = Request("again", prompt, SamplingParams(**params, seed=7, max_tokens=4))

@@ -72,14 +72,14 @@ def build_engine(model_dir: str | Path, options: EngineOptions, device: str = "c
         draft_dir = Path(options.additional_models[0])
         draft_cfg = load_chat_config(draft_dir)
         check_same_vocabulary(model_dir, cfg, draft_dir, draft_cfg)
-        _, draft_pool, draft_runner = eager_parts(draft_dir, draft_cfg, options, device, ctx)
+        _, draft_pool, draft_runner = eager_parts(draft_dir, draft_cfg, options, device, ctx, fused_catch_up=8)
         speculator = Speculator("small_draft", options.spec_draft_length, draft_runner, draft_pool)
     scheduler = Scheduler(pool, options.num_sequences, chunk, options.reuse_kv)
     return EngineCore(runner, scheduler, Sampler(), ctx, model=model, speculator=speculator)
 
 
-def eager_parts(model_dir: Path, cfg: ChatConfig, options: EngineOptions, device: str,
-                ctx: int) -> tuple[torch.nn.Module, KVPool, ModelRunner]:
+def eager_parts(model_dir: Path, cfg: ChatConfig, options: EngineOptions, device: str, ctx: int,
+                fused_catch_up: int = 1) -> tuple[torch.nn.Module, KVPool, ModelRunner]:
     """An eager model with its own KVPool (the options' budget and KV dtype) and ModelRunner."""
     model, _ = load_model(model_dir, device=device, use_mmap=options.use_mmap, max_positions=ctx,
                           verify=options.verify_weights)
@@ -88,7 +88,7 @@ def eager_parts(model_dir: Path, cfg: ChatConfig, options: EngineOptions, device
     budget = options.max_total_seq_length or default_kv_budget(ctx)
     kv_dtype = options.kv_dtype(get_mode(cfg.quantization).model_dtype)
     pool = KVPool(arch.num_layers, arch.num_kv_heads, arch.head_dim, windows, budget, kv_dtype, device)
-    return model, pool, ModelRunner(model, pool, device, opt=options.opt)
+    return model, pool, ModelRunner(model, pool, device, opt=options.opt, fused_catch_up=fused_catch_up)
 
 
 def _vocab(model_dir: Path) -> dict | None:

@@ -27,9 +27,12 @@ from edgellm.models.base import Step
 class ModelRunner:
     """Flattens the step's chunks into one token row and returns logits for sampling rows."""
 
-    def __init__(self, model: nn.Module, pool: KVPool, device: str = "cpu", opt: str = DEFAULT_OPT):
+    def __init__(self, model: nn.Module, pool: KVPool, device: str = "cpu", opt: str = DEFAULT_OPT,
+                 fused_catch_up: int = 1):
         self.model, self.pool, self.device, self.opt = model, pool, device, opt
         self.fused = None  # the model's native decode step, when it offers one (O2)
+        # chunks up to this many known tokens also run as native decode rows (a draft model catching up)
+        self.fused_catch_up = fused_catch_up
         if opt != "O0" and str(device) == "cpu":
             from edgellm.quantization.layers import repack_model
 
@@ -41,9 +44,9 @@ class ModelRunner:
     def step(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
         """Logits [R, vocab] (float32, on CPU) for the chunks that complete their sequence, in order
         (1 + len(draft) rows for a chunk that verifies drafted tokens)."""
-        if self.fused is not None and all(c.length == 1 and c.completes and not c.draft for c in chunks):
-            with torch.inference_mode():
-                return self.fused(chunks)
+        if self.fused is not None and all(c.completes and (c.length == 1 or c.draft or c.length <= self.fused_catch_up)
+                                          for c in chunks):
+            return self._fused_rows(chunks)
         ids: list[int] = []
         rows: list[int] = []
         for c in chunks:
@@ -58,3 +61,36 @@ class ModelRunner:
         with torch.inference_mode():
             logits = self.model(tokens, step, self.pool)
         return logits.float().cpu()
+
+    def _fused_rows(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
+        """The native decode step with a row per token: a chunk of several tokens (a verify chunk, or a
+        short catch-up) becomes consecutive positions of its slot. The native step writes every row's
+        keys/values of a layer before any row attends, so row j sees rows < j of its own sequence."""
+        rows: list[ScheduledChunk] = []
+        keep: list[int] = []
+        for c in chunks:
+            if c.length == 1 and not c.draft:
+                keep.append(len(rows))
+                rows.append(c)
+                continue
+            view = _Tokens(c.seq.slot, c.seq.all_ids[:c.start + c.length - len(c.draft)] + c.draft)
+            rows.extend(ScheduledChunk(view, c.start + j, 1) for j in range(c.length))
+            keep.extend(range(len(rows) - c.logit_rows, len(rows)))
+        with torch.inference_mode():
+            logits = self.fused(rows)
+        return logits if len(keep) == len(rows) else logits[keep]
+
+
+class _Tokens:
+    """A sequence's slot and token ids as the native decode step reads them."""
+
+    def __init__(self, slot: int, ids: list[int]):
+        self.slot, self.prompt_ids, self.output_ids = slot, ids, []
+
+    @property
+    def all_ids(self) -> list[int]:
+        return self.prompt_ids
+
+    @property
+    def total_len(self) -> int:
+        return len(self.prompt_ids)
