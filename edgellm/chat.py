@@ -130,7 +130,9 @@ class ChatSession:
             return "no request has finished yet"
         extra = self.last_usage.extra or {}
         return (f"prefill: {extra.get('prefill_tokens_per_s', 0.0):.1f} tok/s, "
-                f"decode: {extra.get('decode_tokens_per_s', 0.0):.1f} tok/s")
+                f"decode: {extra.get('decode_tokens_per_s', 0.0):.1f} tok/s"
+                + (f", speculative: {int(extra['accepted_draft_tokens'])}/{int(extra['draft_tokens'])} drafted "
+                   f"tokens accepted ({extra['acceptance_rate']:.0%})" if extra.get("draft_tokens") else ""))
 
     def metrics(self) -> str:
         return json.dumps(self.engine.metrics(), indent=2)

@@ -40,6 +40,7 @@ class EngineBase:
             raise UserError(f"kv_cache_dtype={self.options.kv_cache_dtype} applies to the eager engine; a compiled "
                             "model library keeps its own KV cache (drop the option or the --model-lib)")
         self.model_dir = prepare_model(model)  # the public convenience path: a GGUF or HF dir is converted once
+        self.options.additional_models = [str(prepare_model(m)) for m in self.options.additional_models]
         self.model_id = Path(self.model_dir).name
         self.model_lib = model_lib
         if device in (None, "", "auto") and self.options.backend_type:  # MNN's backend_type

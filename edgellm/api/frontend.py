@@ -82,7 +82,7 @@ class Frontend:
             seed=r.seed if r.seed is not None else self.options.seed,
             max_tokens=r.max_tokens or self.options.max_tokens,
             stop_token_ids=list(r.stop_token_ids or []), ignore_eos=r.ignore_eos,
-            logprobs=logprobs, top_logprobs=top_logprobs or 0,
+            logprobs=logprobs, top_logprobs=top_logprobs or 0, speculative=r.speculative,
         )
 
     def stop_strings(self, r: P.SamplingFields) -> list[str]:

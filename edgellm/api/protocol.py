@@ -88,6 +88,9 @@ class SamplingFields(BaseModel):
     user: str | None = None
     # vLLM's extension: logprob tokens as "token_id:<id>" (exact ids, no decoding ambiguity)
     return_tokens_as_token_ids: bool = False
+    # edgellm's extension: false = no speculative decoding for this request (when the engine uses it)
+    speculative: bool = True
+
     # MLC-LLM's extension, sent by its clients and tests: {"ignore_eos": true} is honoured; its other keys
     # (grammar execution mode, special requests) tune MLC's own engine and change nothing here.
     debug_config: dict[str, Any] | None = None

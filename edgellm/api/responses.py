@@ -89,11 +89,14 @@ class ResponseBuilder:
     # ---- whole responses --------------------------------------------------------------------
     def usage(self, req: Request) -> P.Usage:
         u = req.usage()
+        names = ("draft_tokens", "accepted_draft_tokens", "acceptance_rate")
+        spec = {k: u[k] for k in names} if u["draft_tokens"] else {}  # only when the engine speculated
         return P.Usage(prompt_tokens=u["prompt_tokens"], completion_tokens=u["completion_tokens"],
                        total_tokens=u["total_tokens"],
                        prompt_tokens_details=P.PromptTokensDetails(cached_tokens=u["cached_tokens"]),
                        extra={"prefill_tokens_per_s": u["prefill_tokens_per_s"],
-                              "decode_tokens_per_s": u["decode_tokens_per_s"], "ttft_s": u["ttft_s"]})
+                              "decode_tokens_per_s": u["decode_tokens_per_s"], "ttft_s": u["ttft_s"],
+                              **spec})
 
     def final(self, req: Request):
         usage = self.usage(req)

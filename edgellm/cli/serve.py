@@ -17,6 +17,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-lib", default=None, help="a compiled model library (.pt2)")
     p.add_argument("--overrides", default=None,
                    help='engine options, e.g. "max_num_sequence=16;max_total_seq_length=16384;prefill_chunk_size=512"')
+    p.add_argument("--speculative-mode", default=None, choices=["disable", "small_draft", "ngram"],
+                   help="speculative decoding: a draft model (--additional-models) or prompt lookup")
+    p.add_argument("--additional-models", nargs="+", default=None, metavar="DIR",
+                   help="models besides the main one; small_draft drafts with the first")
     p.add_argument("--no-ui", action="store_true", help="do not serve the browser chat page at /")
     p.add_argument("--allowed-origins", default=None,
                    help="comma-separated browser origins allowed to call the API (CORS), or '*'; default none")
@@ -28,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from edgellm.api.async_engine import AsyncEngine
-    from edgellm.engine.options import make_options, parse_overrides
+    from edgellm.engine.options import make_options, parse_overrides, speculative_overrides
     from edgellm.errors import UserError
     from edgellm.prepare import prepare_model
     from edgellm.serve.app import create_app
@@ -38,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     from edgellm.prepare import runtime_config
 
     args.model, file_options = runtime_config(args.model)  # an MNN-style config.json: options for its model
-    overrides = {**file_options, **parse_overrides(args.overrides)}
+    overrides = {**file_options, **parse_overrides(args.overrides), **speculative_overrides(args)}
     make_options({**overrides, "mode": args.mode})
     model_dir = prepare_model(args.model, log=lambda msg: print(msg, file=sys.stderr, flush=True))
     engine = AsyncEngine(str(model_dir), args.model_lib, args.device, mode=args.mode, **overrides)

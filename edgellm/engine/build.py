@@ -6,6 +6,7 @@ model dir -> chat config -> (eager model + KVPool + ModelRunner) or (compiled li
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -17,6 +18,7 @@ from edgellm.engine.options import EngineOptions
 from edgellm.engine.runner import ModelRunner
 from edgellm.engine.sampler import Sampler
 from edgellm.engine.scheduler import Scheduler
+from edgellm.engine.speculative import Speculator
 from edgellm.errors import UserError
 from edgellm.models.loader import arch_config, load_model, runtime_context
 from edgellm.quantization.modes import get_mode
@@ -55,10 +57,30 @@ def build_engine(model_dir: str | Path, options: EngineOptions, device: str = "c
     if model_lib is not None:  # the library's runner keeps its own weights and caches
         from edgellm.compile.runtime import load_library
 
+        if options.speculative_mode != "disable":
+            raise UserError("speculative decoding runs on the eager engine; drop --model-lib or "
+                            "speculative_mode")
         ledger = SlotLedger()
         runner = load_library(model_lib, model_dir, cfg, arch, device, options.num_sequences, ledger)
         scheduler = Scheduler(ledger, options.num_sequences, chunk, options.reuse_kv)
         return EngineCore(runner, scheduler, Sampler(), min(ctx, runner.context_window))
+    model, pool, runner = eager_parts(model_dir, cfg, options, device, ctx)
+    speculator = None
+    if options.speculative_mode == "ngram":
+        speculator = Speculator("ngram", options.spec_draft_length)
+    elif options.speculative_mode == "small_draft":
+        draft_dir = Path(options.additional_models[0])
+        draft_cfg = load_chat_config(draft_dir)
+        check_same_vocabulary(model_dir, cfg, draft_dir, draft_cfg)
+        _, draft_pool, draft_runner = eager_parts(draft_dir, draft_cfg, options, device, ctx, fused_catch_up=8)
+        speculator = Speculator("small_draft", options.spec_draft_length, draft_runner, draft_pool)
+    scheduler = Scheduler(pool, options.num_sequences, chunk, options.reuse_kv)
+    return EngineCore(runner, scheduler, Sampler(), ctx, model=model, speculator=speculator)
+
+
+def eager_parts(model_dir: Path, cfg: ChatConfig, options: EngineOptions, device: str, ctx: int,
+                fused_catch_up: int = 1) -> tuple[torch.nn.Module, KVPool, ModelRunner]:
+    """An eager model with its own KVPool (the options' budget and KV dtype) and ModelRunner."""
     model, _ = load_model(model_dir, device=device, use_mmap=options.use_mmap, max_positions=ctx,
                           verify=options.verify_weights)
     if options.memory == "high" and (device != "cpu" or options.opt == "O0"):
@@ -78,6 +100,23 @@ def build_engine(model_dir: str | Path, options: EngineOptions, device: str = "c
         alloc = mmap_allocator(options.tmp_path)
     pool = KVPool(arch.num_layers, arch.num_kv_heads, arch.head_dim, windows, budget, kv_dtype, device,
                   alloc=alloc)
-    runner = ModelRunner(model, pool, device, opt=options.opt)
-    scheduler = Scheduler(pool, options.num_sequences, chunk, options.reuse_kv)
-    return EngineCore(runner, scheduler, Sampler(), ctx, model=model)
+    return model, pool, ModelRunner(model, pool, device, opt=options.opt, fused_catch_up=fused_catch_up)
+
+
+def _vocab(model_dir: Path) -> dict | None:
+    path = model_dir / "tokenizer.json"
+    if not path.is_file():
+        return None
+    tok = json.loads(path.read_text(encoding="utf-8"))
+    return {"vocab": (tok.get("model") or {}).get("vocab"),
+            "added": sorted((t.get("id"), t.get("content")) for t in tok.get("added_tokens") or [])}
+
+
+def check_same_vocabulary(target_dir: Path, target: ChatConfig, draft_dir: Path, draft: ChatConfig) -> None:
+    """A draft model must speak the target's token ids: same vocabulary size and tokenizer."""
+    if target.vocab_size != draft.vocab_size:
+        raise UserError(f"the draft model {draft_dir} has a vocabulary of {draft.vocab_size} tokens but the "
+                        f"target has {target.vocab_size}: small_draft needs the same tokenizer")
+    if _vocab(target_dir) != _vocab(draft_dir):
+        raise UserError(f"the draft model {draft_dir} has a different tokenizer than the target "
+                        f"{target_dir}: small_draft needs the same token ids")

@@ -22,6 +22,7 @@ from edgellm.engine.metrics import EngineMetrics
 from edgellm.engine.request import Request, SeqOutput, Sequence, Status
 from edgellm.engine.sampler import Sampler
 from edgellm.engine.scheduler import Scheduler
+from edgellm.engine.speculative import Speculator
 
 log = logging.getLogger("edgellm.engine")
 StepOutputs = list[tuple[Request, list[SeqOutput]]]
@@ -31,8 +32,9 @@ class EngineCore:
     """Owns the requests in flight and steps them: `add`, `step`, `finish`, `abort`."""
 
     def __init__(self, runner, scheduler: Scheduler, sampler: Sampler, context_window: int,
-                 metrics: EngineMetrics | None = None, model: Any = None):
+                 metrics: EngineMetrics | None = None, model: Any = None, speculator: Speculator | None = None):
         self.runner, self.scheduler, self.sampler = runner, scheduler, sampler
+        self.speculator = speculator  # drafts tokens for decoding sequences (speculative_mode), or None
         self.pool: KVPool = scheduler.pool
         self.context_window = context_window
         self.model = model  # the eager model (None when a compiled library runs in its place)
@@ -60,6 +62,8 @@ class EngineCore:
         for seq in self.scheduler.out_of_memory:  # reached the KV budget: finished with "length"
             self._finished(seq.request, "length")
             emit(seq.request, [SeqOutput(seq.index, [], None, "length")])
+        if chunks and self.speculator is not None:
+            self.speculator.propose(chunks, self.pool, self.context_window)
         if chunks:
             now = time.perf_counter()
             for c in chunks:
@@ -68,15 +72,44 @@ class EngineCore:
             chunks, logits = self._run(chunks, emit)
         if chunks:
             self.metrics.inc("steps_total")
-            self.metrics.inc("prefill_tokens_total", sum(c.length for c in chunks if c.length > 1))
+            self.metrics.inc("prefill_tokens_total", sum(c.length for c in chunks if c.length > 1 and not c.draft))
+            verifying = {id(c.seq): c for c in chunks if c.draft}
             ready = self.scheduler.update(chunks)
-            if ready:
-                seqs = [s for s, _ in ready]
-                tokens, infos = self.sampler(logits[[r for _, r in ready]], seqs)
+            plain = [(s, r) for s, r in ready if id(s) not in verifying]
+            if plain:
+                seqs = [s for s, _ in plain]
+                tokens, infos = self.sampler(logits[[r for _, r in plain]], seqs)
                 t = time.perf_counter()
                 for seq, tok, info in zip(seqs, tokens, infos):
-                    emit(seq.request, [self._append(seq, tok, info, t)])
+                    emit(seq.request, [self._append(seq, [tok], [info], t)])
+            for seq, row in ready:
+                c = verifying.get(id(seq))
+                if c is not None:
+                    emit(seq.request, [self._verify(c, logits[row:row + 1 + len(c.draft)])])
         return list(outputs.values())
+
+    def _verify(self, c, logits: torch.Tensor) -> SeqOutput:
+        """Accept the longest valid run of a chunk's draft (plus the target's own next token)."""
+        seq, base_len = c.seq, c.seq.total_len
+        tokens, accepted = self.speculator.verify(seq, c.draft, logits)
+        seq.spec_drafted += len(c.draft)
+        seq.spec_accepted += accepted
+        self.metrics.inc("spec_draft_tokens_total", len(c.draft))
+        self.metrics.inc("spec_accepted_tokens_total", accepted)
+        # the accepted drafts' KV is in the cache; positions past it are overwritten later
+        seq.num_computed = c.start + 1 + accepted
+        self.pool.set_length(seq.slot, seq.num_computed)
+        infos: list[dict | None] = [None] * len(tokens)
+        if seq.params.logprobs:
+            lp = torch.log_softmax(logits[:len(tokens)].float(), dim=-1)
+            for i, tok in enumerate(tokens):
+                infos[i] = {"token_id": tok, "logprob": float(lp[i, tok]), "top": []}
+                if seq.params.top_logprobs:
+                    vals, ids = lp[i].topk(seq.params.top_logprobs)
+                    infos[i]["top"] = list(zip(ids.tolist(), vals.tolist()))
+        out = self._append(seq, tokens, infos, time.perf_counter())
+        self.speculator.synced(seq, base_len, len(c.draft), accepted)
+        return out
 
     def _run(self, chunks: list, emit) -> tuple[list, torch.Tensor | None]:
         """The runner's step; if it fails, each request's chunks run alone so only the failing ones fail."""
@@ -119,31 +152,37 @@ class EngineCore:
             top = list(zip(tops.indices[i].tolist(), tops.values[i].tolist())) if tops is not None else []
             seq.prompt_logprobs.append({"token_id": tok, "logprob": val, "top": top})
 
-    def _append(self, seq: Sequence, tok: int, info: dict | None, t: float) -> SeqOutput:
+    def _append(self, seq: Sequence, tokens: list[int], infos: list[dict | None], t: float) -> SeqOutput:
+        """Append tokens one by one, stopping at the first that finishes the choice."""
         req, p = seq.request, seq.request.params
-        if seq.t_first_token is None:
-            seq.t_first_token = t
-            if seq.index == 0:
-                self.metrics.observe("ttft", t - req.arrival)
-        else:
-            self.metrics.observe("itl", t - seq.t_last_token)
-        seq.t_last_token = t
-        seq.output_ids.append(tok)
-        self.metrics.inc("generation_tokens_total")
-        if seq.grammar_matcher is not None:
-            seq.grammar_matcher.accept(tok)
+        kept: list[int] = []
         finish = None
-        if req.is_stop_token(tok):
-            finish = "stop"
-        elif p.max_tokens is not None and len(seq.output_ids) >= p.max_tokens:
-            finish = "length"
-        elif seq.total_len >= self.context_window:
-            finish = "length"
-        elif seq.grammar_matcher is not None and seq.grammar_matcher.is_terminated():
-            finish = "stop"
-        if finish is not None:
-            self.finish(seq, finish)
-        return SeqOutput(seq.index, [tok], [info] if info else None, finish)
+        for tok in tokens:
+            if seq.t_first_token is None:
+                seq.t_first_token = t
+                if seq.index == 0:
+                    self.metrics.observe("ttft", t - req.arrival)
+            else:
+                self.metrics.observe("itl", t - seq.t_last_token)
+            seq.t_last_token = t
+            seq.output_ids.append(tok)
+            kept.append(tok)
+            self.metrics.inc("generation_tokens_total")
+            if seq.grammar_matcher is not None:
+                seq.grammar_matcher.accept(tok)
+            if req.is_stop_token(tok):
+                finish = "stop"
+            elif p.max_tokens is not None and len(seq.output_ids) >= p.max_tokens:
+                finish = "length"
+            elif seq.total_len >= self.context_window:
+                finish = "length"
+            elif seq.grammar_matcher is not None and seq.grammar_matcher.is_terminated():
+                finish = "stop"
+            if finish is not None:
+                self.finish(seq, finish)
+                break
+        kept_infos = [i for i in infos[:len(kept)] if i]
+        return SeqOutput(seq.index, kept, kept_infos or None, finish)
 
     def finish(self, seq: Sequence, reason: str) -> None:
         """End one choice (also the frontend's way to stop it on a stop string)."""

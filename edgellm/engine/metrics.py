@@ -37,7 +37,7 @@ class EngineMetrics:
 
     COUNTERS = ("requests_total", "requests_finished", "requests_cancelled", "requests_failed",
                 "prompt_tokens_total", "prefill_tokens_total", "cached_tokens_total",
-                "generation_tokens_total", "steps_total")
+                "generation_tokens_total", "steps_total", "spec_draft_tokens_total", "spec_accepted_tokens_total")
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -64,5 +64,7 @@ class EngineMetrics:
             out["request_latency_seconds"] = self.e2e.snapshot()
             out["last_prefill_tokens_per_s"] = self.last_prefill_tps
             out["last_decode_tokens_per_s"] = self.last_decode_tps
+            drafted = self.counters["spec_draft_tokens_total"]
+            out["spec_acceptance_rate"] = self.counters["spec_accepted_tokens_total"] / drafted if drafted else 0.0
         out.update(gauges or {})
         return out

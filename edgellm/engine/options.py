@@ -22,6 +22,7 @@ DEFAULT_OPT = "O2"  # the one default optimization level (engine, bench, compile
 OPT_LEVELS = ("O0", "O1", "O2", "O3")  # O3 is an alias of O2 (MLC-LLM's flag)
 KV_DTYPES = ("auto", "float32", "float16", "bfloat16", "int8")
 MODES = ("local", "interactive", "server")
+SPECULATIVE_MODES = ("disable", "small_draft", "ngram")
 
 
 @dataclass
@@ -48,6 +49,9 @@ class EngineOptions:
     backend_type: str | None = None  # cpu, cuda, metal/mps: the device when device is "auto"
     memory: str = "low"  # low: weights stay quantized; high: whatever is fastest (may dequantize)
     precision: str | None = None  # accepted and passed through (another option implements it)
+    speculative_mode: str = "disable"  # small_draft: a draft model (additional_models); ngram: prompt lookup
+    spec_draft_length: int = 4  # the most tokens drafted per step (adapted per sequence to its acceptance)
+    additional_models: list[str] | str | None = None  # converted model dirs (";"-separated); the draft first
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -70,7 +74,16 @@ class EngineOptions:
             self.backend_type = backend_device(self.backend_type)
         if self.opt not in OPT_LEVELS:
             raise UserError(f"opt must be O0..O3, got {self.opt!r}")
-        for name in ("max_num_sequence", "max_total_seq_length", "prefill_chunk_size",
+        if self.speculative_mode not in SPECULATIVE_MODES:
+            raise UserError(f"speculative_mode must be one of {', '.join(SPECULATIVE_MODES)}, "
+                            f"got {self.speculative_mode!r}")
+        if isinstance(self.additional_models, str):
+            self.additional_models = [m.strip() for m in self.additional_models.split(";") if m.strip()]
+        self.additional_models = list(self.additional_models or [])
+        if self.speculative_mode == "small_draft" and not self.additional_models:
+            raise UserError("speculative_mode=small_draft needs a draft model: additional_models=DIR "
+                            "(--additional-models DIR)")
+        for name in ("max_num_sequence", "spec_draft_length", "max_total_seq_length", "prefill_chunk_size",
                      "context_window_size", "threads", "max_tokens"):
             v = getattr(self, name)
             if v is not None and v <= 0:
@@ -151,4 +164,14 @@ def parse_overrides(text: str | None) -> dict[str, str]:
         if not key or not value:
             raise UserError(f"bad override {piece!r}: expected key=value pairs separated by ';'")
         out[key] = value
+    return out
+
+
+def speculative_overrides(args) -> dict:
+    """The serve/chat flags --speculative-mode and --additional-models as option values."""
+    out: dict = {}
+    if getattr(args, "speculative_mode", None):
+        out["speculative_mode"] = args.speculative_mode
+    if getattr(args, "additional_models", None):
+        out["additional_models"] = list(args.additional_models)
     return out

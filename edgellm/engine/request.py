@@ -33,6 +33,7 @@ class SamplingParams:
     top_logprobs: int = 0
     prompt_logprobs: bool = False  # also the prompt tokens' logprobs (the core then skips the prefix cache)
     grammar: Any = None  # compiled grammar with .matcher() (edgellm.api.grammar), or None
+    speculative: bool = True  # False: never draft for this request (when the engine speculates)
 
     @property
     def greedy(self) -> bool:
@@ -81,6 +82,9 @@ class Sequence:
         self.t_prefill_start: float | None = None
         self.t_first_token: float | None = None
         self.t_last_token: float | None = None
+        self.spec: Any = None  # the speculator's per-sequence state (engine.speculative.SpecState)
+        self.spec_drafted = 0  # drafted tokens verified by the target
+        self.spec_accepted = 0  # of which accepted
 
     @property
     def params(self) -> SamplingParams:
@@ -134,6 +138,8 @@ class Request:
         decode_tokens = sum(max(len(s.output_ids) - 1, 0) for s in seqs)
         decode_s = max((s.t_last_token - s.t_first_token) for s in seqs
                        if s.t_first_token and s.t_last_token) if first else 0.0
+        drafted = sum(s.spec_drafted for s in seqs)
+        accepted = sum(s.spec_accepted for s in seqs)
         return {
             "prompt_tokens": prompt,
             "completion_tokens": completion,
@@ -143,4 +149,7 @@ class Request:
             "prefill_tokens_per_s": (prompt - cached) / prefill_s if prefill_s > 0 else 0.0,
             "decode_tokens_per_s": decode_tokens / decode_s if decode_s > 0 else 0.0,
             "ttft_s": (min(first) - self.arrival) if first else 0.0,
+            "draft_tokens": drafted,
+            "accepted_draft_tokens": accepted,
+            "acceptance_rate": accepted / drafted if drafted else 0.0,
         }

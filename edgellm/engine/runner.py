@@ -27,10 +27,13 @@ from edgellm.models.base import Step
 class ModelRunner:
     """Flattens the step's chunks into one token row and returns logits for sampling rows."""
 
-    def __init__(self, model: nn.Module, pool: KVPool, device: str = "cpu", opt: str = DEFAULT_OPT):
+    def __init__(self, model: nn.Module, pool: KVPool, device: str = "cpu", opt: str = DEFAULT_OPT,
+                 fused_catch_up: int = 1):
         self.model, self.pool, self.device, self.opt = model, pool, device, opt
         self.fused = None  # the model's native decode step, when it offers one (O2)
         self.prompt_logits: list = []  # the last step's [(chunk, logits [n, vocab])] for prompt_logprobs
+        # chunks up to this many known tokens also run as native decode rows (a draft model catching up)
+        self.fused_catch_up = fused_catch_up
         if opt != "O0" and str(device) == "cpu":
             from edgellm.quantization.layers import repack_model
 
@@ -40,24 +43,24 @@ class ModelRunner:
                 self.fused = native(pool)
 
     def step(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
-        """Logits [R, vocab] (float32, on CPU) for the chunks that complete their sequence, in order."""
+        """Logits [R, vocab] (float32, on CPU) for the chunks that complete their sequence, in order
+        (1 + len(draft) rows for a chunk that verifies drafted tokens)."""
         self.prompt_logits = []
-        if self.fused is not None and all(c.length == 1 and c.completes for c in chunks):
-            with torch.inference_mode():
-                return self.fused(chunks)
+        if self.fused is not None and all(c.completes and (c.length == 1 or c.draft or c.length <= self.fused_catch_up)
+                                          for c in chunks):
+            return self._fused_rows(chunks)
         ids: list[int] = []
         rows: list[int] = []
         prompt_rows: list[tuple[ScheduledChunk, int, int]] = []  # (chunk, first row index in `rows`, count)
         for c in chunks:
             first = len(ids)
-            ids.extend(c.seq.all_ids[c.start:c.start + c.length])
-            # Prompt logprobs: the rows predicting the chunk's next prompt tokens, ahead of the sampling row.
+            ids.extend(c.token_ids)
+            # Prompt logprobs: the rows predicting the chunk's next prompt tokens, ahead of the sampling rows.
             n_prompt = min(c.start + c.length, len(c.seq.prompt_ids) - 1) - c.start
             if c.seq.params.prompt_logprobs and n_prompt > 0:
                 prompt_rows.append((c, len(rows), n_prompt))
                 rows.extend(range(first, first + n_prompt))
-            if c.completes:
-                rows.append(len(ids) - 1)
+            rows.extend(range(len(ids) - c.logit_rows, len(ids)))  # a verify chunk: all its rows
         step = Step([c.seq.slot for c in chunks], [c.start for c in chunks], [c.length for c in chunks],
                     logit_rows=torch.tensor(rows, dtype=torch.long))
         tokens = torch.tensor(ids, dtype=torch.long, device=self.device)
@@ -73,3 +76,36 @@ class ModelRunner:
                 keep[at:at + n] = False
             logits = logits[keep]
         return logits
+
+    def _fused_rows(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
+        """The native decode step with a row per token: a chunk of several tokens (a verify chunk, or a
+        short catch-up) becomes consecutive positions of its slot. The native step writes every row's
+        keys/values of a layer before any row attends, so row j sees rows < j of its own sequence."""
+        rows: list[ScheduledChunk] = []
+        keep: list[int] = []
+        for c in chunks:
+            if c.length == 1 and not c.draft:
+                keep.append(len(rows))
+                rows.append(c)
+                continue
+            view = _Tokens(c.seq.slot, c.seq.all_ids[:c.start + c.length - len(c.draft)] + c.draft)
+            rows.extend(ScheduledChunk(view, c.start + j, 1) for j in range(c.length))
+            keep.extend(range(len(rows) - c.logit_rows, len(rows)))
+        with torch.inference_mode():
+            logits = self.fused(rows)
+        return logits if len(keep) == len(rows) else logits[keep]
+
+
+class _Tokens:
+    """A sequence's slot and token ids as the native decode step reads them."""
+
+    def __init__(self, slot: int, ids: list[int]):
+        self.slot, self.prompt_ids, self.output_ids = slot, ids, []
+
+    @property
+    def all_ids(self) -> list[int]:
+        return self.prompt_ids
+
+    @property
+    def total_len(self) -> int:
+        return len(self.prompt_ids)

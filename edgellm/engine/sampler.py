@@ -63,10 +63,9 @@ class Sampler:
             row -= counts * p.frequency_penalty + (counts > 0).to(row.dtype) * p.presence_penalty
 
     @staticmethod
-    def _sample_row(row: torch.Tensor, seq: Sequence) -> int:
-        p = seq.params
-        if p.greedy:
-            return int(row.argmax())
+    def probs(row: torch.Tensor, p) -> torch.Tensor | None:
+        """The distribution a sampled row draws from (temperature, top-k, min-p, top-p), unnormalized;
+        None when it is degenerate (e.g. every token masked). Speculative verification uses it too."""
         row = row / p.temperature
         if p.top_k and p.top_k > 0 and p.top_k < row.shape[-1]:
             kth = torch.topk(row, p.top_k).values[-1]
@@ -81,5 +80,15 @@ class Sampler:
             sorted_p = sorted_p.masked_fill(drop, 0.0)
             probs = torch.zeros_like(probs).scatter(0, idx, sorted_p)
         if not torch.isfinite(probs).all() or float(probs.sum()) <= 0:
-            return int(row.argmax())  # degenerate distribution (e.g. every token masked): stay defined
+            return None
+        return probs
+
+    @staticmethod
+    def _sample_row(row: torch.Tensor, seq: Sequence) -> int:
+        p = seq.params
+        if p.greedy:
+            return int(row.argmax())
+        probs = Sampler.probs(row, p)
+        if probs is None:
+            return int(row.argmax())  # degenerate distribution: stay defined
         return int(torch.multinomial(probs, 1, generator=seq.generator))

@@ -11,7 +11,7 @@ refuses prompts that could never fit), so nothing spins in preemption.
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from edgellm.engine.kv_pool import KVPool
 from edgellm.engine.request import Sequence, Status
@@ -21,12 +21,23 @@ from edgellm.engine.request import Sequence, Status
 class ScheduledChunk:
     seq: Sequence
     start: int  # first position computed in this step
-    length: int  # tokens computed in this step
+    length: int  # tokens computed in this step (with a draft: the last known token + the drafted ones)
+    draft: list[int] = field(default_factory=list)  # speculative tokens to verify (a decode chunk only)
 
     @property
     def completes(self) -> bool:
         """All known tokens are in the cache after this step: the next token can be sampled."""
-        return self.start + self.length == self.seq.total_len
+        return self.start + self.length - len(self.draft) == self.seq.total_len
+
+    @property
+    def token_ids(self) -> list[int]:
+        known = self.length - len(self.draft)
+        return self.seq.all_ids[self.start:self.start + known] + self.draft
+
+    @property
+    def logit_rows(self) -> int:
+        """Logits rows this chunk yields: 1 + drafted tokens when it completes its sequence, else 0."""
+        return 1 + len(self.draft) if self.completes else 0
 
 
 class Scheduler:
@@ -75,19 +86,21 @@ class Scheduler:
     def update(self, chunks: list[ScheduledChunk]) -> list[tuple[Sequence, int]]:
         """Record what a step computed; returns (sequence, logits row) for each sequence to sample.
 
-        A chunk that completes its sequence owns the next logits row. The first prefill of a request
+        A chunk that completes its sequence owns the next logits row (a chunk with a draft owns
+        1 + len(draft) rows from there, and only its known tokens count as computed until the core
+        accepts drafted ones). The first prefill of a request
         with n > 1 choices is shared: the other choices fork its KV and sample from the same row.
         """
         ready: list[tuple[Sequence, int]] = []
         row = 0
         for c in chunks:
-            c.seq.num_computed = c.start + c.length
+            c.seq.num_computed = c.start + c.length - len(c.draft)
             self.pool.set_length(c.seq.slot, c.seq.num_computed)
             if c.completes:
                 ready.append((c.seq, row))
                 if c.seq.index == 0 and not c.seq.output_ids and c.seq.request.n > 1:
                     ready.extend((sib, row) for sib in self._fork(c.seq))
-                row += 1
+                row += c.logit_rows
         return ready
 
     def _fork(self, seq: Sequence) -> list[Sequence]:

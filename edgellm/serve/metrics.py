@@ -12,6 +12,8 @@ COUNTERS = {
     "cached_tokens_total": "Prompt tokens reused from the KV cache",
     "generation_tokens_total": "Tokens generated",
     "steps_total": "Engine steps run",
+    "spec_draft_tokens_total": "Speculative tokens drafted and verified",
+    "spec_accepted_tokens_total": "Speculative drafted tokens accepted",
 }
 GAUGES = {
     "requests_running": "Sequences being generated",
@@ -23,6 +25,7 @@ GAUGES = {
     "kv_cache_sequences": "Sequences holding KV cache",
     "kv_cache_tokens_prefix_cache": "Tokens kept for prefix reuse",
     "preemptions_total": "Sequences preempted for lack of KV memory",
+    "spec_acceptance_rate": "Accepted / drafted speculative tokens since start",
 }
 HISTOGRAMS = {
     "time_to_first_token_seconds": "Time from request to first generated token",
