@@ -15,6 +15,8 @@ import math
 
 from edgellm.models.config import ArchConfig, llama_like
 from edgellm.models.llama import Model, hf_rename
+from edgellm.models.schema import HFConfig
+from edgellm.validation import Int
 
 __all__ = ["DISK_NAMES", "HF_FUSED", "Model", "hf_rename", "parse_config"]
 
@@ -27,6 +29,12 @@ DISK_NAMES = [
     (".self_attn.o_proj.", ".mixer.out_proj."),
     ("model.norm.", "transformer.norm."),
 ]
+
+
+class Config(HFConfig):
+    """Phi-3's own config.json facts: LongRoPE's original context."""
+
+    original_max_position_embeddings: Int(1, 1 << 24) | None = None
 
 
 def parse_config(hf: dict) -> ArchConfig:

@@ -7,10 +7,19 @@ from __future__ import annotations
 
 from edgellm.models.config import ArchConfig, llama_like, windows_from_layer_types
 from edgellm.models.llama import HF_FUSED, Model, hf_rename
+from edgellm.models.schema import HFConfig
+from edgellm.validation import Int
 
-__all__ = ["DISK_NAMES", "HF_FUSED", "Model", "hf_rename", "parse_config", "qwen_windows"]
+__all__ = ["DISK_NAMES", "HF_FUSED", "Config", "Model", "hf_rename", "parse_config", "qwen_windows"]
 
 DISK_NAMES = [("self_attn.qkv_proj", "self_attn.c_attn")]
+
+
+class Config(HFConfig):
+    """Qwen2's own config.json facts: where sliding windows start."""
+
+    use_sliding_window: bool | None = None
+    max_window_layers: Int(0, 4096) | None = None
 
 
 def qwen_windows(hf: dict, layers: int) -> list[int | None]:

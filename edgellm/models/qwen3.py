@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from edgellm.models.config import ArchConfig, llama_like
 from edgellm.models.llama import HF_FUSED, Model, hf_rename
-from edgellm.models.qwen2 import DISK_NAMES, qwen_windows
+from edgellm.models.qwen2 import DISK_NAMES, Config, qwen_windows
 
-__all__ = ["DISK_NAMES", "HF_FUSED", "Model", "hf_rename", "parse_config"]
+__all__ = ["DISK_NAMES", "HF_FUSED", "Config", "Model", "hf_rename", "parse_config"]
 
 
 def parse_config(hf: dict) -> ArchConfig:

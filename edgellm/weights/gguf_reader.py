@@ -81,8 +81,9 @@ class GGUFSource:
             self._reader = gguf.GGUFReader(self.path, "r")
         except FileNotFoundError:
             raise UserError(f"{path}: no such file") from None
-        except (ValueError, OSError, KeyError, IndexError, TypeError) as e:
-            raise UserError(f"{path} is not a readable GGUF file ({e})") from None
+        except (ValueError, OSError, KeyError, IndexError, TypeError, MemoryError, OverflowError) as e:
+            # MemoryError/OverflowError: a header announcing absurd array lengths
+            raise UserError(f"{path} is not a readable GGUF file ({type(e).__name__}: {e})") from None
         arch = self._meta("general.architecture")
         if arch not in ARCHITECTURES:
             raise UserError(f"{path}: GGUF architecture {arch!r} is not supported "
@@ -94,7 +95,15 @@ class GGUFSource:
                 supported = ", ".join(sorted(q.name for q in SUPPORTED_TYPES))
                 raise UserError(f"{path}: tensor {t.name} has type {t.tensor_type.name}, which edgellm "
                                 f"cannot read (supported: {supported})")
-        self.hf_config: dict[str, Any] = self._build_config()
+        try:
+            self.hf_config: dict[str, Any] = self._build_config()
+        except (TypeError, ValueError, OverflowError) as e:  # e.g. a list where a count belongs
+            raise UserError(f"{path}: GGUF metadata has a value of the wrong type ({e})") from None
+        from edgellm.models.schema import HFConfig
+        from edgellm.validation import validate
+
+        # before anything is sized from it (one name per layer, the tokenizer, the model)
+        validate(HFConfig, self.hf_config, f"{path} (GGUF metadata read as config.json)")
         name_map = _tensor_name_map(self.hf_config["num_hidden_layers"])
         dropped = re.compile("|".join(re.escape(gguf.TENSOR_NAMES[k]).replace(r"\{bid\}", r"\d+")
                                       for k in _DROPPED))
@@ -129,6 +138,10 @@ class GGUFSource:
         K = gguf.Keys
         hidden = int(self._required(K.LLM.EMBEDDING_LENGTH))
         heads = int(self._required(K.Attention.HEAD_COUNT))
+        if not 0 < heads <= 4096 or not 0 < hidden <= 1 << 17:
+            raise UserError(f"{self.path}: GGUF metadata {K.Attention.HEAD_COUNT.format(arch=self.arch)}={heads} "
+                            f"and {K.LLM.EMBEDDING_LENGTH.format(arch=self.arch)}={hidden} must be in 1..4096 "
+                            f"and 1..{1 << 17}")
         kv_heads = self._meta(K.Attention.HEAD_COUNT_KV, heads)
         if isinstance(kv_heads, list):
             # Some files store one value per layer; these architectures need a single one.

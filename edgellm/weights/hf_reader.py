@@ -175,7 +175,10 @@ def hf_config(model_dir: Path) -> dict:
     path = model_dir / "config.json"
     if not path.exists():
         raise UserError(f"{model_dir} has no config.json")
-    return read_json(path)
+    cfg = read_json(path)
+    if not isinstance(cfg, dict):
+        raise UserError(f"{path}: must be a JSON object, not {type(cfg).__name__}")
+    return cfg
 
 
 def detect_format(model_dir: Path) -> str:

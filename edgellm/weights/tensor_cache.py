@@ -129,6 +129,8 @@ def load_manifest(model_dir: Path) -> dict:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as e:
         raise UserError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: must be a JSON object with 'records', not {type(data).__name__}")
     validate(_Manifest, data, path)
     seen: set[str] = set()
     for i, shard in enumerate(data["records"]):
