@@ -102,15 +102,16 @@ def _bundle_model(src: Path, dest: Path, overrides: dict) -> None:
     names |= {p.name for p in src.iterdir() if p.name.startswith("tokenizer") or p.name in (
         "vocab.json", "merges.txt", "special_tokens_map.json", "added_tokens.json", "generation_config.json")}
     files = {name: inside(src, name, f"{src}: file to bundle", must_exist=False) for name in sorted(names)}
+    if dest.resolve() == src.resolve() or dest.resolve() in src.resolve().parents:
+        raise UserError(f"{src}: the model directory lies inside its own bundle destination {dest}")
     if dest.is_symlink():  # never follow a link out of -o
         dest.unlink()
     elif dest.exists():
         shutil.rmtree(dest)
     dest.mkdir(parents=True)
-    root = dest.resolve()
     for path in files.values():
         if path.is_file():
-            target = root / path.relative_to(src.resolve())
+            target = dest / path.relative_to(src)
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(path, target)
     cfg.update(overrides)

@@ -162,7 +162,8 @@ class HeaderTimeoutProtocol(H11Protocol):
 
     def _on_header_timeout(self) -> None:
         self._header_timer = None
-        if self.cycle is self._timed_cycle and not self.transport.is_closing():
+        waiting = self.cycle is None or self.cycle.response_complete  # not mid-response (pipelining)
+        if self.cycle is self._timed_cycle and waiting and not self.transport.is_closing():
             self.transport.close()
 
     def handle_events(self) -> None:

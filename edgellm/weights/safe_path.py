@@ -1,7 +1,7 @@
 """Names and paths read from files (manifests, index files, package configs) stay inside their directory.
 
 A file's `dataPath`, a `weight_map` entry or a package config's `model_id` is data, not a path the
-user chose: it must resolve inside the directory it belongs to (after symlinks), name a regular
+user chose: it must stay inside the directory it belongs to, name a regular
 file (never a FIFO or a device, which would hang or stream forever), and ids that become directory
 names must be plain names.
 """
@@ -26,19 +26,21 @@ def plain_name(name: object, what: str) -> str:
 
 
 def inside(base: Path, name: object, what: str, *, must_exist: bool = True) -> Path:
-    """`base / name` if it resolves inside `base` and (when it exists) is a regular file, else a UserError.
+    """`base / name` if `name` stays inside `base` and (when it exists) is a regular file, else a UserError.
 
     `what` names where the name came from, e.g. "tensor-cache.json dataPath". With `must_exist`, a
-    missing file is an error too.
+    missing file is an error too. The name is checked as written (no absolute path, no '..' out of
+    `base`); a symlink placed in `base` is followed, since the Hugging Face hub cache stores every
+    file of a snapshot as a link into its blobs/ directory, but what it reaches must be a regular file.
     """
     if not isinstance(name, str) or not name or "\0" in name:
         raise UserError(f"{what}: expected a file name, got {name!r}")
     if os.path.isabs(name) or Path(name).is_absolute():
         raise UserError(f"{what}: {name!r} is an absolute path; only files inside {base} may be named")
-    root = Path(base).resolve()
-    path = (root / name).resolve()
-    if path != root and root not in path.parents:
+    norm = os.path.normpath(name)
+    if norm == ".." or norm.startswith(("../", "..\\")) or norm == ".":
         raise UserError(f"{what}: {name!r} points outside {base}")
+    path = Path(base) / norm
     try:
         st = path.stat()
     except FileNotFoundError:
