@@ -46,11 +46,17 @@ class ChatConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> ChatConfig:
+    def from_dict(cls, d: dict, source: str = CHAT_CONFIG) -> ChatConfig:
+        """A chat config from its JSON, validated first (one-line UserError naming `source`)."""
         known = {f.name for f in fields(cls)}
+        if not isinstance(d, dict):
+            raise UserError(f"{source}: must be a JSON object, not {type(d).__name__}")
         missing = [k for k in ("model_type", "quantization", "model_config") if k not in d]
         if missing:
-            raise UserError(f"{CHAT_CONFIG} lacks {missing[0]!r}")
+            raise UserError(f"{source} lacks {missing[0]!r}")
+        from edgellm.validation import validate
+
+        validate(_schema(), d, source)
         kwargs = {k: v for k, v in d.items() if k in known}
         kwargs.setdefault("vocab_size", d["model_config"].get("vocab_size", 0))
         return cls(**kwargs)
@@ -71,6 +77,54 @@ def load_chat_config(model_dir: Path) -> ChatConfig:
     if not path.exists():
         raise UserError(f"{model_dir} has no {CHAT_CONFIG} (run `edgellm gen_config` first)")
     try:
-        return ChatConfig.from_dict(json.loads(path.read_text(encoding="utf-8")))
-    except json.JSONDecodeError as e:
+        return ChatConfig.from_dict(json.loads(path.read_text(encoding="utf-8")), str(path))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{path} is not valid JSON: {e}") from None
+
+
+def _schema():
+    """The pydantic model of mlc-chat-config.json (built on first use: pydantic stays off `edgellm --help`)."""
+    from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+    from edgellm.validation import Int, Num
+
+    token = Int(0, (1 << 24) - 1)
+
+    class ChatConfigSchema(BaseModel):
+        model_config = ConfigDict(extra="allow", protected_namespaces=())
+        model_type: str
+        quantization: str
+        model_config_: dict = Field(alias="model_config")
+        vocab_size: Int(1, 1 << 24) | None = None
+        context_window_size: Int(-1, 1 << 24) = 4096
+        sliding_window_size: Int(-1, 1 << 24) = -1
+        prefill_chunk_size: Int(1, 1 << 24) = 2048
+        attention_sink_size: Int(-1, 1 << 24) = -1
+        tensor_parallel_shards: Int(1, 1024) = 1
+        pipeline_parallel_stages: Int(1, 1024) = 1
+        max_batch_size: Int(1, 1 << 16) = 128
+        temperature: Num(ge=0.0, le=100.0) = 1.0
+        presence_penalty: Num(ge=-2.0, le=2.0) = 0.0
+        frequency_penalty: Num(ge=-2.0, le=2.0) = 0.0
+        repetition_penalty: Num(0.0, 100.0) = 1.0
+        top_p: Num(0.0, 1.0) = 1.0
+        conv_template: dict | str = "LM"
+        pad_token_id: Int(-1, (1 << 24) - 1) | None = 0
+        bos_token_id: token | None = None
+        eos_token_id: token | list[token] | None = None
+        tokenizer_files: list[str] = []
+        tokenizer_info: dict = {}
+
+        @model_validator(mode="after")
+        def _consistent(self):
+            if self.context_window_size == 0:
+                raise ValueError("context_window_size must be positive (or -1 for unbounded)")
+            vocab = self.vocab_size or self.model_config_.get("vocab_size")
+            eos = self.eos_token_id if isinstance(self.eos_token_id, list) else [self.eos_token_id]
+            for name, ids in (("bos_token_id", [self.bos_token_id]), ("eos_token_id", eos)):
+                bad = [i for i in ids if i is not None and isinstance(vocab, int) and i >= vocab]
+                if bad:
+                    raise ValueError(f"{name} {bad[0]} is outside the vocabulary (vocab_size {vocab})")
+            return self
+
+    return ChatConfigSchema

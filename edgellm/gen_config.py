@@ -9,6 +9,7 @@ from pathlib import Path
 from edgellm.config import ChatConfig
 from edgellm.errors import UserError
 from edgellm.models.registry import family_hook, get_family
+from edgellm.models.schema import parse_arch
 from edgellm.quantization.modes import get_mode
 from edgellm.weights.hf_reader import hf_config, read_json
 from edgellm.weights.source import find_gguf, resolve_config
@@ -128,12 +129,12 @@ def gen_config(config: str | Path, quantization: str, conv_template: str, output
         tok_dir = path
     mt = hf.get("model_type") if model_type in (None, "", "auto") else model_type
     family = get_family(mt)
-    arch = family.parse_config(hf)
+    arch = parse_arch(family, hf, f"{gguf} config" if gguf is not None else str(path / "config.json"))
     sizes = {"context-window-size": context_window_size, "prefill-chunk-size": prefill_chunk_size,
              "max-batch-size": max_batch_size, "tensor-parallel-shards": tensor_parallel_shards}
     for name, value in sizes.items():
-        if value is not None and value <= 0:
-            raise UserError(f"--{name} must be positive, got {value}")
+        if value is not None and not 0 < value <= 1 << 24:
+            raise UserError(f"--{name} must be in 1..{1 << 24}, got {value}")
     if tensor_parallel_shards not in (None, 1):
         raise UserError("--tensor-parallel-shards > 1 is not supported on CPU; use 1")
     window = family_hook(family, "chat_window")(hf)

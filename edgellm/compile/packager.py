@@ -29,6 +29,7 @@ from pathlib import Path
 from edgellm.compile import target as T
 from edgellm.config import CHAT_CONFIG
 from edgellm.errors import UserError
+from edgellm.weights.safe_path import inside, plain_name
 
 APP_CONFIG = "mlc-app-config.json"
 REQUIRED_ENTRY_KEYS = ("model", "model_id", "model_lib", "estimated_vram_bytes")
@@ -62,6 +63,9 @@ def read_package_config(path: Path) -> dict:
                 raise _fail(path, f"model_list[{i}] is missing required key {key!r}")
         if not isinstance(entry["estimated_vram_bytes"], int) or entry["estimated_vram_bytes"] < 0:
             raise _fail(path, f"model_list[{i}].estimated_vram_bytes must be a non-negative integer")
+        # Both become names under -o (bundle/<model_id>/, lib/<model_lib>.pte): plain names only.
+        plain_name(entry["model_id"], f"{path}: model_list[{i}].model_id")
+        plain_name(entry["model_lib"], f"{path}: model_list[{i}].model_lib")
         if entry["model_id"] in seen:
             raise _fail(path, f"model_id {entry['model_id']!r} appears twice")
         seen.add(entry["model_id"])
@@ -82,20 +86,34 @@ def _dir_bytes(d: Path) -> int:
 
 
 def _bundle_model(src: Path, dest: Path, overrides: dict) -> None:
-    """Copy weights, tokenizer and chat config; overrides go into the bundled chat config."""
-    if dest.exists():
-        shutil.rmtree(dest)
-    dest.mkdir(parents=True)
-    cache = json.loads(next((src / n).read_text() for n in WEIGHT_FILES if (src / n).exists()))
+    """Copy weights, tokenizer and chat config; overrides go into the bundled chat config.
+
+    Every file copied is named inside `src` (a manifest's dataPath cannot pull in other files)."""
+    from edgellm.weights.tensor_cache import load_manifest
+
+    cache = load_manifest(src)  # checks every dataPath stays inside src
     names = {n for n in WEIGHT_FILES if (src / n).exists()}
-    names |= {r["dataPath"] for r in cache.get("records", [])}
+    names |= {r["dataPath"] for r in cache["records"]}
     cfg = json.loads((src / CHAT_CONFIG).read_text(encoding="utf-8"))
-    names |= set(cfg.get("tokenizer_files") or [])
+    tok_files = cfg.get("tokenizer_files") or []
+    if not isinstance(tok_files, list) or not all(isinstance(n, str) for n in tok_files):
+        raise UserError(f"{src / CHAT_CONFIG}: tokenizer_files must be a list of file names")
+    names |= set(tok_files)
     names |= {p.name for p in src.iterdir() if p.name.startswith("tokenizer") or p.name in (
         "vocab.json", "merges.txt", "special_tokens_map.json", "added_tokens.json", "generation_config.json")}
-    for name in sorted(names):
-        if (src / name).is_file():
-            shutil.copy2(src / name, dest / name)
+    files = {name: inside(src, name, f"{src}: file to bundle", must_exist=False) for name in sorted(names)}
+    if dest.resolve() == src.resolve() or dest.resolve() in src.resolve().parents:
+        raise UserError(f"{src}: the model directory lies inside its own bundle destination {dest}")
+    if dest.is_symlink():  # never follow a link out of -o
+        dest.unlink()
+    elif dest.exists():
+        shutil.rmtree(dest)
+    dest.mkdir(parents=True)
+    for path in files.values():
+        if path.is_file():
+            target = dest / path.relative_to(src)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, target)
     cfg.update(overrides)
     (dest / CHAT_CONFIG).write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
@@ -107,6 +125,9 @@ def _prepare_lib(entry: dict, device: str, cfg_dir: Path, lib_map: dict, lib_dir
     name = entry["model_lib"]
     ext = ".pte" if T.artifact_kind(device) == "pte" else ".pt2"
     dest = lib_dir / f"{name}{ext}"
+    for old in (dest, lib_dir / f"{name}.json"):
+        if old.is_symlink():  # written below: never through a link out of -o
+            old.unlink()
     given = lib_map.get(name)
     if given:
         src = (cfg_dir / given).expanduser()
@@ -155,6 +176,18 @@ def _check_lib_fits(meta: dict, lib: Path, model_dir: Path, model_id: str) -> No
     T.check_match(meta, lib, cfg, arch_config(cfg), model_dir)
 
 
+def _check_bundle_sources(cfg: dict, cfg_dir: Path) -> None:
+    from edgellm.weights.tensor_cache import load_manifest
+
+    for entry in cfg["model_list"]:
+        model = str(entry["model"])
+        if entry.get("bundle_weight", False) and not _is_url(model):
+            src = (cfg_dir / model).expanduser()
+            if not (src / CHAT_CONFIG).exists():
+                raise UserError(f"{entry['model_id']}: {src} is not a converted model directory (no {CHAT_CONFIG})")
+            load_manifest(src)
+
+
 def package(config_path: str | Path = "mlc-package-config.json", output: str | Path = "dist", log=print) -> dict:
     """Write dist/lib and dist/bundle; returns the app config."""
     config_path = Path(config_path).expanduser()
@@ -162,6 +195,7 @@ def package(config_path: str | Path = "mlc-package-config.json", output: str | P
     device = T.normalize_device(str(cfg["device"]))
     cfg_dir = config_path.parent
     out = Path(output).expanduser()
+    _check_bundle_sources(cfg, cfg_dir)  # before writing anything, and before a long compile
     lib_dir, bundle_dir = out / "lib", out / "bundle"
     lib_dir.mkdir(parents=True, exist_ok=True)
     bundle_dir.mkdir(parents=True, exist_ok=True)

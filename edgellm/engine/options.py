@@ -83,11 +83,12 @@ class EngineOptions:
         if self.speculative_mode == "small_draft" and not self.additional_models:
             raise UserError("speculative_mode=small_draft needs a draft model: additional_models=DIR "
                             "(--additional-models DIR)")
-        for name in ("max_num_sequence", "spec_draft_length", "max_total_seq_length", "prefill_chunk_size",
-                     "context_window_size", "threads", "max_tokens"):
+        for name, hi in (("max_num_sequence", 1 << 16), ("spec_draft_length", 64), ("max_total_seq_length", 1 << 30),
+                         ("prefill_chunk_size", 1 << 24), ("context_window_size", 1 << 24), ("threads", 4096),
+                         ("max_tokens", 1 << 24)):
             v = getattr(self, name)
-            if v is not None and v <= 0:
-                raise UserError(f"{name} must be positive, got {v}")
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not 0 < v <= hi):
+                raise UserError(f"{name} must be an integer in 1..{hi}, got {v!r}")
 
     def kv_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
         """The KV cache element type for a model stored in `model_dtype`."""

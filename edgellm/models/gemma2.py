@@ -29,6 +29,8 @@ from edgellm.models.gguf_hooks import (
 )
 from edgellm.models.llama import MLP, Attention, hf_rename
 from edgellm.models.llama import Model as LlamaModel
+from edgellm.models.schema import HFConfig
+from edgellm.validation import Num
 
 __all__ = ["DISK_NAMES", "GGUF_ARCH", "HF_FUSED", "Model", "chat_window", "gguf_config", "gguf_export_names",
            "gguf_metadata", "gguf_tensor_names", "gguf_to_hf", "hf_rename", "hf_transform", "parse_config"]
@@ -40,6 +42,14 @@ HF_FUSED = {
     "mlp.gate_up_proj": ["mlp.gate_proj", "mlp.up_proj"],
 }
 DISK_NAMES: list[tuple[str, str]] = []
+
+
+class Config(HFConfig):
+    """Gemma 2's own config.json facts: soft-capping and the query scale."""
+
+    attn_logit_softcapping: Num() | None = None
+    final_logit_softcapping: Num() | None = None
+    query_pre_attn_scalar: Num() | None = None
 
 
 def parse_config(hf: dict) -> ArchConfig:

@@ -21,13 +21,23 @@ from edgellm.models.base import ACTIVATIONS, CausalLM, KVCacheLike, Step, apply_
 from edgellm.models.config import ArchConfig, require
 from edgellm.models.gguf_hooks import GGUFMeta, K, expand, export_names, rope_metadata, special_token_ids, tname
 from edgellm.models.rope import rope_parameters
+from edgellm.models.schema import HFConfig
 from edgellm.quantization.layers import make_embedding, make_linear, make_lm_head
 from edgellm.quantization.modes import QuantMode
+from edgellm.validation import Num
 
 HF_FUSED: dict[str, list[str]] = {}  # query_key_value is fused already
 DISK_NAMES: list[tuple[str, str]] = []
 FLOAT32_TENSORS = ("mlp.dense_h_to_4h.bias", "mlp.dense_4h_to_h.bias")  # MLC's ffn_out_dtype
 _UNUSED = ("rotary_emb.inv_freq", "attention.masked_bias", "attention.bias")
+
+
+class Config(HFConfig):
+    """GPT-NeoX's own config.json facts."""
+
+    rotary_pct: Num(0.0, 1.0) | None = None
+    rotary_emb_base: Num() | None = None
+    use_parallel_residual: bool | None = None
 
 
 def parse_config(hf: dict) -> ArchConfig:

@@ -27,6 +27,7 @@ from edgellm.models.gguf_hooks import (
 )
 from edgellm.models.llama import Model as LlamaModel
 from edgellm.models.llama import gguf_export_names
+from edgellm.models.schema import HFConfig
 from edgellm.quantization.layers import make_linear
 from edgellm.quantization.modes import QuantMode
 
@@ -48,6 +49,12 @@ DISK_NAMES = [
 # HF's names -> ours before fusion: the disk renames backwards, plus the two halves of gate_up.
 _HF_RENAMES = [(disk, ours) for ours, disk in DISK_NAMES] + [
     (".feed_forward.w1.", ".mlp.gate_proj."), (".feed_forward.w3.", ".mlp.up_proj.")]
+
+
+class Config(HFConfig):
+    """InternLM2's own config.json facts: one `bias` flag for the attention projections."""
+
+    bias: bool | None = None
 
 
 def parse_config(hf: dict) -> ArchConfig:

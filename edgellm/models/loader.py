@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from types import ModuleType
 
@@ -13,15 +14,17 @@ from edgellm.errors import UserError
 from edgellm.models.config import ArchConfig
 from edgellm.models.mapping import from_disk_name
 from edgellm.models.registry import family_hook, get_family
+from edgellm.models.schema import parse_arch
 from edgellm.quantization.layers import QuantEmbedding, QuantLinear
 from edgellm.quantization.modes import QuantMode, get_mode
 from edgellm.weights.tensor_cache import read_tensors
 
 
-def arch_config(cfg: ChatConfig, family: ModuleType | None = None) -> ArchConfig:
-    """The family's ArchConfig, with gen_config's sliding window override applied."""
+def arch_config(cfg: ChatConfig, family: ModuleType | None = None,
+                source: str = "mlc-chat-config.json model_config") -> ArchConfig:
+    """The family's ArchConfig (validated), with gen_config's sliding window override applied."""
     family = family or get_family(cfg.model_type)
-    arch = family.parse_config(cfg.model_config)
+    arch = parse_arch(family, cfg.model_config, source)
     w = cfg.sliding_window_size
     if w and w > 0:
         family_hook(family, "override_window")(arch, w)
@@ -33,6 +36,21 @@ def runtime_context(cfg: ChatConfig, arch: ArchConfig) -> int:
     -1 (MLC writes -1 for sliding-window Mistral: unbounded, the KV cache keeps only the window)."""
     ctx = cfg.context_window_size
     return ctx if ctx and ctx > 0 else arch.max_position_embeddings
+
+
+def check_memory(arch: ArchConfig, positions: int, source: str | Path) -> None:
+    """UserError when `positions` cannot fit this machine: the rope tables (float32 cos and sin) plus one
+    full-length sequence's KV cache at its smallest (int8) already exceed physical memory."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return
+    need = positions * (2 * arch.rot_dim * 4 + 2 * arch.num_layers * arch.num_kv_heads * arch.head_dim)
+    if need > total:
+        fit = total // max(need // positions, 1)
+        raise UserError(f"{source}: a context window of {positions} tokens needs {need / 2**30:.1f} GiB for one "
+                        f"sequence, more than this machine's {total / 2**30:.1f} GiB; use at most {fit} "
+                        f"(context_window_size)")
 
 
 def build_model(family: ModuleType, arch: ArchConfig, mode: QuantMode | None, max_positions: int,
@@ -73,7 +91,9 @@ def load_model(model_dir: str | Path, *, device: str = "cpu", use_mmap: bool = F
     family = get_family(cfg.model_type)
     mode = get_mode(cfg.quantization, cfg.quantization_layout)
     arch = arch_config(cfg, family)
-    model = build_model(family, arch, mode, max_positions or runtime_context(cfg, arch), dtype)
+    positions = max_positions or runtime_context(cfg, arch)
+    check_memory(arch, positions, model_dir / "mlc-chat-config.json")
+    model = build_model(family, arch, mode, positions, dtype)
     want = model.state_dict()
     state: dict[str, torch.Tensor] = {}
     for disk_name, t in read_tensors(model_dir, use_mmap=use_mmap, verify=verify):

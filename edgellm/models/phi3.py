@@ -27,6 +27,8 @@ from edgellm.models.gguf_hooks import (
     tname,
 )
 from edgellm.models.llama import Model, hf_rename
+from edgellm.models.schema import HFConfig
+from edgellm.validation import Int
 
 __all__ = ["DISK_NAMES", "GGUF_ARCH", "HF_FUSED", "Model", "gguf_config", "gguf_export_names", "gguf_join",
            "gguf_metadata", "gguf_tensor_names", "hf_rename", "parse_config"]
@@ -40,6 +42,12 @@ DISK_NAMES = [
     (".self_attn.o_proj.", ".mixer.out_proj."),
     ("model.norm.", "transformer.norm."),
 ]
+
+
+class Config(HFConfig):
+    """Phi-3's own config.json facts: LongRoPE's original context."""
+
+    original_max_position_embeddings: Int(1, 1 << 24) | None = None
 
 
 def parse_config(hf: dict) -> ArchConfig:

@@ -16,11 +16,20 @@ from edgellm.models.gguf_hooks import (
     llama_part_rows,
 )
 from edgellm.models.llama import HF_FUSED, Model, hf_rename
+from edgellm.models.schema import HFConfig
+from edgellm.validation import Int
 
-__all__ = ["DISK_NAMES", "GGUF_ARCH", "HF_FUSED", "Model", "gguf_config", "gguf_export_names", "gguf_metadata",
-           "gguf_tensor_names", "hf_rename", "parse_config", "qwen_windows"]
+__all__ = ["DISK_NAMES", "GGUF_ARCH", "HF_FUSED", "Config", "Model", "gguf_config", "gguf_export_names",
+           "gguf_metadata", "gguf_tensor_names", "hf_rename", "parse_config", "qwen_windows"]
 
 DISK_NAMES = [("self_attn.qkv_proj", "self_attn.c_attn")]
+
+
+class Config(HFConfig):
+    """Qwen2's own config.json facts: where sliding windows start."""
+
+    use_sliding_window: bool | None = None
+    max_window_layers: Int(0, 4096) | None = None
 
 
 def qwen_windows(hf: dict, layers: int) -> list[int | None]:

@@ -20,10 +20,10 @@ from edgellm.models.gguf_hooks import (
     tname,
 )
 from edgellm.models.llama import HF_FUSED, Model, hf_rename
-from edgellm.models.qwen2 import DISK_NAMES, qwen_windows
+from edgellm.models.qwen2 import DISK_NAMES, Config, qwen_windows
 
-__all__ = ["DISK_NAMES", "GGUF_ARCH", "HF_FUSED", "Model", "gguf_config", "gguf_export_names", "gguf_metadata",
-           "gguf_tensor_names", "hf_rename", "parse_config"]
+__all__ = ["DISK_NAMES", "GGUF_ARCH", "HF_FUSED", "Config", "Model", "gguf_config", "gguf_export_names",
+           "gguf_metadata", "gguf_tensor_names", "hf_rename", "parse_config"]
 
 
 def parse_config(hf: dict) -> ArchConfig:

@@ -28,6 +28,7 @@ import hashlib
 import logging
 import os
 import platform
+import re
 import shutil
 import subprocess
 import tempfile
@@ -89,25 +90,93 @@ def _compiler() -> str | None:
     return None
 
 
+def build_timeout() -> float:
+    """Seconds a compiler may take (EDGELLM_KERNEL_BUILD_TIMEOUT, default 120): a hung one must not hang start."""
+    try:
+        return max(float(os.environ.get("EDGELLM_KERNEL_BUILD_TIMEOUT", "120")), 0.1)
+    except ValueError:
+        return 120.0
+
+
+def _run(cmd: list[str]) -> subprocess.CompletedProcess:
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=build_timeout())
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"{cmd[0]} did not finish within {build_timeout():g} s "
+                           f"(EDGELLM_KERNEL_BUILD_TIMEOUT)") from None
+
+
+def _source_version(src: bytes) -> int | None:
+    m = re.search(rb"el_version\(\)\s*\{\s*return\s+(\d+)", src)
+    return int(m.group(1)) if m else None
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _fsync_write(path: Path, data: bytes | None = None) -> None:
+    """fsync `path` (writing `data` first if given) so a rename after it cannot publish a torn file."""
+    with open(path, "r+b" if data is None else "wb") as f:
+        if data is not None:
+            f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _verified(lib_path: Path) -> bool:
+    """The cached library is whole: its size and sha256 match the stamp written with it."""
+    stamp = lib_path.with_name(lib_path.name + ".sha256")
+    try:
+        size, digest = stamp.read_text().split()
+        return lib_path.stat().st_size == int(size) > 0 and _digest(lib_path) == digest
+    except (OSError, ValueError):
+        return False
+
+
+def _compile(cxx: str, out_dir: Path, lib_path: Path) -> None:
+    """Compile into a temporary file, fsync it, then rename it and its stamp into place."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so.part", dir=out_dir)
+    os.close(fd)
+    try:
+        res = _run([cxx, *FLAGS, str(SRC), "-o", tmp])
+        if res.returncode != 0:
+            raise RuntimeError(f"compiling {SRC.name} failed: {res.stderr.strip()[-2000:]}")
+        _fsync_write(Path(tmp))
+        stamp_tmp = Path(tmp + ".sha256")
+        _fsync_write(stamp_tmp, f"{os.path.getsize(tmp)} {_digest(Path(tmp))}\n".encode())
+        os.replace(tmp, lib_path)
+        os.replace(stamp_tmp, lib_path.with_name(lib_path.name + ".sha256"))
+        dir_fd = os.open(out_dir, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    finally:
+        for leftover in (tmp, tmp + ".sha256"):
+            if os.path.exists(leftover):
+                os.unlink(leftover)
+
+
 def _build() -> ctypes.CDLL:
     cxx = _compiler()
     if cxx is None:
         raise RuntimeError("no C++ compiler found (g++/clang++)")
     src = SRC.read_bytes()
-    version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
+    version = _run([cxx, "--version"]).stdout.splitlines()[:1]
     key = hashlib.sha256(src + repr((FLAGS, version, _cpu_flags(), platform.machine())).encode()).hexdigest()[:16]
     out_dir = _cache_root() / key
     lib_path = out_dir / "libedgellm_kernels.so"
-    if not lib_path.exists():
-        out_dir.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
-        os.close(fd)
-        cmd = [cxx, *FLAGS, str(SRC), "-o", tmp]
-        res = subprocess.run(cmd, capture_output=True, text=True)
-        if res.returncode != 0:
-            os.unlink(tmp)
-            raise RuntimeError(f"compiling {SRC.name} failed: {res.stderr.strip()[-2000:]}")
-        os.replace(tmp, lib_path)
+    if not _verified(lib_path):
+        if lib_path.exists():  # truncated, emptied or unstamped: loading it could crash the process (SIGBUS)
+            log.warning("edgellm native kernels: cached %s is damaged, rebuilding it", lib_path)
+        _compile(cxx, out_dir, lib_path)
+    lib = ctypes.CDLL(str(lib_path))
+    lib.el_version.restype = ctypes.c_int
+    want = _source_version(src)
+    if want is not None and lib.el_version() != want:
+        raise RuntimeError(f"{lib_path} reports version {lib.el_version()}, expected {want}; delete it to rebuild")
     lib = ctypes.CDLL(str(lib_path))
     vp, i32, i64p = ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p
     lib.el_version.restype = i32

@@ -25,52 +25,12 @@ from edgellm.api.protocol import (
     describe_error,
 )
 from edgellm.errors import BadRequestError, EngineTerminatedError, UserError
+from edgellm.serve.guards import AdmissionLimit, RequestGuard, error_response
 from edgellm.serve.metrics import render_prometheus
 from edgellm.serve.ui import mount_ui
 
 log = logging.getLogger("edgellm.serve")
 MAX_BODY_BYTES = 4 * 1024 * 1024
-
-
-def error_response(status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
-                   code: str | None = None) -> JSONResponse:
-    return JSONResponse(status_code=status,
-                        content={"error": {"message": message, "type": type_, "param": param, "code": code}})
-
-
-class BodyLimit:
-    """ASGI middleware: a request body over `limit` bytes gets 413 before it reaches the app."""
-
-    def __init__(self, app, limit: int):
-        self.app, self.limit = app, limit
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        headers = dict(scope.get("headers") or [])
-        length = headers.get(b"content-length")
-        too_big = error_response(413, f"request body exceeds {self.limit} bytes", code="request_too_large")
-        if length is not None and length.isdigit() and int(length) > self.limit:
-            return await too_big(scope, receive, send)
-        seen = 0
-
-        async def limited_receive():
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.limit:
-                    raise _TooLarge()
-            return message
-
-        try:
-            await self.app(scope, limited_receive, send)
-        except _TooLarge:
-            await too_big(scope, receive, send)
-
-
-class _TooLarge(Exception):
-    pass
 
 
 class _RawReceive:
@@ -88,15 +48,26 @@ class _RawReceive:
 
 
 def create_app(engine, api_key: str | None = None, model_aliases: tuple[str, ...] = (),
-               max_body_bytes: int = MAX_BODY_BYTES, ui: bool = True,
-               allowed_origins: tuple[str, ...] = ()) -> FastAPI:
-    """A FastAPI app serving `engine` (an AsyncEngine), and the browser chat page at `/` unless `ui` is false."""
-    app = FastAPI(title="edgellm", version=_version(), description="OpenAI-compatible API served by edgellm")
-    names = {engine.model_id, *model_aliases}
+               max_body_bytes: int = MAX_BODY_BYTES, *, public_metrics: bool = False, loopback_only: bool = False,
+               body_timeout: float = 60.0, max_tokens_limit: int | None = None, max_queue: int = 256,
+               ui: bool = True, allowed_origins: tuple[str, ...] = ()) -> FastAPI:
+    """A FastAPI app serving `engine` (an AsyncEngine), and the browser chat page at `/` unless `ui` is false.
+
+    With `api_key`, /v1, /metrics and /openapi.json need it (`public_metrics` opens the last two).
+    `loopback_only` refuses non-loopback Host headers; `max_queue` waiting requests beyond the engine's
+    sequences get 429; `max_tokens_limit` caps a request's max_tokens (400 past it).
+    """
+    # No /docs or /redoc: FastAPI's pages load their scripts from a CDN.
+    app = FastAPI(title="edgellm", version=_version(), description="OpenAI-compatible API served by edgellm",
+                  docs_url=None, redoc_url=None)
+    names = {engine.model_id, *model_aliases}  # accepted; only model_id is ever shown (no paths)
+    app.add_middleware(AdmissionLimit, limit=engine.options.num_sequences + max_queue)
+    guarded = () if public_metrics else ("/metrics", "/openapi.json")
 
     @app.middleware("http")
     async def auth(request: Request, call_next):
-        if api_key and request.url.path.startswith("/v1"):
+        path = request.url.path
+        if api_key and (path.startswith("/v1") or path in guarded):
             given = request.headers.get("authorization", "")
             if not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
                 return error_response(401, "invalid or missing API key (use 'Authorization: Bearer <key>')",
@@ -123,7 +94,7 @@ def create_app(engine, api_key: str | None = None, model_aliases: tuple[str, ...
 
     def check_model(model: str | None):
         if model is not None and model not in names:
-            return error_response(404, f"model {model!r} is not served here; available: {', '.join(sorted(names))}",
+            return error_response(404, f"model {model!r} is not served here; available: {engine.model_id}",
                                   type_="not_found_error", param="model", code="model_not_found")
         return None
 
@@ -131,6 +102,12 @@ def create_app(engine, api_key: str | None = None, model_aliases: tuple[str, ...
         bad = check_model(body.model)
         if bad is not None:
             return bad
+        if max_tokens_limit is not None:
+            if body.max_tokens is not None and body.max_tokens > max_tokens_limit:
+                return error_response(400, f"max_tokens is {body.max_tokens}; this server allows at most "
+                                      f"{max_tokens_limit}", param="max_tokens", code="max_tokens_too_large")
+            if body.max_tokens is None:
+                body.max_tokens = max_tokens_limit
         try:
             result = await _until_disconnect(engine.run_request(kind, body), request, body.stream)
             if result is None:
@@ -205,7 +182,7 @@ def create_app(engine, api_key: str | None = None, model_aliases: tuple[str, ...
             for name in ("ChatCompletionRequest", "CompletionRequest"):
                 props = schema.get("components", {}).get("schemas", {}).get(name, {}).get("properties", {})
                 if "model" in props:
-                    props["model"] = {"anyOf": [{"type": "string", "enum": sorted(names)}, {"type": "null"}],
+                    props["model"] = {"anyOf": [{"type": "string", "enum": [engine.model_id]}, {"type": "null"}],
                                       "title": "Model", "description": "a served model id (GET /v1/models)"}
             app.openapi_schema = schema
         return app.openapi_schema
@@ -213,7 +190,7 @@ def create_app(engine, api_key: str | None = None, model_aliases: tuple[str, ...
     app.openapi = openapi
     if ui:
         mount_ui(app)
-    app.add_middleware(BodyLimit, limit=max_body_bytes)
+    app.add_middleware(RequestGuard, limit=max_body_bytes, body_timeout=body_timeout, loopback_only=loopback_only)
     app.add_middleware(_RawReceive)
     if allowed_origins:  # outermost: a browser's preflight (no API key) is answered before auth
         app.add_middleware(CORSMiddleware, allow_origins=list(allowed_origins), allow_methods=["GET", "POST"],
@@ -255,7 +232,7 @@ async def _sse(stream):
 
 def _model_card(engine) -> dict[str, Any]:
     return {"id": engine.model_id, "object": "model", "created": int(time.time()), "owned_by": "edgellm",
-            "root": str(engine.model_dir), "max_model_len": engine.context_window,
+            "root": engine.model_id, "max_model_len": engine.context_window,
             "quantization": engine.config.quantization, "model_type": engine.config.model_type}
 
 

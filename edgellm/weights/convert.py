@@ -11,6 +11,7 @@ from edgellm.errors import UserError
 from edgellm.models.loader import build_model, expected_tensors
 from edgellm.models.mapping import HFMapper, to_disk_name
 from edgellm.models.registry import get_family
+from edgellm.models.schema import parse_arch
 from edgellm.quantization.layers import QuantEmbedding, QuantLinear
 from edgellm.quantization.modes import QuantMode, get_mode, with_layout
 from edgellm.quantization.pack import quantize
@@ -68,7 +69,7 @@ def convert_weight(config: str | Path, quantization: str, output: str | Path, *,
     src, hf_cfg = open_source(config, source, source_format)
     mt = resolve_model_type(hf_cfg, model_type)
     family = get_family(mt)
-    arch = family.parse_config(hf_cfg)
+    arch = parse_arch(family, hf_cfg, f"{config} config" if str(config).endswith(".gguf") else "config.json")
     model = build_model(family, arch, mode, max_positions=1)
     want = expected_tensors(model)
     modes = {f"{p}.weight": m.mode for p, m in model.named_modules() if isinstance(m, (QuantLinear, QuantEmbedding))}

@@ -49,8 +49,9 @@ class GGUFSource:
             self._reader = gguf.GGUFReader(self.path, "r")
         except FileNotFoundError:
             raise UserError(f"{path}: no such file") from None
-        except (ValueError, OSError, KeyError, IndexError, TypeError) as e:
-            raise UserError(f"{path} is not a readable GGUF file ({e})") from None
+        except (ValueError, OSError, KeyError, IndexError, TypeError, MemoryError, OverflowError) as e:
+            # MemoryError/OverflowError: a header announcing absurd array lengths
+            raise UserError(f"{path} is not a readable GGUF file ({type(e).__name__}: {e})") from None
         fields = self._reader.fields
         arch = _field_value(fields["general.architecture"]) if "general.architecture" in fields else None
         self.family = gguf_family(arch)  # a one-line error listing the supported architectures
@@ -65,7 +66,15 @@ class GGUFSource:
                                                     if k not in _VOCAB_ARRAYS},
                              {t.name: tuple(int(d) for d in reversed(t.shape)) for t in self._reader.tensors},
                              self._dequantize)
-        self.hf_config: dict[str, Any] = self.family.gguf_config(self.meta)
+        try:
+            self.hf_config: dict[str, Any] = self.family.gguf_config(self.meta)
+        except (TypeError, ValueError, OverflowError) as e:  # e.g. a list where a count belongs
+            raise UserError(f"{path}: GGUF metadata has a value of the wrong type ({e})") from None
+        from edgellm.models.schema import HFConfig
+        from edgellm.validation import validate
+
+        # before anything is sized from it (one name per layer, the tokenizer, the model)
+        validate(HFConfig, self.hf_config, f"{path} (GGUF metadata read as config.json)")
         name_map = self.family.gguf_tensor_names(self.hf_config)
         dropped = re.compile("|".join(re.escape(gguf.TENSOR_NAMES[k]).replace(r"\{bid\}", r"\d+")
                                       for k in _DROPPED))

@@ -163,6 +163,18 @@ def _post_processor(meta: dict[str, Any], tokens: list[str], add_bos: bool, add_
                                          special_tokens=list(dict.fromkeys(before + after)))
 
 
+def _merges(raw: list, vocab: dict[str, int], source: str) -> list[tuple[str, str]]:
+    """'left right' strings -> pairs; each part and their join must be in the vocabulary."""
+    out = []
+    for i, m in enumerate(raw):
+        pair = m.split(" ", 1) if isinstance(m, str) else []
+        if len(pair) != 2 or not all(pair) or any(p not in vocab for p in pair) or pair[0] + pair[1] not in vocab:
+            raise UserError(f"{source}: tokenizer.ggml.merges[{i}] = {m!r} is not two vocabulary tokens "
+                            "separated by one space whose join is also a token")
+        out.append((pair[0], pair[1]))
+    return out
+
+
 def build_tokenizer(meta: dict[str, Any], source: str) -> tuple[str, dict[str, Any]]:
     """(tokenizer.json text, tokenizer_config dict) from a GGUF's `tokenizer.*` metadata."""
     kind = meta.get("tokenizer.ggml.model")
@@ -174,7 +186,7 @@ def build_tokenizer(meta: dict[str, Any], source: str) -> tuple[str, dict[str, A
     vocab: dict[str, int] = {}
     for i, tok in enumerate(tokens):
         vocab.setdefault(tok, i)  # a few vocabularies repeat a string; the first id wins
-    merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges") or []]
+    merges = _merges(meta.get("tokenizer.ggml.merges") or [], vocab, source)
     if kind == "gpt2":
         pre = meta.get("tokenizer.ggml.pre") or "default"
         if pre not in _PRE:

@@ -12,6 +12,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from edgellm.errors import UserError
+from edgellm.weights.safe_path import inside
 
 
 def read_json(path: Path) -> dict:
@@ -26,9 +27,13 @@ def read_json(path: Path) -> dict:
 
 def _shard_files(model_dir: Path, single: str, index: str) -> list[Path]:
     if (model_dir / index).exists():
-        weight_map = read_json(model_dir / index).get("weight_map") or {}
+        data = read_json(model_dir / index)
+        weight_map = (data.get("weight_map") if isinstance(data, dict) else None) or {}
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise UserError(f"{model_dir / index}: weight_map must be an object of tensor name -> file name")
         files = list(dict.fromkeys(weight_map.values()))
-        missing = [f for f in files if not (model_dir / f).exists()]
+        paths = [inside(model_dir, f, f"{index} weight_map", must_exist=False) for f in files]
+        missing = [f for f, p in zip(files, paths) if not p.exists()]
         if missing:
             raise UserError(f"{model_dir / index} lists {missing[0]}, which does not exist")
         return [model_dir / f for f in files]
@@ -170,12 +175,15 @@ def hf_config(model_dir: Path) -> dict:
     path = model_dir / "config.json"
     if not path.exists():
         raise UserError(f"{model_dir} has no config.json")
-    return read_json(path)
+    cfg = read_json(path)
+    if not isinstance(cfg, dict):
+        raise UserError(f"{path}: must be a JSON object, not {type(cfg).__name__}")
+    return cfg
 
 
 def detect_format(model_dir: Path) -> str:
     names = os.listdir(model_dir)
-    if any(n.endswith(".safetensors") for n in names):
+    if any(n.endswith((".safetensors", ".safetensors.index.json")) for n in names):
         return "huggingface-safetensor"
     if any(n.endswith(".bin") or n.endswith(".pt") for n in names):
         return "huggingface-torch"

@@ -1,11 +1,16 @@
 """Write a model directory atomically: files go to a staging directory and move in at the end.
 
-A failed conversion leaves the output directory as it was (and does not create it).
+A failed conversion leaves the output directory as it was (and does not create it). A run killed
+outright (SIGKILL, power loss) leaves its `.<name>.partial-<pid>-*` staging directory behind: the next
+run for the same output removes such directories unless a live process still holds their lock.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import logging
+import os
 import re
 import shutil
 import tempfile
@@ -22,6 +27,60 @@ MODEL_DIR_FILES = {
     "added_tokens.json", "special_tokens_map.json", "generation_config.json",
 }
 _SHARD = re.compile(r"params_shard_\d+\.bin")
+LOCK_NAME = ".edgellm-stage.lock"  # held (flock) by the process writing the staging directory
+log = logging.getLogger("edgellm.staging")
+
+
+def _pid_alive(stage: Path) -> bool:
+    m = re.search(r"\.partial-(\d+)-", stage.name)
+    if m is None:
+        return False  # written before staging names carried a pid
+    try:
+        os.kill(int(m.group(1)), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
+
+
+def _stale(stage: Path) -> bool:
+    """True when the process that made `stage` is gone: its pid is dead and nobody holds its lock.
+
+    The pid covers the moment between creating the directory and locking it; a live pid (even a
+    recycled one) keeps the directory, to be cleaned by a later run."""
+    if _pid_alive(stage):
+        return False
+    try:
+        fd = os.open(stage / LOCK_NAME, os.O_RDWR)
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)  # releases the probe's lock, if it got one
+
+
+def clean_stale_stages(out_dir: Path) -> list[Path]:
+    """Remove staging directories of `out_dir` left by killed runs; returns those removed."""
+    removed = []
+    parent = out_dir.resolve().parent
+    for stage in parent.glob(f".{glob_escape(out_dir.name)}.partial-*"):
+        if stage.is_dir() and not stage.is_symlink() and _stale(stage):
+            shutil.rmtree(stage, ignore_errors=True)
+            if not stage.exists():
+                removed.append(stage)
+                log.warning("removed %s, left by an interrupted run", stage)
+    return removed
+
+
+def glob_escape(name: str) -> str:
+    return re.sub(r"([*?\[])", r"[\1]", name)
 
 
 def foreign_files(out_dir: Path) -> list[str]:
@@ -44,12 +103,16 @@ def staged_output(out_dir: Path, force: bool = False, replaces_shards: bool = Fa
         raise UserError(f"output directory {out_dir} already holds other files ({others[0]}"
                         f"{', ...' if len(others) > 1 else ''}); choose another or pass --force")
     parent = out_dir.resolve().parent
+    if parent.is_dir():
+        clean_stale_stages(out_dir)
     try:
         parent.mkdir(parents=True, exist_ok=True)
-        stage = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=parent))
+        stage = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-{os.getpid()}-", dir=parent))
+        lock = os.open(stage / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as e:
         raise UserError(f"cannot write to {parent}: {e.strerror}") from None
     try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
         yield stage
         out_dir.mkdir(parents=True, exist_ok=True)
         if replaces_shards:
@@ -58,6 +121,8 @@ def staged_output(out_dir: Path, force: bool = False, replaces_shards: bool = Fa
                                                               ".edgellm-verified.json"):
                     old.unlink()
         for f in stage.iterdir():
-            shutil.move(str(f), str(out_dir / f.name))
+            if f.name != LOCK_NAME:
+                shutil.move(str(f), str(out_dir / f.name))
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+        os.close(lock)

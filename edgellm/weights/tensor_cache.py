@@ -15,8 +15,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 
 from edgellm.errors import CorruptWeightsError, UserError
+from edgellm.validation import validate
+from edgellm.weights.safe_path import inside
 
 SHARD_BYTES = 32 * 1024 * 1024
 CACHE_NAMES = ("tensor-cache.json", "ndarray-cache.json")
@@ -97,6 +100,50 @@ class ShardWriter:
         return manifest
 
 
+class _Record(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: str
+    shape: list[int] = Field(max_length=8)
+    dtype: str
+    nbytes: int = Field(ge=0)
+    byteOffset: int = Field(ge=0)  # noqa: N815 - MLC's key
+
+
+class _Shard(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    dataPath: str  # noqa: N815
+    nbytes: int = Field(ge=0)
+    records: list[_Record]
+    md5sum: str | None = None
+
+
+class _Manifest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    records: list[_Shard]
+
+
+def load_manifest(model_dir: Path) -> dict:
+    """tensor-cache.json, checked: its shape, unique record names, shards named inside `model_dir`."""
+    path = find_manifest(model_dir)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: must be a JSON object with 'records', not {type(data).__name__}")
+    validate(_Manifest, data, path)
+    seen: set[str] = set()
+    for i, shard in enumerate(data["records"]):
+        inside(model_dir, shard["dataPath"], f"{path.name} records[{i}].dataPath", must_exist=False)
+        for rec in shard["records"]:
+            if any(d < 0 for d in rec["shape"]):
+                raise UserError(f"{path}: tensor {rec['name']} has a negative dimension {rec['shape']}")
+            if rec["name"] in seen:
+                raise UserError(f"{path}: tensor {rec['name']} is listed twice")
+            seen.add(rec["name"])
+    return data
+
+
 def find_manifest(model_dir: Path) -> Path:
     for name in CACHE_NAMES:
         if (model_dir / name).exists():
@@ -121,7 +168,7 @@ def verify_shards(model_dir: Path, manifest: dict) -> None:
         stamp = {}
     changed = False
     for shard in manifest["records"]:
-        path = model_dir / shard["dataPath"]
+        path = inside(model_dir, shard["dataPath"], "tensor-cache.json dataPath", must_exist=False)
         if not path.exists():
             raise CorruptWeightsError(f"shard {shard['dataPath']} is missing from {model_dir}")
         st = path.stat()
@@ -146,11 +193,11 @@ def verify_shards(model_dir: Path, manifest: dict) -> None:
 def read_tensors(model_dir: Path, use_mmap: bool = False, verify: bool = True
                  ) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) for every record; mmap'd tensors share the shard's pages (read-only)."""
-    manifest = json.loads(find_manifest(model_dir).read_text())
+    manifest = load_manifest(model_dir)
     if verify:
         verify_shards(model_dir, manifest)
     for shard in manifest["records"]:
-        path = model_dir / shard["dataPath"]
+        path = inside(model_dir, shard["dataPath"], "tensor-cache.json dataPath", must_exist=False)
         # The size check is cheap, so it runs even without verify: a truncated shard is named,
         # never read as garbage (md5 is only checked when verifying).
         size = path.stat().st_size if path.is_file() else None
@@ -189,7 +236,7 @@ def read_tensors(model_dir: Path, use_mmap: bool = False, verify: bool = True
 
 
 def total_bytes(model_dir: Path) -> int:
-    manifest = json.loads(find_manifest(model_dir).read_text())
+    manifest = load_manifest(model_dir)
     return sum(s["nbytes"] for s in manifest["records"])
 
 
