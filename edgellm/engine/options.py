@@ -88,7 +88,7 @@ class EngineOptions:
                          ("max_tokens", 1 << 24)):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not 0 < v <= hi):
-                raise UserError(f"{name} must be an integer in 1..{hi}, got {v!r}")
+                raise UserError(f"{name} must be positive (an integer in 1..{hi}), got {v!r}")
 
     def kv_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
         """The KV cache element type for a model stored in `model_dtype`."""
