@@ -27,6 +27,8 @@ class Server:
     def __init__(self, model, *extra: str):
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
+        # /metrics needs the key when the server has one
+        self.key = extra[extra.index("--api-key") + 1] if "--api-key" in extra else None
         env = dict(os.environ)
         env.pop("EDGELLM_DEBUG", None)
         self.proc = subprocess.Popen([sys.executable, "-m", "edgellm", "serve", str(model), "--port", str(self.port),
@@ -45,7 +47,8 @@ class Server:
 
     def metrics(self) -> dict[str, float]:
         out = {}
-        for line in httpx.get(self.base + "/metrics").text.splitlines():
+        headers = {"Authorization": f"Bearer {self.key}"} if self.key else {}
+        for line in httpx.get(self.base + "/metrics", headers=headers).text.splitlines():
             if line and not line.startswith("#") and "{" not in line:
                 name, value = line.rsplit(" ", 1)
                 out[name.removeprefix("edgellm_")] = float(value)
