@@ -16,20 +16,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import socket
-import subprocess
-import sys
 import time
 
 import httpx
+from serve_load import pct, start_server  # benchmarks/ is the script's directory
 
 PROMPTS = ["Write a short story about a robot.", "Explain photosynthesis.", "List ten fruits.",
            "Describe Paris in spring.", "What is a black hole?", "Give me a recipe for pancakes."]
-
-
-def pct(values: list[float], q: float) -> float:
-    values = sorted(values)
-    return values[min(len(values) - 1, int(round(q / 100 * (len(values) - 1))))]
 
 
 async def good(client: httpx.AsyncClient, i: int, gen_len: int) -> tuple[str, float]:
@@ -107,21 +100,9 @@ def main() -> None:
     ap.add_argument("--gen-len", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "edgellm", "serve", *([args.model] if args.model else []), "--port", str(port),
-           "--log-level", "warning", "--overrides", f"max_num_sequence=16;threads={args.threads}"]
-    server = subprocess.Popen(cmd)
-    base = f"http://127.0.0.1:{port}"
+    server, base = start_server(args.model, f"max_num_sequence=16;threads={args.threads}")
     n_good = -(-args.concurrency // 3)
     try:
-        for _ in range(1200):
-            try:
-                if httpx.get(base + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.5)
         window = int(httpx.get(base + "/v1/models", timeout=30).json()["data"][0]["max_model_len"])
         calm = asyncio.run(calm_run(base, n_good, args.gen_len))
         results = [asyncio.run(chaos_round(base, args.concurrency, args.gen_len, window)) for _ in range(args.rounds)]

@@ -59,6 +59,24 @@ async def load(base: str, n: int, concurrency: int, gen_len: int) -> list[dict]:
         return await asyncio.gather(*(bounded(i) for i in range(n)))
 
 
+def start_server(model: str | None, overrides: str) -> tuple[subprocess.Popen, str]:
+    """`edgellm serve MODEL` on a free loopback port; (process, base URL) once /health answers."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "edgellm", "serve", *([model] if model else []), "--port", str(port),
+           "--log-level", "warning", "--overrides", overrides]
+    server = subprocess.Popen(cmd)
+    base = f"http://127.0.0.1:{port}"
+    for _ in range(1200):
+        try:
+            if httpx.get(base + "/health", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.5)
+    return server, base
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model", nargs="?", default=None)
@@ -67,20 +85,8 @@ def main() -> None:
     ap.add_argument("--gen-len", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "edgellm", "serve", *([args.model] if args.model else []), "--port", str(port),
-           "--log-level", "warning", "--overrides", f"max_num_sequence={args.concurrency};threads={args.threads}"]
-    server = subprocess.Popen(cmd)
-    base = f"http://127.0.0.1:{port}"
+    server, base = start_server(args.model, f"max_num_sequence={args.concurrency};threads={args.threads}")
     try:
-        for _ in range(600):
-            try:
-                if httpx.get(base + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.5)
         asyncio.run(load(base, 1, 1, 8))  # warm-up
         single = asyncio.run(load(base, 1, 1, args.gen_len))[0]
         single_rate = (single["tokens"] - 1) / (single["last"] - single["first"])
