@@ -4,7 +4,8 @@ Why native code: PyTorch's fast int4 kernel (`_weight_int4pack_mm_for_cpu`) need
 activations, which moves results by about 1e-2; with float32 activations it is ~30x slower.
 An inductor-generated dequantize-and-dot GEMV over the packed words measured about 3x slower
 than that bf16 kernel (and a compiled graph pays a dispatcher round trip per custom op), so the
-quantized products are a small C++ file (csrc/edgellm_kernels.cpp): weights repacked at load
+quantized products are a few small C++ files (csrc/, split by concern and ISA; common.h describes
+the C ABI and the layouts): weights repacked at load
 into 16-row blocks, activations quantized per group to 16 bits (2^-15 relative step, well below
 the f16 rounding of the weights' scales) and split into two int8 planes, exact integer dot
 products per group (AVX512-VNNI vpdpbusd; on AVX2-only CPUs vpmaddubsw, or AVX-VNNI; a portable
@@ -40,7 +41,9 @@ from edgellm.paths import edgellm_home
 
 log = logging.getLogger("edgellm.kernels")
 
-SRC = Path(__file__).with_name("csrc") / "edgellm_kernels.cpp"
+CSRC = Path(__file__).with_name("csrc")
+# The C ABI this module speaks (EL_ABI_VERSION in csrc/common.h); a library that answers otherwise is refused.
+ABI_VERSION = 5
 # EDGELLM_KERNEL_MARCH picks another target (e.g. x86-64-v3 to exercise the portable path).
 FLAGS = ["-O3", f"-march={os.environ.get('EDGELLM_KERNEL_MARCH', 'native')}", "-fopenmp", "-fPIC", "-shared",
          "-std=c++17", "-fno-math-errno"]
@@ -93,7 +96,9 @@ def _build() -> ctypes.CDLL:
     cxx = _compiler()
     if cxx is None:
         raise RuntimeError("no C++ compiler found (g++/clang++)")
-    src = SRC.read_bytes()
+    files = sorted(p for p in CSRC.iterdir() if p.suffix in (".cpp", ".h"))
+    sources = [p for p in files if p.suffix == ".cpp"]
+    src = b"".join(p.name.encode() + b"\0" + p.read_bytes() for p in files)
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
     key = hashlib.sha256(src + repr((FLAGS, version, _cpu_flags(), platform.machine())).encode()).hexdigest()[:16]
     out_dir = _cache_root() / key
@@ -102,16 +107,15 @@ def _build() -> ctypes.CDLL:
         out_dir.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
         os.close(fd)
-        cmd = [cxx, *FLAGS, str(SRC), "-o", tmp]
+        cmd = [cxx, *FLAGS, *map(str, sources), "-o", tmp]
         res = subprocess.run(cmd, capture_output=True, text=True)
         if res.returncode != 0:
             os.unlink(tmp)
-            raise RuntimeError(f"compiling {SRC.name} failed: {res.stderr.strip()[-2000:]}")
+            raise RuntimeError(f"compiling the kernels in {CSRC} failed: {res.stderr.strip()[-2000:]}")
         os.replace(tmp, lib_path)
     lib = ctypes.CDLL(str(lib_path))
+    _check_abi(lib, lib_path)
     vp, i32, i64p = ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p
-    lib.el_version.restype = i32
-    lib.el_has_vnni.restype = i32
     lib.el_isa.restype = i32
     lib.el_repack_nib.argtypes = [vp, i32, i32, i32, i32, i32, vp, i32]
     lib.el_repack_q8.argtypes = [vp, i32, i32, vp, i32]
@@ -124,6 +128,22 @@ def _build() -> ctypes.CDLL:
     lib.el_read.restype = ctypes.c_double
     lib.el_decode.argtypes = [ctypes.POINTER(EModel), i32, vp, vp, vp, vp, vp, vp, vp, vp, i32, i32, i32]
     return lib
+
+
+def _check_abi(lib: ctypes.CDLL, path: Path) -> None:
+    """Refuse a library built from other sources than the structs above describe."""
+    try:
+        lib.el_abi_version.restype = ctypes.c_int
+        lib.el_sizeof.restype = ctypes.c_int
+        lib.el_sizeof.argtypes = [ctypes.c_int]
+        version = lib.el_abi_version()
+        sizes = [lib.el_sizeof(i) for i in range(3)]
+    except AttributeError:
+        version, sizes = None, []
+    want = [ctypes.sizeof(t) for t in (ELinear, ELayer, EModel)]
+    if version != ABI_VERSION or sizes != want:
+        raise RuntimeError(f"{path} speaks kernel ABI {version} with struct sizes {sizes}, this edgellm needs "
+                           f"ABI {ABI_VERSION} with {want}; delete it to rebuild")
 
 
 def library() -> ctypes.CDLL | None:
@@ -153,11 +173,6 @@ def available() -> bool:
 def unavailable_reason() -> str | None:
     library()
     return _lib_error
-
-
-def has_vnni() -> bool:
-    lib = library()
-    return bool(lib and lib.el_has_vnni())
 
 
 def isa() -> str:
