@@ -37,13 +37,16 @@ from pathlib import Path
 
 import torch
 
+from edgellm.errors import UserError
 from edgellm.paths import edgellm_home
 
 log = logging.getLogger("edgellm.kernels")
 
 CSRC = Path(__file__).with_name("csrc")
 # The C ABI this module speaks (EL_ABI_VERSION in csrc/common.h); a library that answers otherwise is refused.
-ABI_VERSION = 5
+ABI_VERSION = 6
+# activation precision of quantized products (MNN-LLM's option name): activation bits
+PRECISIONS = {"high": 16, "normal": 8}
 # EDGELLM_KERNEL_MARCH picks another target (e.g. x86-64-v3 to exercise the portable path).
 FLAGS = ["-O3", f"-march={os.environ.get('EDGELLM_KERNEL_MARCH', 'native')}", "-fopenmp", "-fPIC", "-shared",
          "-std=c++17", "-fno-math-errno"]
@@ -57,7 +60,7 @@ _lock = threading.Lock()
 class ELinear(ctypes.Structure):
     _fields_ = [("w", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("bias", ctypes.c_void_p),
                 ("wf", ctypes.c_void_p)] + [
-        (n, ctypes.c_int32) for n in ("N", "K", "Kp", "G", "gs", "fmt", "half", "off")]
+        (n, ctypes.c_int32) for n in ("N", "K", "Kp", "G", "gs", "fmt", "half", "off", "abits")]
 
 
 class ELayer(ctypes.Structure):
@@ -183,6 +186,13 @@ def isa() -> str:
     return {512: "avx512-vnni", 256: "avx2"}.get(lib.el_isa(), "portable")
 
 
+def check_precision(precision: str) -> str:
+    """`precision` if it is one of PRECISIONS ("high", "normal"), else a UserError naming them."""
+    if precision not in PRECISIONS:
+        raise UserError(f"unknown precision {precision!r}; choose one of: {', '.join(PRECISIONS)}")
+    return precision
+
+
 def threads() -> int:
     return max(1, torch.get_num_threads())
 
@@ -194,11 +204,15 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 class PackedWeight:
     """A quantized (or float32) [N, K] weight in the kernels' layout, with its ctypes descriptor.
 
-    fmt 4: q4*/q3* nibble codes; fmt 8: q8 codes; fmt 32: plain float32.
+    fmt 4: q4*/q3* nibble codes; fmt 8: q8 codes; fmt 32: plain float32. `precision` (see
+    `check_precision`) picks the activations of quantized products: "high" = 16 bits (within about
+    1e-5 of the float32 dequantized reference; more than GEMV_MAX_ROWS rows go through dequantize +
+    float32 GEMM), "normal" = 8 bits per group of 32 at every row count (the int8 GEMM).
     """
 
     def __init__(self, fmt: int, n: int, k: int, kp: int, gs: int, off: int, codes: torch.Tensor | None,
-                 scale: torch.Tensor | None, bias: torch.Tensor | None, wf: torch.Tensor | None = None):
+                 scale: torch.Tensor | None, bias: torch.Tensor | None, wf: torch.Tensor | None = None,
+                 precision: str = "normal"):
         self.fmt, self.n, self.k, self.kp, self.gs, self.off = fmt, n, k, kp, gs, off
         self.codes, self.scale, self.wf = codes, scale, wf
         self.bias = None if bias is None else bias.detach().float().contiguous()
@@ -208,8 +222,18 @@ class PackedWeight:
         d.G = kp // gs if gs else 0
         d.gs, d.fmt, d.off = gs, fmt, off
         d.half = int(scale is not None and scale.dtype == torch.float16)
+        d.abits = PRECISIONS[check_precision(precision)]
         self.desc = d
         self.ref = ctypes.byref(d)
+
+    @property
+    def precision(self) -> str:
+        return "high" if self.desc.abits == 16 else "normal"
+
+    @precision.setter
+    def precision(self, value: str) -> None:
+        # a fused decoder built earlier keeps its own copy of the descriptor: set this before building one
+        self.desc.abits = PRECISIONS[check_precision(value)]
 
     @property
     def nbytes(self) -> int:
@@ -219,7 +243,7 @@ class PackedWeight:
     # ---- construction ------------------------------------------------------------------
     @classmethod
     def from_quantized(cls, q_weight: torch.Tensor, q_scale: torch.Tensor, mode, n: int, k: int,
-                       bias: torch.Tensor | None = None) -> PackedWeight:
+                       bias: torch.Tensor | None = None, precision: str = "normal") -> PackedWeight:
         lib = library()
         kp, gs = mode.padded_k(k), mode.group_size
         nb = -(-n // ROW_BLOCK)
@@ -242,7 +266,7 @@ class PackedWeight:
         s = torch.zeros(nb * ROW_BLOCK, groups, dtype=sdt)
         s[:n] = q_scale.to(sdt)
         s = s.view(nb, ROW_BLOCK, groups).transpose(1, 2).contiguous()
-        return cls(fmt, n, k, kp, gs, off, codes, s, bias)
+        return cls(fmt, n, k, kp, gs, off, codes, s, bias, precision=precision)
 
     @classmethod
     def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None = None) -> PackedWeight:
@@ -281,7 +305,7 @@ class PackedWeight:
         if x2.dtype != torch.float32 or x2.stride(-1) != 1:
             x2 = x2.float().contiguous()
         m = x2.shape[0]
-        if m <= self.GEMV_MAX_ROWS or self.fmt == 32:
+        if m <= self.GEMV_MAX_ROWS or self.fmt == 32 or self.desc.abits == 8:
             out = torch.empty(m, self.n)
             if m:
                 library().el_linear(self.ref, x2.data_ptr(), m, x2.stride(0), out.data_ptr(), self.n, threads())

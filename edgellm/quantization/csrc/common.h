@@ -19,12 +19,16 @@
 //   scales: [row blocks][groups][16] (f16 or f32);
 //   fmt 32: plain float32 [N][K] weights (unquantized models).
 //
-// Quantized products: each group of `gs` activations is written as a 16-bit integer (magnitude
-// up to ACT_MAX) times a per-group float scale, split into two signed bytes, and multiplied with
-// the unsigned weight codes by AVX512-VNNI (vpdpbusd). The integer dot product of a group is
-// exact; the only rounding is the activation's 2^-15 relative step, far below the f16 rounding
-// of the weights' own scales: results match the float32 dequantized reference to about 1e-5, and
-// a row's result never depends on the other rows in the product (batching changes no token).
+// Quantized products: each group of `gs` activations is written as an integer times a per-group
+// float scale and multiplied with the unsigned weight codes by u8s8 dot products (AVX512-VNNI
+// vpdpbusd, AVX-VNNI, or AVX2 vpmaddubsw + vpmaddwd). ELinear.abits picks the activations:
+//   16 ("high"): magnitude up to ACT_MAX, split into two signed bytes (two planes). The integer dot
+//      product of a group is exact; the only rounding is the activation's 2^-15 relative step, far
+//      below the f16 rounding of the weights' own scales: within about 1e-5 of the float32
+//      dequantized reference.
+//   8 ("normal"): magnitude up to 127, one plane, as llama.cpp's Q8 activations: half the
+//      integer work, a relative step of 2^-7 per group (perplexity moves by well under 1%).
+// Every row is quantized on its own: a row's result never depends on the other rows in the product.
 #pragma once
 
 #include <cmath>
@@ -59,7 +63,7 @@
 
 // The C ABI: kernels.py mirrors these structs (ctypes) and refuses a library whose el_abi_version()
 // or el_sizeof() differ from its own. Bump EL_ABI_VERSION on any change of a struct or a signature.
-#define EL_ABI_VERSION 5
+#define EL_ABI_VERSION 6
 
 struct ELinear {
     const uint8_t* w;     // fmt 4 / 8 codes (layout above)
@@ -67,7 +71,11 @@ struct ELinear {
     const float* bias;    // [N] or null
     const float* wf;      // fmt 32: [N][K] float32
     int32_t N, K, Kp, G, gs, fmt, half, off;
+    int32_t abits;  // activation bits of quantized products: 16 (exact, "high") or 8 ("normal")
 };
+
+// activation planes per row: 2 for 16-bit activations (value = plane0 + 256 * plane1), 1 for 8-bit
+static inline int act_planes(const ELinear& L) { return L.abits == 8 ? 1 : 2; }
 
 struct ELayer {
     const float* ln1;  // input RMSNorm weight [H]
@@ -264,7 +272,9 @@ static inline void store_rows(const ELinear& L, int rb, const float* v, float* y
 // ------------------------------------------------------------------------------------------
 // functions shared between the files
 
-// activation rows m0..m1-1 of x (row stride ldx) quantized into A (linear.cpp)
+// activation rows m0..m1-1 of x (row stride ldx) quantized into A: row m's planes at
+// A.planes + m * act_planes(L) * A.Kp, its group scales at A.gsc + m * A.G, its corrections at
+// A.corr + m * A.G * act_planes(L) (linear.cpp)
 void quant_act_rows(const ELinear& L, const float* x, int ldx, int m0, int m1, const EAct& A);
 // y [M][N] (row stride ldy) = x @ W^T + bias, work-shared over row blocks: call inside a parallel
 // region, ends with a barrier (linear.cpp)

@@ -91,7 +91,64 @@ static void quant_row(const float* x, int K, int Kp, int gs, int off, int8_t* pl
     }
 }
 
+// 8-bit activations: per group, a = round(x * 127 / max|x|) in -127..127 (one plane), scale
+// max|x| / 127, correction -off * sum(a)
+static void quant_row8(const float* x, int K, int Kp, int gs, int off, int8_t* pl, float* gsc, int32_t* corr) {
+    const int G = Kp / gs;
+    for (int g = 0; g < G; ++g) {
+        const int k0 = g * gs, k1 = k0 + gs < K ? k0 + gs : K;
+        int32_t s = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+        if (gs == 32 && k1 - k0 == 32) {
+            const __m256 sign = _mm256_set1_ps(-0.0f);
+            __m256 xv[4], mx = _mm256_setzero_ps();
+            for (int h = 0; h < 4; ++h) {
+                xv[h] = _mm256_loadu_ps(x + k0 + 8 * h);
+                mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, xv[h]));
+            }
+            __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+            m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+            m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+            const float amax = _mm_cvtss_f32(m4);
+            const float inv = amax > 0.f ? 127.0f / amax : 0.f;
+            gsc[g] = amax > 0.f ? amax / 127.0f : 0.f;
+            const __m256 vi = _mm256_set1_ps(inv);
+            __m256i q[4];
+            for (int h = 0; h < 4; ++h) q[h] = _mm256_cvtps_epi32(_mm256_mul_ps(xv[h], vi));  // |q| <= 127
+            // int32 -> int8 keeping order: packs works per 128-bit lane, the permute restores it
+            const __m256i p01 = _mm256_packs_epi32(q[0], q[1]), p23 = _mm256_packs_epi32(q[2], q[3]);
+            const __m256i b = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(p01, p23),
+                                                          _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+            _mm256_storeu_si256((__m256i*)(pl + k0), b);
+            const __m256i t = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+            __m128i t4 = _mm_add_epi32(_mm256_castsi256_si128(t), _mm256_extracti128_si256(t, 1));
+            t4 = _mm_add_epi32(t4, _mm_shuffle_epi32(t4, 0x4E));
+            t4 = _mm_add_epi32(t4, _mm_shuffle_epi32(t4, 0xB1));
+            corr[g] = -off * _mm_cvtsi128_si32(t4);
+            continue;
+        }
+#endif
+        float amax = 0.f;
+        for (int k = k0; k < k1; ++k) amax = fmaxf(amax, fabsf(x[k]));
+        const float inv = amax > 0.f ? 127.0f / amax : 0.f;
+        gsc[g] = amax > 0.f ? amax / 127.0f : 0.f;
+        for (int k = k0; k < k0 + gs; ++k) {
+            int32_t a = k < k1 ? (int32_t)nearbyintf(x[k] * inv) : 0;
+            a = a > 127 ? 127 : a < -127 ? -127 : a;
+            pl[k] = (int8_t)a;
+            s += a;
+        }
+        corr[g] = -off * s;
+    }
+}
+
 void quant_act_rows(const ELinear& L, const float* x, int ldx, int m0, int m1, const EAct& A) {
+    if (L.abits == 8) {
+        for (int m = m0; m < m1; ++m)
+            quant_row8(x + (size_t)m * ldx, L.K, L.Kp, L.gs, L.off, A.planes + (size_t)m * A.Kp,
+                       A.gsc + (size_t)m * A.G, A.corr + (size_t)m * A.G);
+        return;
+    }
     for (int m = m0; m < m1; ++m)
         quant_row(x + (size_t)m * ldx, L.K, L.Kp, L.gs, L.off, A.planes + (size_t)m * 2 * A.Kp,
                   A.gsc + (size_t)m * A.G, A.corr + (size_t)m * A.G * 2);

@@ -30,12 +30,12 @@ static inline void store_block(const ELinear& L, int rb, __m512 acc, float* y) {
 
 // One activation row against NB row blocks at once (NB independent weight streams keep more
 // memory requests in flight than one); split accumulators hide vpdpbusd latency.
-template <int NB>
+template <int NB, int P>
 static void block_m1(const ELinear& L, const EAct& A, int m, const int* rbs, float* y) {
     const int G = L.G, Kp = L.Kp;
-    const int8_t* pl = A.planes + (size_t)m * 2 * Kp;
+    const int8_t* pl = A.planes + (size_t)m * P * Kp;
     const float* gsc = A.gsc + (size_t)m * G;
-    const int32_t* corr = A.corr + (size_t)m * G * 2;
+    const int32_t* corr = A.corr + (size_t)m * G * P;
     __m512 acc[NB];
     const uint8_t* w[NB];
     const size_t stride = (size_t)Kp * (L.fmt == 4 ? 8 : 16);
@@ -47,15 +47,15 @@ static void block_m1(const ELinear& L, const EAct& A, int m, const int* rbs, flo
     for (int g = 0; g < G; ++g) {
         __m512i a0[NB], a1[NB], b0[NB], b1[NB];
         for (int i = 0; i < NB; ++i) {
-            a0[i] = _mm512_set1_epi32(corr[2 * g]);
-            a1[i] = _mm512_set1_epi32(corr[2 * g + 1]);
+            a0[i] = _mm512_set1_epi32(corr[P * g]);
+            a1[i] = P == 2 ? _mm512_set1_epi32(corr[2 * g + 1]) : _mm512_setzero_si512();
             b0[i] = b1[i] = _mm512_setzero_si512();
         }
         const int8_t* p0 = pl + g * L.gs;
         if (L.fmt == 4) {
             for (int p = 0; p < L.gs / 8; ++p, p0 += 8) {
-                const __m512i x0 = bcast(p0), x1 = bcast(p0 + Kp);
-                const __m512i y0 = bcast(p0 + 4), y1 = bcast(p0 + Kp + 4);
+                const __m512i x0 = bcast(p0), x1 = P == 2 ? bcast(p0 + Kp) : x0;
+                const __m512i y0 = bcast(p0 + 4), y1 = P == 2 ? bcast(p0 + Kp + 4) : y0;
                 for (int i = 0; i < NB; ++i) {
 #if EL_PF
                     _mm_prefetch((const char*)w[i] + EL_PF, _MM_HINT_T0);
@@ -65,17 +65,17 @@ static void block_m1(const ELinear& L, const EAct& A, int m, const int* rbs, flo
                     const __m512i lo = _mm512_and_si512(v, mask);
                     const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), mask);
                     a0[i] = _mm512_dpbusd_epi32(a0[i], lo, x0);
-                    a1[i] = _mm512_dpbusd_epi32(a1[i], lo, x1);
+                    if (P == 2) a1[i] = _mm512_dpbusd_epi32(a1[i], lo, x1);
                     b0[i] = _mm512_dpbusd_epi32(b0[i], hi, y0);
-                    b1[i] = _mm512_dpbusd_epi32(b1[i], hi, y1);
+                    if (P == 2) b1[i] = _mm512_dpbusd_epi32(b1[i], hi, y1);
                 }
             }
         } else {
             const int C = L.gs / 4;
             int c = 0;
             for (; c + 2 <= C; c += 2, p0 += 8) {
-                const __m512i x0 = bcast(p0), x1 = bcast(p0 + Kp);
-                const __m512i y0 = bcast(p0 + 4), y1 = bcast(p0 + Kp + 4);
+                const __m512i x0 = bcast(p0), x1 = P == 2 ? bcast(p0 + Kp) : x0;
+                const __m512i y0 = bcast(p0 + 4), y1 = P == 2 ? bcast(p0 + Kp + 4) : y0;
                 for (int i = 0; i < NB; ++i) {
 #if EL_PF
                     _mm_prefetch((const char*)w[i] + EL_PF, _MM_HINT_T0);
@@ -84,25 +84,26 @@ static void block_m1(const ELinear& L, const EAct& A, int m, const int* rbs, flo
                     const __m512i v = _mm512_loadu_si512(w[i]), u = _mm512_loadu_si512(w[i] + 64);
                     w[i] += 128;
                     a0[i] = _mm512_dpbusd_epi32(a0[i], v, x0);
-                    a1[i] = _mm512_dpbusd_epi32(a1[i], v, x1);
+                    if (P == 2) a1[i] = _mm512_dpbusd_epi32(a1[i], v, x1);
                     b0[i] = _mm512_dpbusd_epi32(b0[i], u, y0);
-                    b1[i] = _mm512_dpbusd_epi32(b1[i], u, y1);
+                    if (P == 2) b1[i] = _mm512_dpbusd_epi32(b1[i], u, y1);
                 }
             }
             for (; c < C; ++c, p0 += 4) {
-                const __m512i x0 = bcast(p0), x1 = bcast(p0 + Kp);
+                const __m512i x0 = bcast(p0), x1 = P == 2 ? bcast(p0 + Kp) : x0;
                 for (int i = 0; i < NB; ++i) {
                     const __m512i v = _mm512_loadu_si512(w[i]);
                     w[i] += 64;
                     a0[i] = _mm512_dpbusd_epi32(a0[i], v, x0);
-                    a1[i] = _mm512_dpbusd_epi32(a1[i], v, x1);
+                    if (P == 2) a1[i] = _mm512_dpbusd_epi32(a1[i], v, x1);
                 }
             }
         }
         const __m512 gs = _mm512_set1_ps(gsc[g]);
         for (int i = 0; i < NB; ++i) {
-            const __m512i d = _mm512_add_epi32(_mm512_add_epi32(a0[i], b0[i]),
-                                               _mm512_slli_epi32(_mm512_add_epi32(a1[i], b1[i]), 8));
+            const __m512i d = P == 2 ? _mm512_add_epi32(_mm512_add_epi32(a0[i], b0[i]),
+                                                        _mm512_slli_epi32(_mm512_add_epi32(a1[i], b1[i]), 8))
+                                     : _mm512_add_epi32(a0[i], b0[i]);
             acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_mul_ps(load_scales(L, rbs[i], g), gs), acc[i]);
         }
     }
@@ -111,7 +112,7 @@ static void block_m1(const ELinear& L, const EAct& A, int m, const int* rbs, flo
 
 // MB activation rows at once (weights unpacked once for all of them; 8 rows x 2 planes of
 // accumulators still fit the 32 vector registers)
-template <int MB>
+template <int MB, int P>
 static void block_mb(const ELinear& L, const EAct& A, int m0, int rb, float* y, int ldy) {
     const int G = L.G, Kp = L.Kp;
     __m512 acc[MB];
@@ -121,9 +122,9 @@ static void block_mb(const ELinear& L, const EAct& A, int m0, int rb, float* y, 
     for (int g = 0; g < G; ++g) {
         __m512i a0[MB], a1[MB];
         for (int m = 0; m < MB; ++m) {
-            const int32_t* c = A.corr + ((size_t)(m0 + m) * G + g) * 2;
+            const int32_t* c = A.corr + ((size_t)(m0 + m) * G + g) * P;
             a0[m] = _mm512_set1_epi32(c[0]);
-            a1[m] = _mm512_set1_epi32(c[1]);
+            a1[m] = P == 2 ? _mm512_set1_epi32(c[1]) : _mm512_setzero_si512();
         }
         const int kg = g * L.gs;
         if (L.fmt == 4) {
@@ -135,11 +136,11 @@ static void block_mb(const ELinear& L, const EAct& A, int m0, int rb, float* y, 
                 const __m512i lo = _mm512_and_si512(v, mask);
                 const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), mask);
                 for (int m = 0; m < MB; ++m) {
-                    const int8_t* p0 = A.planes + (size_t)(m0 + m) * 2 * Kp + kg + 8 * p;
+                    const int8_t* p0 = A.planes + (size_t)(m0 + m) * P * Kp + kg + 8 * p;
                     a0[m] = dpb(a0[m], lo, p0);
-                    a1[m] = dpb(a1[m], lo, p0 + Kp);
+                    if (P == 2) a1[m] = dpb(a1[m], lo, p0 + Kp);
                     a0[m] = dpb(a0[m], hi, p0 + 4);
-                    a1[m] = dpb(a1[m], hi, p0 + Kp + 4);
+                    if (P == 2) a1[m] = dpb(a1[m], hi, p0 + Kp + 4);
                 }
             }
         } else {
@@ -149,15 +150,15 @@ static void block_mb(const ELinear& L, const EAct& A, int m0, int rb, float* y, 
 #endif
                 const __m512i v = _mm512_loadu_si512(w);
                 for (int m = 0; m < MB; ++m) {
-                    const int8_t* p0 = A.planes + (size_t)(m0 + m) * 2 * Kp + kg + 4 * c;
+                    const int8_t* p0 = A.planes + (size_t)(m0 + m) * P * Kp + kg + 4 * c;
                     a0[m] = dpb(a0[m], v, p0);
-                    a1[m] = dpb(a1[m], v, p0 + Kp);
+                    if (P == 2) a1[m] = dpb(a1[m], v, p0 + Kp);
                 }
             }
         }
         const __m512 sc = load_scales(L, rb, g);
         for (int m = 0; m < MB; ++m) {
-            __m512i d = _mm512_add_epi32(a0[m], _mm512_slli_epi32(a1[m], 8));
+            __m512i d = P == 2 ? _mm512_add_epi32(a0[m], _mm512_slli_epi32(a1[m], 8)) : a0[m];
             acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d),
                                      _mm512_mul_ps(sc, _mm512_set1_ps(A.gsc[(size_t)(m0 + m) * G + g])), acc[m]);
         }
@@ -165,7 +166,8 @@ static void block_mb(const ELinear& L, const EAct& A, int m0, int rb, float* y, 
     for (int m = 0; m < MB; ++m) store_block(L, rb, acc[m], y + (size_t)(m0 + m) * ldy);
 }
 
-void gemv_avx512(const ELinear& L, const EAct& A, int M, float* y, int ldy) {
+template <int P>
+static void gemv_planes(const ELinear& L, const EAct& A, int M, float* y, int ldy) {
     const int Nb = (L.N + 15) / 16;
 #if EL_STREAMS > 1
     if (M == 1) {  // EL_STREAMS weight streams per thread: blocks i, i + per, i + 2 per...
@@ -176,13 +178,13 @@ void gemv_avx512(const ELinear& L, const EAct& A, int M, float* y, int ldy) {
             for (int k = 0; k < EL_STREAMS; ++k)
                 if (i + k * per < Nb) rbs[cnt++] = i + k * per;
             switch (cnt) {
-                case 1: block_m1<1>(L, A, 0, rbs, y); break;
-                case 2: block_m1<2>(L, A, 0, rbs, y); break;
+                case 1: block_m1<1, P>(L, A, 0, rbs, y); break;
+                case 2: block_m1<2, P>(L, A, 0, rbs, y); break;
 #if EL_STREAMS > 2
-                case 3: block_m1<3>(L, A, 0, rbs, y); break;
+                case 3: block_m1<3, P>(L, A, 0, rbs, y); break;
 #endif
 #if EL_STREAMS > 3
-                case 4: block_m1<4>(L, A, 0, rbs, y); break;
+                case 4: block_m1<4, P>(L, A, 0, rbs, y); break;
 #endif
                 default: break;
             }
@@ -194,17 +196,24 @@ void gemv_avx512(const ELinear& L, const EAct& A, int M, float* y, int ldy) {
     for (int rb = 0; rb < Nb; ++rb) {
         int m = 0;
         if (M == 1) {
-            block_m1<1>(L, A, 0, &rb, y);
+            block_m1<1, P>(L, A, 0, &rb, y);
             continue;
         }
-        for (; m + 8 <= M; m += 8) block_mb<8>(L, A, m, rb, y, ldy);
-        for (; m + 4 <= M; m += 4) block_mb<4>(L, A, m, rb, y, ldy);
+        for (; m + 8 <= M; m += 8) block_mb<8, P>(L, A, m, rb, y, ldy);
+        for (; m + 4 <= M; m += 4) block_mb<4, P>(L, A, m, rb, y, ldy);
         switch (M - m) {
-            case 3: block_mb<3>(L, A, m, rb, y, ldy); break;
-            case 2: block_mb<2>(L, A, m, rb, y, ldy); break;
-            case 1: block_mb<1>(L, A, m, rb, y, ldy); break;
+            case 3: block_mb<3, P>(L, A, m, rb, y, ldy); break;
+            case 2: block_mb<2, P>(L, A, m, rb, y, ldy); break;
+            case 1: block_mb<1, P>(L, A, m, rb, y, ldy); break;
             default: break;
         }
     }
+}
+
+void gemv_avx512(const ELinear& L, const EAct& A, int M, float* y, int ldy) {
+    if (act_planes(L) == 1)
+        gemv_planes<1>(L, A, M, y, ldy);
+    else
+        gemv_planes<2>(L, A, M, y, ldy);
 }
 #endif
