@@ -5,20 +5,26 @@ activations, which moves results by about 1e-2; with float32 activations it is ~
 An inductor-generated dequantize-and-dot GEMV over the packed words measured about 3x slower
 than that bf16 kernel (and a compiled graph pays a dispatcher round trip per custom op), so the
 quantized products are a few small C++ files (csrc/, split by concern and ISA; common.h describes
-the C ABI and the layouts): weights repacked at load
-into 16-row blocks, activations quantized per group to 16 bits (2^-15 relative step, well below
-the f16 rounding of the weights' scales) and split into two int8 planes, exact integer dot
-products per group (AVX512-VNNI vpdpbusd; on AVX2-only CPUs vpmaddubsw, or AVX-VNNI; a portable
-scalar fallback elsewhere), float32 scales -- within about 1e-5 of the float32 dequantized
-reference, and each row's result independent of the other rows in the batch. (Three planes,
-21-bit activations, were within 1e-6 but cost a quarter more time per batched decode step.)
-Measured on the 2-core AVX-512 machine, one thread, 1536x576 / 8960x1536 q4f16_1 GEMV: this kernel
-38 / 411 us; `_weight_int4pack_mm_for_cpu` with bf16 activations 64 / 1022 us; the best inductor
-expression 223 / 3589 us.
+the C ABI and the layouts): weights repacked at load into 16-row blocks, activations quantized per
+group, exact integer u8s8 dot products per group (AVX512-VNNI vpdpbusd; on AVX2-only CPUs
+vpmaddubsw + vpmaddwd, or AVX-VNNI; a portable scalar fallback elsewhere), float32 scales. Each
+row is quantized on its own, so its result never depends on the other rows in the batch.
+`precision` (MNN-LLM's option, set per layer at load) picks the activations:
+  high: 16 bits (2^-15 relative step, well below the f16 rounding of the weights' scales) split
+    into two int8 planes -- within about 1e-5 of the float32 dequantized reference; more than
+    GEMV_MAX_ROWS rows go through dequantize + float32 GEMM (at float32 peak) instead.
+    (Three planes, 21-bit activations, were within 1e-6 but cost a quarter more per batched step.)
+  normal (default): 8 bits per group of 32, one plane, as llama.cpp's Q8 activations, at every row
+    count: half the integer work of `high`, and prefill becomes an int8 GEMM (activation rows in
+    blocks of 4 per weight load on AVX2, 8 on AVX-512). No AMX tile path: on a CPU with AMX the
+    AVX512-VNNI kernels run.
+Measured on the 2-core AVX-512 machine, one thread, 1536x576 / 8960x1536 q4f16_1 GEMV (high): this
+kernel 38 / 411 us; `_weight_int4pack_mm_for_cpu` with bf16 activations 64 / 1022 us; the best
+inductor expression 223 / 3589 us.
 
 The library has a plain C ABI (no PyTorch headers), so g++ builds it in about 4 seconds, once; it is
-cached under `$EDGELLM_HOME/kernels/<hash of source, compiler and CPU flags>/` and loaded with
-ctypes. It uses the OpenMP runtime PyTorch already loaded, with PyTorch's thread count. Without
+cached under `$EDGELLM_HOME/kernels/<hash of every source, compiler and CPU flags>/` and loaded with
+ctypes, after an ABI handshake (`el_abi_version`, struct sizes). It uses the OpenMP runtime PyTorch already loaded, with PyTorch's thread count. Without
 a compiler (or with EDGELLM_NATIVE=0) `available()` is False and layers keep the reference path.
 """
 
