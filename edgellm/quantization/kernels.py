@@ -24,7 +24,8 @@ inductor expression 223 / 3589 us.
 
 The library has a plain C ABI (no PyTorch headers), so g++ builds it in about 4 seconds, once; it is
 cached under `$EDGELLM_HOME/kernels/<hash of every source, compiler and CPU flags>/` and loaded with
-ctypes, after an ABI handshake (`el_abi_version`, struct sizes). It uses the OpenMP runtime PyTorch already loaded, with PyTorch's thread count. Without
+ctypes, after an ABI handshake (`el_abi_version`, struct sizes). It uses the OpenMP runtime PyTorch
+already loaded, with PyTorch's thread count. Without
 a compiler (or with EDGELLM_NATIVE=0) `available()` is False and layers keep the reference path.
 """
 
