@@ -119,7 +119,7 @@ class BenchSession:
     def __init__(self, model: str | Path | None, *, threads: int | None = None, opt: str = DEFAULT_OPT,
                  device: str = "cpu", batch: int = 1, prompt_len: int = 512, gen_len: int = 128,
                  quantization: str = "q4f16_1", use_mmap: bool = False, kv_cache_dtype: str = "auto",
-                 seed: int = 0, log=print, model_lib: str | Path | None = None):
+                 seed: int = 0, log=print, model_lib: str | Path | None = None, precision: str = "normal"):
         from edgellm.config import load_chat_config
         from edgellm.engine.build import build_engine, pick_device
         from edgellm.engine.options import make_options
@@ -138,10 +138,10 @@ class BenchSession:
                             f"window of {ctx} tokens")
         # One step prefills every prompt; the KV budget holds them all; no prefix may serve a prompt.
         opts = make_options({"threads": threads or torch.get_num_threads(), "opt": opt, "use_mmap": use_mmap,
-                             "kv_cache_dtype": kv_cache_dtype, "max_num_sequence": batch,
+                             "kv_cache_dtype": kv_cache_dtype, "max_num_sequence": batch, "precision": precision,
                              "prefill_chunk_size": prompt_len * batch, "reuse_kv": False,
                              "max_total_seq_length": batch * (prompt_len + gen_len + 256) * 2})
-        self.threads = opts.threads
+        self.threads, self.precision = opts.threads, precision
         t = time.perf_counter()
         self.core = build_engine(self.model_dir, opts, self.device, model_lib, config=self.config)
         self.load_s = time.perf_counter() - t
@@ -179,13 +179,14 @@ class BenchSession:
 def run_bench(model: str | Path | None = None, *, prompt_len: int = 512, gen_len: int = 128, batch: int = 1,
               threads: int | None = None, repeat: int = 5, opt: str = DEFAULT_OPT, device: str = "cpu",
               quantization: str = "q4f16_1", use_mmap: bool = False, kv_cache_dtype: str = "auto",
-              bandwidth: bool = True, log=print, model_lib: str | Path | None = None) -> dict[str, Any]:
+              bandwidth: bool = True, log=print, model_lib: str | Path | None = None,
+              precision: str = "normal") -> dict[str, Any]:
     """Benchmark a model; returns the report as a dict (see `format_report`)."""
     if repeat < 1:
         raise UserError("--repeat must be at least 1")
     s = BenchSession(model, threads=threads, opt=opt, device=device, batch=batch, prompt_len=prompt_len,
                      gen_len=gen_len, quantization=quantization, use_mmap=use_mmap,
-                     kv_cache_dtype=kv_cache_dtype, log=log, model_lib=model_lib)
+                     kv_cache_dtype=kv_cache_dtype, log=log, model_lib=model_lib, precision=precision)
     s.run_once()  # warm-up: first-touch of the weights, caches, allocator
     pps, tgs = [], []
     for _ in range(repeat):
@@ -202,6 +203,7 @@ def run_bench(model: str | Path | None = None, *, prompt_len: int = 512, gen_len
         "threads": s.threads,
         "device": s.device,
         "opt": s.opt,
+        "precision": s.precision,
         "fused_decode": s.fused,
         # a compiled library keeps its own cache
         "kv_cache_dtype": None if model_lib is not None else str(s.pool.dtype).replace("torch.", ""),

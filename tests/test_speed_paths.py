@@ -1,7 +1,8 @@
 """The speed paths compute the same function as the reference.
 
-- native quantized kernels (repacked weights) equal the float32 dequantized reference within
-  1e-3, per layer and as whole-model logits, for q4f16_1, q4f32_1, q3f16_1 and q8f16_1;
+- native quantized kernels (repacked weights) at precision=high equal the float32 dequantized
+  reference within 1e-3, per layer and as whole-model logits, for q4f16_1, q4f32_1, q3f16_1 and
+  q8f16_1 (precision=normal, 8-bit activations: tests/test_int8_gemm.py);
 - --opt O0 (reference) and O2 (repacked kernels + fused decode step) give identical greedy
   tokens, on a tiny q4f16_1 model and on the real SmolLM2 q4f16_1 model;
 - decoding several sequences in one batch equals decoding each alone.
@@ -47,7 +48,7 @@ def test_kernel_matches_dequantized_reference(quant, n, k):
     qw, qs = quantize(w, mode)
     ref_w = dequantize(qw, qs, mode, k, torch.float32)
     bias = torch.randn(n)
-    pw = kernels.PackedWeight.from_quantized(qw, qs, mode, n, k, bias)
+    pw = kernels.PackedWeight.from_quantized(qw, qs, mode, n, k, bias, precision="high")
     assert torch.equal(pw.dequantize(), ref_w)
     ids = torch.tensor([[0, n - 1], [n // 2, 3]])
     assert torch.equal(pw.gather(ids), ref_w[ids])
@@ -75,6 +76,7 @@ def test_layers_repack_in_place_and_free_disk_buffers():
     lin.bias.data.normal_()
     x = torch.randn(3, 64)
     ref_lin, ref_logits, ref_rows = lin(x), emb.as_linear(x), emb(torch.tensor([[1, 2], [3, 47]]))
+    lin.precision = emb.precision = "high"
     lin.repack()
     emb.repack()
     assert lin.q_weight is None and emb.q_weight is None and "q_weight" not in lin.state_dict()
@@ -116,12 +118,16 @@ def tiny_quantized(tiny_llama_hf, tmp_path_factory):
 
 
 def generate(model_dir, prompts: list[list[int]], n: int, opt: str, *, max_seqs: int = 8, chunk: int = 16,
-             kv_dtype: torch.dtype = torch.float32):
-    """Greedy tokens and the logits of every sampled position, stepping the engine's own core."""
+             kv_dtype: torch.dtype = torch.float32, precision: str = "high"):
+    """Greedy tokens and the logits of every sampled position, stepping the engine's own core
+    (built with the engine option `precision`, as Engine builds it)."""
     opts = make_options({"opt": opt, "max_num_sequence": max_seqs, "prefill_chunk_size": chunk, "reuse_kv": False,
-                         "max_total_seq_length": 4096, "kv_cache_dtype": str(kv_dtype).replace("torch.", "")})
+                         "max_total_seq_length": 4096, "kv_cache_dtype": str(kv_dtype).replace("torch.", ""),
+                         "precision": precision})
     core = build_engine(model_dir, opts, "cpu")
     runner = core.runner
+    if runner.model is not None:  # the option reached every quantized layer, before the fused step copied them
+        assert {m.precision for m in runner.model.modules() if hasattr(m, "precision")} <= {precision}
     logits: dict[int, list[torch.Tensor]] = {}
     fused_steps = 0
     run_step = runner.step
@@ -154,7 +160,7 @@ def test_whole_model_logits_match_reference(quant, tiny_quantized):
     d = tiny_quantized[quant]
     ids = torch.tensor(PROMPTS[2])
     ref = run_logits(d, ids)  # O0: dequantize every call
-    model, cfg = load_model(d)
+    model, cfg = load_model(d, precision="high")
     assert repack_model(model) > 0
     for chunk in (len(ids), 5, 1):  # GEMM path, few-row integer path, one row at a time
         pool, slot = kv_pool(model, cfg.context_window_size)
@@ -205,12 +211,13 @@ def test_fused_decode_other_llama_families(kind, tmp_path):
     _fused_matches_reference(d, prompts, 10)
 
 
-def test_batched_decode_equals_single(tiny_quantized):
+@pytest.mark.parametrize("precision", ["high", "normal"])
+def test_batched_decode_equals_single(tiny_quantized, precision):
     d = tiny_quantized["q4f16_1"]
     for opt in ("O1", "O2"):
-        batch_tokens, batch_logits, _, _ = generate(d, PROMPTS, 16, opt, max_seqs=8)
+        batch_tokens, batch_logits, _, _ = generate(d, PROMPTS, 16, opt, max_seqs=8, precision=precision)
         for i, p in enumerate(PROMPTS):
-            tokens, logits, _, _ = generate(d, [p], 16, opt, max_seqs=1)
+            tokens, logits, _, _ = generate(d, [p], 16, opt, max_seqs=1, precision=precision)
             assert tokens[0] == batch_tokens[i]
             _close(logits[0], batch_logits[i], 1e-4)  # prefill rows may take another product path
 

@@ -1,4 +1,4 @@
-"""edgellm bench MODEL [--prompt-len 512] [--gen-len 128] [--batch 1] [--threads N] [--repeat 5] [--json]"""
+"""edgellm bench MODEL [--prompt-len 512] [--gen-len 128] [--batch 1] [--threads N] [--precision P] [--json]"""
 
 from __future__ import annotations
 
@@ -24,6 +24,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-bandwidth", action="store_true", help="skip the memory-bandwidth measurement")
     p.add_argument("--model-lib", default=None,
                    help="a compiled model library (.pt2/.so, .pte or .tar) to run instead of the eager model")
+    p.add_argument("--precision", default="normal", choices=["high", "normal", "low"],
+                   help="activations of quantized products: high = 16-bit (exact), normal/low = int8 GEMM")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
@@ -48,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
                        threads=args.threads, repeat=args.repeat, opt=args.opt, device=args.device,
                        quantization=args.quantization, use_mmap=args.use_mmap, kv_cache_dtype=args.kv_cache_dtype,
                        bandwidth=not args.no_bandwidth, log=lambda m: print(m, file=sys.stderr),
-                       model_lib=args.model_lib)
+                       model_lib=args.model_lib, precision=args.precision)
     if args.json:
         print(json.dumps(report, indent=2))
     else:

@@ -17,6 +17,7 @@ COMMANDS = {
     "chat": ("edgellm.cli.chat", "chat with a model in the terminal"),
     "serve": ("edgellm.cli.serve", "serve a model over an OpenAI-compatible HTTP API"),
     "bench": ("edgellm.cli.bench", "measure prefill and decode tokens/s"),
+    "perplexity": ("edgellm.cli.perplexity", "perplexity and KL divergence against the float32 dequantized reference"),
     "package": ("edgellm.cli.package", "bundle models and libraries for an Android or iOS app"),
     "export_gguf": ("edgellm.cli.export_gguf", "write a converted model as a GGUF file for llama.cpp / Ollama"),
 }

@@ -21,6 +21,7 @@ from edgellm.engine.scheduler import Scheduler
 from edgellm.engine.speculative import Speculator
 from edgellm.errors import UserError
 from edgellm.models.loader import arch_config, load_model, runtime_context
+from edgellm.quantization.layers import DEFAULT_PRECISION
 from edgellm.quantization.modes import get_mode
 
 
@@ -82,7 +83,7 @@ def eager_parts(model_dir: Path, cfg: ChatConfig, options: EngineOptions, device
                 fused_catch_up: int = 1) -> tuple[torch.nn.Module, KVPool, ModelRunner]:
     """An eager model with its own KVPool (the options' budget and KV dtype) and ModelRunner."""
     model, _ = load_model(model_dir, device=device, use_mmap=options.use_mmap, max_positions=ctx,
-                          verify=options.verify_weights)
+                          verify=options.verify_weights, precision=options.precision or DEFAULT_PRECISION)
     if options.memory == "high" and (device != "cpu" or options.opt == "O0"):
         from edgellm.compile.lowering import float_model  # no native kernels: float weights are faster
 

@@ -48,12 +48,16 @@ class EngineOptions:
     tmp_path: str | None = None  # where kvcache_mmap's files go (default: the system temp dir)
     backend_type: str | None = None  # cpu, cuda, metal/mps: the device when device is "auto"
     memory: str = "low"  # low: weights stay quantized; high: whatever is fastest (may dequantize)
-    precision: str | None = None  # accepted and passed through (another option implements it)
+    precision: str | None = None  # MNN's: high = 16-bit activations (exact); normal (default) / low = int8 GEMM
     speculative_mode: str = "disable"  # small_draft: a draft model (additional_models); ngram: prompt lookup
     spec_draft_length: int = 4  # the most tokens drafted per step (adapted per sequence to its acceptance)
     additional_models: list[str] | str | None = None  # converted model dirs (";"-separated); the draft first
 
     def __post_init__(self) -> None:
+        if self.precision is not None:
+            from edgellm.quantization.kernels import check_precision
+
+            check_precision(self.precision)
         if self.mode not in MODES:
             raise UserError(f"unknown mode {self.mode!r}; choose from {', '.join(MODES)}")
         if isinstance(self.kv_cache_dtype, int) or str(self.kv_cache_dtype).isdigit():

@@ -15,7 +15,7 @@ from edgellm.models.config import ArchConfig
 from edgellm.models.mapping import from_disk_name
 from edgellm.models.registry import family_hook, get_family
 from edgellm.models.schema import parse_arch
-from edgellm.quantization.layers import QuantEmbedding, QuantLinear
+from edgellm.quantization.layers import DEFAULT_PRECISION, QuantEmbedding, QuantLinear, set_precision
 from edgellm.quantization.modes import QuantMode, get_mode
 from edgellm.weights.tensor_cache import read_tensors
 
@@ -84,8 +84,12 @@ def expected_tensors(model: nn.Module) -> dict[str, tuple[tuple[int, ...], str]]
 
 def load_model(model_dir: str | Path, *, device: str = "cpu", use_mmap: bool = False,
                dtype: torch.dtype = torch.float32, max_positions: int | None = None,
-               verify: bool = True) -> tuple[nn.Module, ChatConfig]:
-    """(model ready for inference, its chat config) from a converted directory."""
+               verify: bool = True, precision: str = DEFAULT_PRECISION) -> tuple[nn.Module, ChatConfig]:
+    """(model ready for inference, its chat config) from a converted directory.
+
+    `precision` ("high" / "normal") is the activation precision its quantized layers use once
+    repacked for the native kernels (see edgellm.quantization.layers).
+    """
     model_dir = Path(model_dir)
     cfg = load_chat_config(model_dir)
     family = get_family(cfg.model_type)
@@ -115,6 +119,7 @@ def load_model(model_dir: str | Path, *, device: str = "cpu", use_mmap: bool = F
     model.load_state_dict(state, assign=True, strict=True)
     model.requires_grad_(False)
     model.eval()
+    set_precision(model, precision)
     if device != "cpu":
         model.to(device)
     return model, cfg

@@ -4,20 +4,28 @@ Why native code: PyTorch's fast int4 kernel (`_weight_int4pack_mm_for_cpu`) need
 activations, which moves results by about 1e-2; with float32 activations it is ~30x slower.
 An inductor-generated dequantize-and-dot GEMV over the packed words measured about 3x slower
 than that bf16 kernel (and a compiled graph pays a dispatcher round trip per custom op), so the
-quantized products are a small C++ file (csrc/edgellm_kernels.cpp): weights repacked at load
-into 16-row blocks, activations quantized per group to 16 bits (2^-15 relative step, well below
-the f16 rounding of the weights' scales) and split into two int8 planes, exact integer dot
-products per group (AVX512-VNNI vpdpbusd; on AVX2-only CPUs vpmaddubsw, or AVX-VNNI; a portable
-scalar fallback elsewhere), float32 scales -- within about 1e-5 of the float32 dequantized
-reference, and each row's result independent of the other rows in the batch. (Three planes,
-21-bit activations, were within 1e-6 but cost a quarter more time per batched decode step.)
-Measured on the 2-core AVX-512 machine, one thread, 1536x576 / 8960x1536 q4f16_1 GEMV: this kernel
-38 / 411 us; `_weight_int4pack_mm_for_cpu` with bf16 activations 64 / 1022 us; the best inductor
-expression 223 / 3589 us.
+quantized products are a few small C++ files (csrc/, split by concern and ISA; common.h describes
+the C ABI and the layouts): weights repacked at load into 16-row blocks, activations quantized per
+group, exact integer u8s8 dot products per group (AVX512-VNNI vpdpbusd; on AVX2-only CPUs
+vpmaddubsw + vpmaddwd, or AVX-VNNI; a portable scalar fallback elsewhere), float32 scales. Each
+row is quantized on its own, so its result never depends on the other rows in the batch.
+`precision` (MNN-LLM's option, set per layer at load) picks the activations:
+  high: 16 bits (2^-15 relative step, well below the f16 rounding of the weights' scales) split
+    into two int8 planes -- within about 1e-5 of the float32 dequantized reference; more than
+    GEMV_MAX_ROWS rows go through dequantize + float32 GEMM (at float32 peak) instead.
+    (Three planes, 21-bit activations, were within 1e-6 but cost a quarter more per batched step.)
+  normal (default): 8 bits per group of 32, one plane, as llama.cpp's Q8 activations, at every row
+    count: half the integer work of `high`, and prefill becomes an int8 GEMM (activation rows in
+    blocks of 4 per weight load on AVX2, 8 on AVX-512). No AMX tile path: on a CPU with AMX the
+    AVX512-VNNI kernels run.
+Measured on the 2-core AVX-512 machine, one thread, 1536x576 / 8960x1536 q4f16_1 GEMV (high): this
+kernel 38 / 411 us; `_weight_int4pack_mm_for_cpu` with bf16 activations 64 / 1022 us; the best
+inductor expression 223 / 3589 us.
 
 The library has a plain C ABI (no PyTorch headers), so g++ builds it in about 4 seconds, once; it is
-cached under `$EDGELLM_HOME/kernels/<hash of source, compiler and CPU flags>/` and loaded with
-ctypes. It uses the OpenMP runtime PyTorch already loaded, with PyTorch's thread count. Without
+cached under `$EDGELLM_HOME/kernels/<hash of every source, compiler and CPU flags>/` and loaded with
+ctypes, after an ABI handshake (`el_abi_version`, struct sizes). It uses the OpenMP runtime PyTorch
+already loaded, with PyTorch's thread count. Without
 a compiler (or with EDGELLM_NATIVE=0) `available()` is False and layers keep the reference path.
 """
 
@@ -28,7 +36,6 @@ import hashlib
 import logging
 import os
 import platform
-import re
 import shutil
 import subprocess
 import tempfile
@@ -37,11 +44,16 @@ from pathlib import Path
 
 import torch
 
+from edgellm.errors import UserError
 from edgellm.paths import edgellm_home
 
 log = logging.getLogger("edgellm.kernels")
 
-SRC = Path(__file__).with_name("csrc") / "edgellm_kernels.cpp"
+CSRC = Path(__file__).with_name("csrc")
+# The C ABI this module speaks (EL_ABI_VERSION in csrc/common.h); a library that answers otherwise is refused.
+ABI_VERSION = 6
+# activation precision of quantized products (MNN-LLM's option name): activation bits
+PRECISIONS = {"high": 16, "normal": 8, "low": 8}  # MNN's "low": the fewest bits we offer
 # EDGELLM_KERNEL_MARCH picks another target (e.g. x86-64-v3 to exercise the portable path).
 FLAGS = ["-O3", f"-march={os.environ.get('EDGELLM_KERNEL_MARCH', 'native')}", "-fopenmp", "-fPIC", "-shared",
          "-std=c++17", "-fno-math-errno"]
@@ -55,7 +67,7 @@ _lock = threading.Lock()
 class ELinear(ctypes.Structure):
     _fields_ = [("w", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("bias", ctypes.c_void_p),
                 ("wf", ctypes.c_void_p)] + [
-        (n, ctypes.c_int32) for n in ("N", "K", "Kp", "G", "gs", "fmt", "half", "off")]
+        (n, ctypes.c_int32) for n in ("N", "K", "Kp", "G", "gs", "fmt", "half", "off", "abits")]
 
 
 class ELayer(ctypes.Structure):
@@ -106,11 +118,6 @@ def _run(cmd: list[str]) -> subprocess.CompletedProcess:
                            f"(EDGELLM_KERNEL_BUILD_TIMEOUT)") from None
 
 
-def _source_version(src: bytes) -> int | None:
-    m = re.search(rb"el_version\(\)\s*\{\s*return\s+(\d+)", src)
-    return int(m.group(1)) if m else None
-
-
 def _digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -134,15 +141,15 @@ def _verified(lib_path: Path) -> bool:
         return False
 
 
-def _compile(cxx: str, out_dir: Path, lib_path: Path) -> None:
+def _compile(cxx: str, out_dir: Path, lib_path: Path, sources: list[Path]) -> None:
     """Compile into a temporary file, fsync it, then rename it and its stamp into place."""
     out_dir.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so.part", dir=out_dir)
     os.close(fd)
     try:
-        res = _run([cxx, *FLAGS, str(SRC), "-o", tmp])
+        res = _run([cxx, *FLAGS, *map(str, sources), "-o", tmp])
         if res.returncode != 0:
-            raise RuntimeError(f"compiling {SRC.name} failed: {res.stderr.strip()[-2000:]}")
+            raise RuntimeError(f"compiling the kernels in {CSRC} failed: {res.stderr.strip()[-2000:]}")
         _fsync_write(Path(tmp))
         stamp_tmp = Path(tmp + ".sha256")
         _fsync_write(stamp_tmp, f"{os.path.getsize(tmp)} {_digest(Path(tmp))}\n".encode())
@@ -163,7 +170,8 @@ def _build() -> ctypes.CDLL:
     cxx = _compiler()
     if cxx is None:
         raise RuntimeError("no C++ compiler found (g++/clang++)")
-    src = SRC.read_bytes()
+    files = sorted(p for p in CSRC.iterdir() if p.suffix in (".cpp", ".h"))
+    src = b"".join(p.name.encode() + b"\0" + p.read_bytes() for p in files)
     version = _run([cxx, "--version"]).stdout.splitlines()[:1]
     key = hashlib.sha256(src + repr((FLAGS, version, _cpu_flags(), platform.machine())).encode()).hexdigest()[:16]
     out_dir = _cache_root() / key
@@ -171,16 +179,10 @@ def _build() -> ctypes.CDLL:
     if not _verified(lib_path):
         if lib_path.exists():  # truncated, emptied or unstamped: loading it could crash the process (SIGBUS)
             log.warning("edgellm native kernels: cached %s is damaged, rebuilding it", lib_path)
-        _compile(cxx, out_dir, lib_path)
+        _compile(cxx, out_dir, lib_path, [p for p in files if p.suffix == ".cpp"])
     lib = ctypes.CDLL(str(lib_path))
-    lib.el_version.restype = ctypes.c_int
-    want = _source_version(src)
-    if want is not None and lib.el_version() != want:
-        raise RuntimeError(f"{lib_path} reports version {lib.el_version()}, expected {want}; delete it to rebuild")
-    lib = ctypes.CDLL(str(lib_path))
+    _check_abi(lib, lib_path)
     vp, i32, i64p = ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p
-    lib.el_version.restype = i32
-    lib.el_has_vnni.restype = i32
     lib.el_isa.restype = i32
     lib.el_repack_nib.argtypes = [vp, i32, i32, i32, i32, i32, vp, i32]
     lib.el_repack_q8.argtypes = [vp, i32, i32, vp, i32]
@@ -193,6 +195,22 @@ def _build() -> ctypes.CDLL:
     lib.el_read.restype = ctypes.c_double
     lib.el_decode.argtypes = [ctypes.POINTER(EModel), i32, vp, vp, vp, vp, vp, vp, vp, vp, i32, i32, i32]
     return lib
+
+
+def _check_abi(lib: ctypes.CDLL, path: Path) -> None:
+    """Refuse a library built from other sources than the structs above describe."""
+    try:
+        lib.el_abi_version.restype = ctypes.c_int
+        lib.el_sizeof.restype = ctypes.c_int
+        lib.el_sizeof.argtypes = [ctypes.c_int]
+        version = lib.el_abi_version()
+        sizes = [lib.el_sizeof(i) for i in range(3)]
+    except AttributeError:
+        version, sizes = None, []
+    want = [ctypes.sizeof(t) for t in (ELinear, ELayer, EModel)]
+    if version != ABI_VERSION or sizes != want:
+        raise RuntimeError(f"{path} speaks kernel ABI {version} with struct sizes {sizes}, this edgellm needs "
+                           f"ABI {ABI_VERSION} with {want}; delete it to rebuild")
 
 
 def library() -> ctypes.CDLL | None:
@@ -224,17 +242,19 @@ def unavailable_reason() -> str | None:
     return _lib_error
 
 
-def has_vnni() -> bool:
-    lib = library()
-    return bool(lib and lib.el_has_vnni())
-
-
 def isa() -> str:
     """Which kernel variant was built: "avx512-vnni", "avx2", "portable" or "none"."""
     lib = library()
     if lib is None:
         return "none"
     return {512: "avx512-vnni", 256: "avx2"}.get(lib.el_isa(), "portable")
+
+
+def check_precision(precision: str) -> str:
+    """`precision` if it is one of PRECISIONS ("high", "normal"), else a UserError naming them."""
+    if precision not in PRECISIONS:
+        raise UserError(f"unknown precision {precision!r}; choose one of: {', '.join(PRECISIONS)}")
+    return precision
 
 
 def threads() -> int:
@@ -248,11 +268,15 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 class PackedWeight:
     """A quantized (or float32) [N, K] weight in the kernels' layout, with its ctypes descriptor.
 
-    fmt 4: q4*/q3* nibble codes; fmt 8: q8 codes; fmt 32: plain float32.
+    fmt 4: q4*/q3* nibble codes; fmt 8: q8 codes; fmt 32: plain float32. `precision` (see
+    `check_precision`) picks the activations of quantized products: "high" = 16 bits (within about
+    1e-5 of the float32 dequantized reference; more than GEMV_MAX_ROWS rows go through dequantize +
+    float32 GEMM), "normal" = 8 bits per group of 32 at every row count (the int8 GEMM).
     """
 
     def __init__(self, fmt: int, n: int, k: int, kp: int, gs: int, off: int, codes: torch.Tensor | None,
-                 scale: torch.Tensor | None, bias: torch.Tensor | None, wf: torch.Tensor | None = None):
+                 scale: torch.Tensor | None, bias: torch.Tensor | None, wf: torch.Tensor | None = None,
+                 precision: str = "normal"):
         self.fmt, self.n, self.k, self.kp, self.gs, self.off = fmt, n, k, kp, gs, off
         self.codes, self.scale, self.wf = codes, scale, wf
         self.bias = None if bias is None else bias.detach().float().contiguous()
@@ -262,8 +286,18 @@ class PackedWeight:
         d.G = kp // gs if gs else 0
         d.gs, d.fmt, d.off = gs, fmt, off
         d.half = int(scale is not None and scale.dtype == torch.float16)
+        d.abits = PRECISIONS[check_precision(precision)]
         self.desc = d
         self.ref = ctypes.byref(d)
+
+    @property
+    def precision(self) -> str:
+        return "high" if self.desc.abits == 16 else "normal"
+
+    @precision.setter
+    def precision(self, value: str) -> None:
+        # a fused decoder built earlier keeps its own copy of the descriptor: set this before building one
+        self.desc.abits = PRECISIONS[check_precision(value)]
 
     @property
     def nbytes(self) -> int:
@@ -273,7 +307,7 @@ class PackedWeight:
     # ---- construction ------------------------------------------------------------------
     @classmethod
     def from_quantized(cls, q_weight: torch.Tensor, q_scale: torch.Tensor, mode, n: int, k: int,
-                       bias: torch.Tensor | None = None) -> PackedWeight:
+                       bias: torch.Tensor | None = None, precision: str = "normal") -> PackedWeight:
         lib = library()
         kp, gs = mode.padded_k(k), mode.group_size
         nb = -(-n // ROW_BLOCK)
@@ -296,7 +330,7 @@ class PackedWeight:
         s = torch.zeros(nb * ROW_BLOCK, groups, dtype=sdt)
         s[:n] = q_scale.to(sdt)
         s = s.view(nb, ROW_BLOCK, groups).transpose(1, 2).contiguous()
-        return cls(fmt, n, k, kp, gs, off, codes, s, bias)
+        return cls(fmt, n, k, kp, gs, off, codes, s, bias, precision=precision)
 
     @classmethod
     def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None = None) -> PackedWeight:
@@ -335,7 +369,7 @@ class PackedWeight:
         if x2.dtype != torch.float32 or x2.stride(-1) != 1:
             x2 = x2.float().contiguous()
         m = x2.shape[0]
-        if m <= self.GEMV_MAX_ROWS or self.fmt == 32:
+        if m <= self.GEMV_MAX_ROWS or self.fmt == 32 or self.desc.abits == 8:
             out = torch.empty(m, self.n)
             if m:
                 library().el_linear(self.ref, x2.data_ptr(), m, x2.stride(0), out.data_ptr(), self.n, threads())

@@ -3,8 +3,11 @@
 The buffers are named as on disk (`q_weight`, `q_scale`), and the reference forward dequantizes
 them (opt O0; what export/compile trace). `repack()` moves a layer onto the native kernels
 (edgellm.quantization.kernels): the weights are converted once into the kernels' layout, the
-disk-layout buffers are released (no second copy in memory), and results stay within about 1e-5
-of the float32 dequantized reference (16-bit activations; see kernels.py).
+disk-layout buffers are released (no second copy in memory). Each layer's `precision` attribute,
+set at load (`set_precision`, loader.load_model's `precision=`), picks the activations of its
+native products: "high" stays within about 1e-5 of the float32 dequantized reference (16-bit
+activations), "normal" (the default) uses 8-bit activations per group of 32 (the int8 GEMM; see
+kernels.py). The reference forward (not repacked) ignores it.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from torch import nn
 
 from edgellm.quantization.modes import QuantMode
 from edgellm.quantization.pack import dequantize
+
+DEFAULT_PRECISION = "normal"  # MNN-LLM's default: 8-bit activations where that is faster
 
 if TYPE_CHECKING:
     from edgellm.quantization.kernels import PackedWeight
@@ -44,6 +49,7 @@ class QuantLinear(nn.Module):
         else:
             self.bias = None
         self.packed: PackedWeight | None = None
+        self.precision = DEFAULT_PRECISION
 
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         if self.packed is not None:
@@ -57,7 +63,7 @@ class QuantLinear(nn.Module):
             from edgellm.quantization.kernels import PackedWeight
 
             self.packed = PackedWeight.from_quantized(self.q_weight, self.q_scale, self.mode, self.out_features,
-                                                      self.in_features, self.bias)
+                                                      self.in_features, self.bias, precision=self.precision)
             self.q_weight = None
             self.q_scale = None
 
@@ -85,6 +91,7 @@ class QuantEmbedding(nn.Module):
             "q_scale", torch.empty(num_embeddings, mode.num_groups(embedding_dim), dtype=dtype,
                                    device=device))
         self.packed: PackedWeight | None = None
+        self.precision = DEFAULT_PRECISION
 
     def repack(self) -> None:
         """Move onto the native kernels (CPU); frees the disk-layout buffers."""
@@ -92,7 +99,7 @@ class QuantEmbedding(nn.Module):
             from edgellm.quantization.kernels import PackedWeight
 
             self.packed = PackedWeight.from_quantized(self.q_weight, self.q_scale, self.mode, self.num_embeddings,
-                                                      self.embedding_dim)
+                                                      self.embedding_dim, precision=self.precision)
             self.q_weight = None
             self.q_scale = None
 
@@ -137,15 +144,34 @@ def tied_logits(embedding: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return F.linear(x, embedding.weight)
 
 
-def repack_model(model: nn.Module) -> int:
+def set_precision(model: nn.Module, precision: str) -> int:
+    """Set the activation precision ("high" or "normal") of every quantized layer; returns how many.
+
+    Call it before building a fused decoder (which copies the layers' descriptors).
+    """
+    from edgellm.quantization.kernels import check_precision
+
+    check_precision(precision)
+    layers = [m for m in model.modules() if isinstance(m, (QuantLinear, QuantEmbedding))]
+    for m in layers:
+        m.precision = precision
+        if m.packed is not None:
+            m.packed.precision = precision
+    return len(layers)
+
+
+def repack_model(model: nn.Module, precision: str | None = None) -> int:
     """Repack every quantized layer of a CPU model for the native kernels.
 
-    Returns the number of layers repacked (0 when the kernels are unavailable or nothing is
-    quantized); each layer's disk-layout buffers are freed as it goes, so peak memory stays
-    near one copy of the weights.
+    `precision` ("high" / "normal"), when given, is set on every layer first (else each keeps its
+    own, "normal" unless set at load). Returns the number of layers repacked (0 when the kernels
+    are unavailable or nothing is quantized); each layer's disk-layout buffers are freed as it
+    goes, so peak memory stays near one copy of the weights.
     """
     from edgellm.quantization import kernels
 
+    if precision is not None:
+        set_precision(model, precision)
     layers = [m for m in model.modules() if isinstance(m, (QuantLinear, QuantEmbedding)) and m.packed is None]
     if not layers or not kernels.available():
         return 0

@@ -1,0 +1,205 @@
+// Decode attention: scores, softmax and the weighted sum of values for the query heads of one KV head.
+#include "attention.h"
+
+#if EL_VNNI
+// a[16] -> one vector whose lane 4k+m is the sum of the lanes of a[k+4m]
+static inline __m512 reduce16(const __m512* a) {
+    __m512 c[8], e[4], g[2];
+    for (int i = 0; i < 8; ++i)
+        c[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0x44),
+                             _mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0xEE));
+    for (int i = 0; i < 4; ++i)
+        e[i] = _mm512_add_ps(_mm512_shuffle_f32x4(c[2 * i], c[2 * i + 1], 0x88),
+                             _mm512_shuffle_f32x4(c[2 * i], c[2 * i + 1], 0xDD));
+    for (int i = 0; i < 2; ++i)
+        g[i] = _mm512_add_ps(_mm512_shuffle_ps(e[2 * i], e[2 * i + 1], 0x44),
+                             _mm512_shuffle_ps(e[2 * i], e[2 * i + 1], 0xEE));
+    return _mm512_add_ps(_mm512_shuffle_ps(g[0], g[1], 0x88), _mm512_shuffle_ps(g[0], g[1], 0xDD));
+}
+#endif
+
+#if EL_VNNI
+template <typename T, int HN>
+static void pv_heads(const float* s, int n, int sn, const T* V, int D, float* acc_out) {
+    const int R = kv_row<T>(D);
+    for (int d0 = 0; d0 < D; d0 += 64) {
+        const int w = D - d0 < 64 ? D - d0 : 64, nv = (w + 15) / 16;
+        const __mmask16 last = (__mmask16)((w & 15) ? ((1u << (w & 15)) - 1) : 0xffff);
+        __m512 acc[HN][4];
+        for (int h = 0; h < HN; ++h)
+            for (int c = 0; c < 4; ++c) acc[h][c] = _mm512_setzero_ps();
+        const T* vr = V + d0;
+        if (nv == 4 && last == 0xffff) {
+            for (int j = 0; j < n; ++j, vr += R) {
+#if EL_PF
+                for (size_t b = 0; b < 64 * sizeof(T); b += 64) _mm_prefetch((const char*)vr + EL_PF + b, _MM_HINT_T0);
+#endif
+                const __m512 v0 = kv_load(vr, 0xffff), v1 = kv_load(vr + 16, 0xffff), v2 = kv_load(vr + 32, 0xffff),
+                             v3 = kv_load(vr + 48, 0xffff);
+                for (int h = 0; h < HN; ++h) {
+                    const __m512 p = _mm512_set1_ps(s[(size_t)h * sn + j]);
+                    acc[h][0] = _mm512_fmadd_ps(p, v0, acc[h][0]);
+                    acc[h][1] = _mm512_fmadd_ps(p, v1, acc[h][1]);
+                    acc[h][2] = _mm512_fmadd_ps(p, v2, acc[h][2]);
+                    acc[h][3] = _mm512_fmadd_ps(p, v3, acc[h][3]);
+                }
+            }
+        } else {
+            for (int j = 0; j < n; ++j, vr += R) {
+                __m512 v[4];
+                for (int c = 0; c < nv; ++c) v[c] = kv_load(vr + 16 * c, c == nv - 1 ? last : 0xffff);
+                for (int h = 0; h < HN; ++h) {
+                    const __m512 p = _mm512_set1_ps(s[(size_t)h * sn + j]);
+                    for (int c = 0; c < nv; ++c) acc[h][c] = _mm512_fmadd_ps(p, v[c], acc[h][c]);
+                }
+            }
+        }
+        for (int h = 0; h < HN; ++h)
+            for (int c = 0; c < nv; ++c)
+                _mm512_mask_storeu_ps(acc_out + (size_t)h * D + d0 + 16 * c, c == nv - 1 ? last : 0xffff, acc[h][c]);
+    }
+}
+#endif
+
+template <typename T>
+void attend_group(const float* q, int rep, const T* K, const T* V, int n, int D, float scale, float* s,
+                         float* acc_out, float* m_out, float* l_out) {
+    int j = 0;
+    const int R = kv_row<T>(D);
+    const bool scaled = sizeof(T) == 1;  // int8 rows carry their own scale
+#if EL_VNNI
+    const __mmask16 tail = (__mmask16)((D & 15) ? ((1u << (D & 15)) - 1) : 0xffff);
+    const int Dfull = D & ~15;
+    for (; j + 16 <= n; j += 16) {
+#if EL_PF
+        {
+            const char* pf = (const char*)(K + (size_t)j * R) + EL_PF;
+            for (size_t b = 0; b < 16 * (size_t)R * sizeof(T); b += 64) _mm_prefetch(pf + b, _MM_HINT_T0);
+        }
+#endif
+        __m512 sc16 = _mm512_set1_ps(scale);
+        if (scaled) {
+            alignas(64) float ks[16];
+            for (int i = 0; i < 16; ++i) ks[i] = kv_scale(K + (size_t)(j + i) * R, D) * scale;
+            sc16 = _mm512_load_ps(ks);
+        }
+        for (int h = 0; h < rep; ++h) {
+            const float* qh = q + (size_t)h * D;
+            __m512 a[16];
+            for (int i = 0; i < 16; ++i) {
+                const T* kr = K + (size_t)(j + 4 * (i & 3) + (i >> 2)) * R;
+                __m512 acc = _mm512_setzero_ps();
+                int d = 0;
+                for (; d < Dfull; d += 16) acc = _mm512_fmadd_ps(kv_load(kr + d, 0xffff), _mm512_loadu_ps(qh + d), acc);
+                if (d < D) acc = _mm512_fmadd_ps(kv_load(kr + d, tail), _mm512_maskz_loadu_ps(tail, qh + d), acc);
+                a[i] = acc;
+            }
+            _mm512_storeu_ps(s + (size_t)h * n + j, _mm512_mul_ps(reduce16(a), sc16));
+        }
+    }
+    for (; j < n; ++j) {  // the last n % 16 keys one at a time (the scalar loop below converts each
+                          // float16 element in software: it used to cost more than all the rest)
+        const T* kr = K + (size_t)j * R;
+        const float sj = kv_scale(kr, D) * scale;
+        for (int h = 0; h < rep; ++h) {
+            const float* qh = q + (size_t)h * D;
+            __m512 acc = _mm512_setzero_ps();
+            int d = 0;
+            for (; d < Dfull; d += 16) acc = _mm512_fmadd_ps(kv_load(kr + d, 0xffff), _mm512_loadu_ps(qh + d), acc);
+            if (d < D) acc = _mm512_fmadd_ps(kv_load(kr + d, tail), _mm512_maskz_loadu_ps(tail, qh + d), acc);
+            s[(size_t)h * n + j] = _mm512_reduce_add_ps(acc) * sj;
+        }
+    }
+#endif
+    for (; j < n; ++j) {
+        const T* kr = K + (size_t)j * R;
+        const float sj = kv_scale(kr, D) * scale;
+        for (int h = 0; h < rep; ++h) s[(size_t)h * n + j] = dot_kv(q + (size_t)h * D, kr, D) * sj;
+    }
+    for (int h = 0; h < rep; ++h) {
+        float* sh = s + (size_t)h * n;
+        float mx = -INFINITY, sum = 0.f;
+        int i = 0;
+#if EL_VNNI
+        __m512 vmx = _mm512_set1_ps(-INFINITY);
+        for (; i + 16 <= n; i += 16) vmx = _mm512_max_ps(vmx, _mm512_loadu_ps(sh + i));
+        mx = _mm512_reduce_max_ps(vmx);
+#endif
+        for (; i < n; ++i) mx = sh[i] > mx ? sh[i] : mx;
+        i = 0;
+#if EL_VNNI
+        __m512 vs = _mm512_setzero_ps();
+        const __m512 vm = _mm512_set1_ps(mx);
+        for (; i + 16 <= n; i += 16) {
+            const __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(sh + i), vm));
+            _mm512_storeu_ps(sh + i, e);
+            vs = _mm512_add_ps(vs, e);
+        }
+        if (i < n) {
+            const __mmask16 mk = (__mmask16)((1u << (n - i)) - 1);
+            const __m512 e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(mk, sh + i), vm));
+            _mm512_mask_storeu_ps(sh + i, mk, e);
+            vs = _mm512_add_ps(vs, _mm512_maskz_mov_ps(mk, e));
+            i = n;
+        }
+        sum = hsum(vs);
+#elif EL_AVX2
+        __m256 vs = _mm256_setzero_ps();
+        const __m256 vm = _mm256_set1_ps(mx);
+        for (; i + 8 <= n; i += 8) {
+            const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(sh + i), vm));
+            _mm256_storeu_ps(sh + i, e);
+            vs = _mm256_add_ps(vs, e);
+        }
+        sum = hsum8(vs);
+#endif
+        for (; i < n; ++i) {
+            sh[i] = expf(sh[i] - mx);
+            sum += sh[i];
+        }
+        m_out[h] = mx;
+        l_out[h] = sum;
+    }
+    if (scaled)  // the value rows' scales go with the weights of the sum (after l above)
+        for (j = 0; j < n; ++j) {
+            const float vs = kv_scale(V + (size_t)j * R, D);
+            for (int h = 0; h < rep; ++h) s[(size_t)h * n + j] *= vs;
+        }
+#if EL_VNNI
+    for (int h0 = 0; h0 < rep; h0 += 6) {
+        const int hn = rep - h0 < 6 ? rep - h0 : 6;
+        const float* sh = s + (size_t)h0 * n;
+        float* ao = acc_out + (size_t)h0 * D;
+        switch (hn) {
+            case 1: pv_heads<T, 1>(sh, n, n, V, D, ao); break;
+            case 2: pv_heads<T, 2>(sh, n, n, V, D, ao); break;
+            case 3: pv_heads<T, 3>(sh, n, n, V, D, ao); break;
+            case 4: pv_heads<T, 4>(sh, n, n, V, D, ao); break;
+            case 5: pv_heads<T, 5>(sh, n, n, V, D, ao); break;
+            default: pv_heads<T, 6>(sh, n, n, V, D, ao); break;
+        }
+    }
+#else
+    for (int h = 0; h < rep; ++h) {
+        float* o = acc_out + (size_t)h * D;
+        for (int d = 0; d < D; ++d) o[d] = 0.f;
+        for (j = 0; j < n; ++j) axpy_kv(o, s[(size_t)h * n + j], V + (size_t)j * R, D);
+    }
+#endif
+}
+
+
+int attn_parts(int B, int nkv, int nthreads, int maxkeys) {
+    int p = (2 * nthreads + B * nkv - 1) / (B * nkv);
+    if (p > 8) p = 8;
+    const int by_len = maxkeys / 64;
+    if (p > by_len) p = by_len;
+    return p < 1 ? 1 : p;
+}
+
+template void attend_group<float>(const float*, int, const float*, const float*, int, int, float, float*, float*,
+                                  float*, float*);
+template void attend_group<uint16_t>(const float*, int, const uint16_t*, const uint16_t*, int, int, float, float*,
+                                     float*, float*, float*);
+template void attend_group<int8_t>(const float*, int, const int8_t*, const int8_t*, int, int, float, float*, float*,
+                                   float*, float*);

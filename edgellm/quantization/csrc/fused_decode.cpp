@@ -1,0 +1,230 @@
+// The fused decode step of Llama-shaped models (llama, mistral, qwen2, qwen3): all layers in one call.
+#include "attention.h"
+
+static void rmsnorm_row(const float* x, const float* w, int n, float eps, float* out) {
+    const float ss = dotf(x, x, n);
+    const float r = 1.0f / sqrtf(ss / (float)n + eps);
+    for (int i = 0; i < n; ++i) out[i] = (x[i] * r) * w[i];
+}
+
+static void rope_head(float* x, const float* c, const float* s, int rot) {
+    const int half = rot / 2;
+    float tmp[512];
+    for (int i = 0; i < half; ++i) {
+        tmp[i] = x[i] * c[i] + (-x[i + half]) * s[i];
+        tmp[i + half] = x[i + half] * c[i + half] + x[i] * s[i + half];
+    }
+    memcpy(x, tmp, sizeof(float) * rot);
+}
+
+static int max_kp(const EModel& Mo, int* maxG) {
+    int kp = 0, g = 0;
+    for (int l = 0; l < Mo.L; ++l) {
+        const ELinear* ls[4] = {&Mo.layers[l].qkv, &Mo.layers[l].o, &Mo.layers[l].gu, &Mo.layers[l].down};
+        for (auto* L : ls) {
+            if (L->Kp > kp) kp = L->Kp;
+            if (L->G > g) g = L->G;
+        }
+    }
+    *maxG = g;
+    return kp;
+}
+
+EL_API size_t el_decode_scratch_bytes(const EModel* Mp, int B, int maxkeys, int nthreads) {
+    const EModel& Mo = *Mp;
+    int G;
+    const int Kp = max_kp(Mo, &G);
+    const int QKV = (Mo.nh + 2 * Mo.nkv) * Mo.D;
+    size_t f = round64((size_t)B * Mo.H) * 2 + round64((size_t)B * QKV) + round64((size_t)B * Mo.nh * Mo.D) +
+               round64((size_t)B * 2 * Mo.I) + round64((size_t)B * Mo.I) +
+               round64((size_t)nthreads * maxkeys * (Mo.nh / Mo.nkv)) + round64((size_t)B * G) + round64((size_t)B * Mo.H) +
+               round64((size_t)B * Mo.nh * 8 * (Mo.D + 2));
+    return f * 4 + round64((size_t)B * G * 2) * 4 + round64((size_t)B * 2 * Kp) + 256;
+}
+
+template <typename T>
+static void decode_impl(const EModel* Mp, int B, const int64_t* pos, float* h, T* const* kc, T* const* vc,
+                        const int32_t* cap, const int32_t* widx, const int32_t* kfrom, void* scratch, int maxkeys,
+                        int nthreads) {
+    const EModel& Mo = *Mp;
+    const int H = Mo.H, D = Mo.D, nh = Mo.nh, nkv = Mo.nkv, I = Mo.I, rot = Mo.rot;
+    const int QKV = (nh + 2 * nkv) * D, rep = nh / nkv;
+    int G;
+    const int Kp = max_kp(Mo, &G);
+    float* f = (float*)scratch;
+    float* xn = f;
+    f += round64((size_t)B * H);
+    float* tmp = f;
+    f += round64((size_t)B * H);
+    float* qkv = f;
+    f += round64((size_t)B * QKV);
+    float* att = f;
+    f += round64((size_t)B * nh * D);
+    float* gu = f;
+    f += round64((size_t)B * 2 * I);
+    float* act = f;
+    f += round64((size_t)B * I);
+    float* sc = f;
+    f += round64((size_t)nthreads * maxkeys * rep);
+    int nmax = 1;
+    for (int i = 0; i < Mo.L * B; ++i) nmax = widx[i] - kfrom[i] + 1 > nmax ? widx[i] - kfrom[i] + 1 : nmax;
+    const int P = attn_parts(B, nkv, nthreads, nmax);
+    float* part = f;  // [B][nkv][P][rep][D + 2]: unnormalized output, m, l
+    f += round64((size_t)B * nh * 8 * (D + 2));
+    EAct A;
+    A.gsc = f;
+    f += round64((size_t)B * G);
+    f += round64((size_t)B * H);  // spare
+    A.corr = (int32_t*)f;
+    A.planes = (int8_t*)(A.corr + round64((size_t)B * G * 2));
+    A.Kp = Kp;
+    A.G = G;
+
+#pragma omp parallel num_threads(nthreads)
+    {
+        const int tid = omp_get_thread_num();
+        for (int l = 0; l < Mo.L; ++l) {
+            const ELayer& Ly = Mo.layers[l];
+            EAct Aq = A;
+            Aq.Kp = Ly.qkv.Kp;
+            Aq.G = Ly.qkv.G;
+#pragma omp single
+            {
+                for (int b = 0; b < B; ++b) {
+                    if (l > 0)
+                        for (int i = 0; i < H; ++i) h[(size_t)b * H + i] += tmp[(size_t)b * H + i];
+                    rmsnorm_row(h + (size_t)b * H, Ly.ln1, H, Mo.eps, xn + (size_t)b * H);
+                }
+                if (Ly.qkv.fmt != 32) quant_act_rows(Ly.qkv, xn, H, 0, B, Aq);
+            }
+            gemv_for(Ly.qkv, xn, H, Aq, B, qkv, QKV);
+            // q/k norms, rotary embedding, cache write
+#pragma omp for schedule(static)
+            for (int t = 0; t < B * (nh + nkv); ++t) {
+                const int b = t / (nh + nkv), hd = t % (nh + nkv);
+                float* x = qkv + (size_t)b * QKV + (size_t)hd * D;
+                const float* nw = hd < nh ? Ly.qn : Ly.kn;
+                if (nw) rmsnorm_row(x, nw, D, Mo.eps, x);
+                const int64_t p = pos[b];
+                rope_head(x, Mo.cos + p * rot, Mo.sin + p * rot, rot);
+                if (hd >= nh) {
+                    const int kh = hd - nh;
+                    const size_t off = ((size_t)kh * cap[l * B + b] + widx[l * B + b]) * kv_row<T>(D);
+                    kv_put(kc[l * B + b] + off, x, D);
+                    kv_put(vc[l * B + b] + off, x + (size_t)nkv * D, D);
+                }
+            }
+#pragma omp for schedule(static)
+            for (int t = 0; t < B * nkv * P; ++t) {
+                const int b = t / (nkv * P), kh = (t / P) % nkv, pi = t % P, i = l * B + b;
+                const int n = widx[i] - kfrom[i] + 1, k0 = (int)((int64_t)n * pi / P), k1 = (int)((int64_t)n * (pi + 1) / P);
+                const size_t base = ((size_t)kh * cap[i] + kfrom[i] + k0) * kv_row<T>(D);
+                float* pr = part + (size_t)t * rep * (D + 2);
+                attend_group(qkv + (size_t)b * QKV + (size_t)kh * rep * D, rep, kc[i] + base, vc[i] + base, k1 - k0, D,
+                             Mo.scale, sc + (size_t)tid * maxkeys * rep, pr, pr + (size_t)rep * D,
+                             pr + (size_t)rep * D + rep);
+            }
+            EAct Ao = A;
+            Ao.Kp = Ly.o.Kp;
+            Ao.G = Ly.o.G;
+#pragma omp single
+            {
+                // merge the key-range parts of every (sequence, query head)
+                for (int b = 0; b < B; ++b)
+                    for (int hq = 0; hq < nh; ++hq) {
+                        const int kh = hq / rep, r = hq % rep;
+                        float M = -INFINITY;
+                        for (int pi = 0; pi < P; ++pi) {
+                            const float* pr = part + (size_t)((b * nkv + kh) * P + pi) * rep * (D + 2);
+                            const float m = pr[(size_t)rep * D + r];
+                            M = m > M ? m : M;
+                        }
+                        float* o = att + (size_t)b * nh * D + (size_t)hq * D;
+                        float lsum = 0.f;
+                        for (int d = 0; d < D; ++d) o[d] = 0.f;
+                        for (int pi = 0; pi < P; ++pi) {
+                            const float* pr = part + (size_t)((b * nkv + kh) * P + pi) * rep * (D + 2);
+                            const float w = expf(pr[(size_t)rep * D + r] - M);
+                            lsum += w * pr[(size_t)rep * D + rep + r];
+                            axpy(o, w, pr + (size_t)r * D, D);
+                        }
+                        const float inv = 1.0f / lsum;
+                        for (int d = 0; d < D; ++d) o[d] *= inv;
+                    }
+                if (Ly.o.fmt != 32) quant_act_rows(Ly.o, att, nh * D, 0, B, Ao);
+            }
+            gemv_for(Ly.o, att, nh * D, Ao, B, tmp, H);
+            EAct Ag = A;
+            Ag.Kp = Ly.gu.Kp;
+            Ag.G = Ly.gu.G;
+#pragma omp single
+            {
+                for (int b = 0; b < B; ++b) {
+                    for (int i = 0; i < H; ++i) h[(size_t)b * H + i] += tmp[(size_t)b * H + i];
+                    rmsnorm_row(h + (size_t)b * H, Ly.ln2, H, Mo.eps, xn + (size_t)b * H);
+                }
+                if (Ly.gu.fmt != 32) quant_act_rows(Ly.gu, xn, H, 0, B, Ag);
+            }
+            gemv_for(Ly.gu, xn, H, Ag, B, gu, 2 * I);
+            {
+                const int chunks = (I + 255) / 256;
+#pragma omp for schedule(static)
+                for (int t = 0; t < B * chunks; ++t) {
+                    const int b = t / chunks, c0 = (t % chunks) * 256, n = I - c0 < 256 ? I - c0 : 256;
+                    float* g = gu + (size_t)b * 2 * I;
+                    // silu(gate) * up on a slice: pass a view whose "up" half is I further on
+                    int i = 0;
+#if EL_VNNI
+                    for (; i + 16 <= n; i += 16) {
+                        const __m512 gg = _mm512_loadu_ps(g + c0 + i), uu = _mm512_loadu_ps(g + I + c0 + i);
+                        const __m512 sg = _mm512_div_ps(
+                            gg, _mm512_add_ps(_mm512_set1_ps(1.0f), exp512(_mm512_sub_ps(_mm512_setzero_ps(), gg))));
+                        _mm512_storeu_ps(act + (size_t)b * I + c0 + i, _mm512_mul_ps(sg, uu));
+                    }
+#elif EL_AVX2
+                    for (; i + 8 <= n; i += 8) {
+                        const __m256 gg = _mm256_loadu_ps(g + c0 + i), uu = _mm256_loadu_ps(g + I + c0 + i);
+                        const __m256 sg = _mm256_div_ps(
+                            gg, _mm256_add_ps(_mm256_set1_ps(1.0f), exp256(_mm256_sub_ps(_mm256_setzero_ps(), gg))));
+                        _mm256_storeu_ps(act + (size_t)b * I + c0 + i, _mm256_mul_ps(sg, uu));
+                    }
+#endif
+                    for (; i < n; ++i) {
+                        const float gg = g[c0 + i];
+                        act[(size_t)b * I + c0 + i] = (gg / (1.0f + expf(-gg))) * g[I + c0 + i];
+                    }
+                }
+            }
+            EAct Ad = A;
+            Ad.Kp = Ly.down.Kp;
+            Ad.G = Ly.down.G;
+            if (Ly.down.fmt != 32) {
+#pragma omp for schedule(static)
+                for (int b = 0; b < B; ++b) quant_act_rows(Ly.down, act, I, b, b + 1, Ad);
+            }
+            gemv_for(Ly.down, act, I, Ad, B, tmp, H);
+        }
+#pragma omp single
+        for (int b = 0; b < B; ++b)
+            for (int i = 0; i < H; ++i) h[(size_t)b * H + i] += tmp[(size_t)b * H + i];
+    }
+}
+
+// h [B][H]: hidden states of the B new tokens (in: embeddings, out: before the final norm).
+// For layer l and sequence b (index l*B+b): kc/vc point at [nkv][cap][row] caches (kv_kind 0:
+// float32, 1: float16, 2: int8 rows of D codes + a float32 scale), the new key goes to index
+// widx, attention reads indices kfrom..widx.
+EL_API void el_decode(const EModel* Mp, int B, const int64_t* pos, float* h, void* const* kc, void* const* vc,
+                      const int32_t* cap, const int32_t* widx, const int32_t* kfrom, void* scratch, int maxkeys,
+                      int nthreads, int kv_kind) {
+    if (kv_kind == 2)
+        decode_impl<int8_t>(Mp, B, pos, h, (int8_t* const*)kc, (int8_t* const*)vc, cap, widx, kfrom, scratch,
+                            maxkeys, nthreads);
+    else if (kv_kind == 1)
+        decode_impl<uint16_t>(Mp, B, pos, h, (uint16_t* const*)kc, (uint16_t* const*)vc, cap, widx, kfrom, scratch,
+                              maxkeys, nthreads);
+    else
+        decode_impl<float>(Mp, B, pos, h, (float* const*)kc, (float* const*)vc, cap, widx, kfrom, scratch, maxkeys,
+                           nthreads);
+}
+

@@ -1,0 +1,201 @@
+// The quantized product on AVX2 (+ FMA, F16C): vpmaddubsw / vpmaddwd, or AVX-VNNI's vpdpbusd when present.
+#include "common.h"
+
+#if EL_AVX2
+static inline __m256i dp_u8s8(__m256i acc, __m256i u, __m256i v) {  // u: 0..15, no saturation
+#if defined(__AVXVNNI__)
+    return _mm256_dpbusd_avx_epi32(acc, u, v);
+#else
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, v), _mm256_set1_epi16(1)));
+#endif
+}
+
+// w: -127..127, v: -128..127; |v| as the unsigned operand (|-128| = 128 fits a u8) and w takes v's sign,
+// so no product saturates
+static inline __m256i dp_s8s8(__m256i acc, __m256i w, __m256i v) {
+    return _mm256_add_epi32(
+        acc, _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(v), _mm256_sign_epi8(w, v)), _mm256_set1_epi16(1)));
+}
+
+static inline __m256i bc8(const int8_t* p) {
+    int32_t v;
+    memcpy(&v, p, 4);
+    return _mm256_set1_epi32(v);
+}
+
+// one activation row, rows 0-7 and 8-15 of the block in two 256-bit halves
+template <int P>
+static void block_avx2(const ELinear& L, const EAct& A, int m, int rb, float* y) {
+    const int G = L.G, Kp = L.Kp;
+    const int8_t* pl = A.planes + (size_t)m * P * Kp;
+    const float* gsc = A.gsc + (size_t)m * G;
+    const int32_t* corr = A.corr + (size_t)m * G * P;
+    const __m256i mask = _mm256_set1_epi8(0x0F), flip = _mm256_set1_epi8((char)0x80);
+    const uint8_t* w = L.w + (size_t)rb * Kp * (L.fmt == 4 ? 8 : 16);
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    for (int g = 0; g < G; ++g) {
+        const int8_t* p0 = pl + g * L.gs;
+        __m256i x0, x1, y0, y1;
+        if (L.fmt == 4) {
+            x0 = y0 = _mm256_set1_epi32(corr[P * g]);
+            x1 = y1 = P == 2 ? _mm256_set1_epi32(corr[2 * g + 1]) : _mm256_setzero_si256();
+            for (int p = 0; p < L.gs / 8; ++p, w += 64, p0 += 8) {
+#if EL_PF
+                _mm_prefetch((const char*)w + EL_PF, _MM_HINT_T0);
+#endif
+                const __m256i v0 = _mm256_loadu_si256((const __m256i*)w), v1 = _mm256_loadu_si256((const __m256i*)(w + 32));
+                const __m256i lo0 = _mm256_and_si256(v0, mask), hi0 = _mm256_and_si256(_mm256_srli_epi16(v0, 4), mask);
+                const __m256i lo1 = _mm256_and_si256(v1, mask), hi1 = _mm256_and_si256(_mm256_srli_epi16(v1, 4), mask);
+                const __m256i b0 = bc8(p0), c0 = bc8(p0 + 4);
+                x0 = dp_u8s8(dp_u8s8(x0, lo0, b0), hi0, c0);
+                y0 = dp_u8s8(dp_u8s8(y0, lo1, b0), hi1, c0);
+                if (P == 2) {
+                    const __m256i b1 = bc8(p0 + Kp), c1 = bc8(p0 + Kp + 4);
+                    x1 = dp_u8s8(dp_u8s8(x1, lo0, b1), hi0, c1);
+                    y1 = dp_u8s8(dp_u8s8(y1, lo1, b1), hi1, c1);
+                }
+            }
+        } else {  // signed weights (code - 128): the correction term is not needed
+            x0 = x1 = y0 = y1 = _mm256_setzero_si256();
+            for (int c = 0; c < L.gs / 4; ++c, w += 64, p0 += 4) {
+#if EL_PF
+                _mm_prefetch((const char*)w + EL_PF, _MM_HINT_T0);
+#endif
+                const __m256i v0 = _mm256_xor_si256(_mm256_loadu_si256((const __m256i*)w), flip);
+                const __m256i v1 = _mm256_xor_si256(_mm256_loadu_si256((const __m256i*)(w + 32)), flip);
+                const __m256i b0 = bc8(p0);
+                x0 = dp_s8s8(x0, v0, b0);
+                y0 = dp_s8s8(y0, v1, b0);
+                if (P == 2) {
+                    const __m256i b1 = bc8(p0 + Kp);
+                    x1 = dp_s8s8(x1, v0, b1);
+                    y1 = dp_s8s8(y1, v1, b1);
+                }
+            }
+        }
+        const __m256i d0 = P == 2 ? _mm256_add_epi32(x0, _mm256_slli_epi32(x1, 8)) : x0;
+        const __m256i d1 = P == 2 ? _mm256_add_epi32(y0, _mm256_slli_epi32(y1, 8)) : y0;
+        const size_t idx = ((size_t)rb * G + g) * 16;
+        __m256 s0, s1;
+        if (L.half) {
+            s0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)((const uint16_t*)L.scale + idx)));
+            s1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)((const uint16_t*)L.scale + idx + 8)));
+        } else {
+            s0 = _mm256_loadu_ps((const float*)L.scale + idx);
+            s1 = _mm256_loadu_ps((const float*)L.scale + idx + 8);
+        }
+        const __m256 gs = _mm256_set1_ps(gsc[g]);
+        acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d0), _mm256_mul_ps(s0, gs), acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d1), _mm256_mul_ps(s1, gs), acc1);
+    }
+    alignas(32) float out[16];
+    _mm256_store_ps(out, acc0);
+    _mm256_store_ps(out + 8, acc1);
+    store_rows(L, rb, out, y);
+}
+
+// 8-bit activations, 4-bit weights, MB activation rows at once (the prefill GEMM): each 32-byte
+// load of weight nibbles (8 rows x 4 columns) serves MB rows. Per pair of 8-column steps the four
+// vpmaddubsw results (|each int16| <= 2 * 15 * 127) are summed in 16 bits and widened once by
+// vpmaddwd; with AVX-VNNI, vpdpbusd accumulates in 32 bits directly.
+template <int MB>
+static void block_avx2_i8(const ELinear& L, const EAct& A, int m0, int rb, float* y, int ldy) {
+    const int G = L.G, Kp = L.Kp, Q = L.gs / 8;
+    const __m256i mask = _mm256_set1_epi8(0x0F);
+    const uint8_t* wb = L.w + (size_t)rb * Kp * 8;
+    for (int half = 0; half < 2; ++half) {
+        __m256 acc[MB];
+        for (int m = 0; m < MB; ++m) acc[m] = _mm256_setzero_ps();
+        const uint8_t* w = wb + 32 * half;
+        for (int g = 0; g < G; ++g) {
+            __m256i s[MB];
+            const int32_t* corr = A.corr + (size_t)m0 * G + g;
+            for (int m = 0; m < MB; ++m) s[m] = _mm256_set1_epi32(corr[(size_t)m * G]);
+            const int8_t* a = A.planes + (size_t)m0 * Kp + g * L.gs;
+            int p = 0;
+#if defined(__AVXVNNI__)
+            for (; p < Q; ++p, w += 64, a += 8) {
+                const __m256i v = _mm256_loadu_si256((const __m256i*)w);
+                const __m256i lo = _mm256_and_si256(v, mask), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+                for (int m = 0; m < MB; ++m) {
+                    s[m] = _mm256_dpbusd_avx_epi32(s[m], lo, bc8(a + (size_t)m * Kp));
+                    s[m] = _mm256_dpbusd_avx_epi32(s[m], hi, bc8(a + (size_t)m * Kp + 4));
+                }
+            }
+#else
+            const __m256i ones = _mm256_set1_epi16(1);
+            for (; p + 2 <= Q; p += 2, w += 128, a += 16) {
+#if EL_PF
+                _mm_prefetch((const char*)w + EL_PF, _MM_HINT_T0);
+                _mm_prefetch((const char*)w + EL_PF + 64, _MM_HINT_T0);
+#endif
+                const __m256i v0 = _mm256_loadu_si256((const __m256i*)w), v1 = _mm256_loadu_si256((const __m256i*)(w + 64));
+                const __m256i lo0 = _mm256_and_si256(v0, mask), hi0 = _mm256_and_si256(_mm256_srli_epi16(v0, 4), mask);
+                const __m256i lo1 = _mm256_and_si256(v1, mask), hi1 = _mm256_and_si256(_mm256_srli_epi16(v1, 4), mask);
+                for (int m = 0; m < MB; ++m) {
+                    const int8_t* am = a + (size_t)m * Kp;
+                    const __m256i t = _mm256_add_epi16(
+                        _mm256_add_epi16(_mm256_maddubs_epi16(lo0, bc8(am)), _mm256_maddubs_epi16(hi0, bc8(am + 4))),
+                        _mm256_add_epi16(_mm256_maddubs_epi16(lo1, bc8(am + 8)), _mm256_maddubs_epi16(hi1, bc8(am + 12))));
+                    s[m] = _mm256_add_epi32(s[m], _mm256_madd_epi16(t, ones));
+                }
+            }
+            for (; p < Q; ++p, w += 64, a += 8) {
+                const __m256i v = _mm256_loadu_si256((const __m256i*)w);
+                const __m256i lo = _mm256_and_si256(v, mask), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+                for (int m = 0; m < MB; ++m) {
+                    const int8_t* am = a + (size_t)m * Kp;
+                    const __m256i t = _mm256_add_epi16(_mm256_maddubs_epi16(lo, bc8(am)), _mm256_maddubs_epi16(hi, bc8(am + 4)));
+                    s[m] = _mm256_add_epi32(s[m], _mm256_madd_epi16(t, ones));
+                }
+            }
+#endif
+            const size_t idx = ((size_t)rb * G + g) * 16 + 8 * half;
+            const __m256 sc = L.half ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)((const uint16_t*)L.scale + idx)))
+                                     : _mm256_loadu_ps((const float*)L.scale + idx);
+            const float* gsc = A.gsc + (size_t)m0 * G + g;
+            for (int m = 0; m < MB; ++m)
+                acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s[m]), _mm256_mul_ps(sc, _mm256_set1_ps(gsc[(size_t)m * G])),
+                                         acc[m]);
+        }
+        const int n0 = rb * 16 + 8 * half, cnt = L.N - n0 < 8 ? L.N - n0 : 8;
+        for (int m = 0; m < MB; ++m) {
+            float* o = y + (size_t)(m0 + m) * ldy + n0;
+            if (cnt == 8 && !L.bias) {
+                _mm256_storeu_ps(o, acc[m]);
+                continue;
+            }
+            alignas(32) float v[8];
+            _mm256_store_ps(v, acc[m]);
+            for (int r = 0; r < cnt; ++r) o[r] = v[r] + (L.bias ? L.bias[n0 + r] : 0.f);
+        }
+    }
+}
+
+void gemv_avx2(const ELinear& L, const EAct& A, int M, float* y, int ldy) {
+    const int Nb = (L.N + 15) / 16;
+    if (act_planes(L) == 2) {
+#pragma omp for schedule(static)
+        for (int rb = 0; rb < Nb; ++rb)
+            for (int m = 0; m < M; ++m) block_avx2<2>(L, A, m, rb, y + (size_t)m * ldy);
+        return;
+    }
+    const bool gemm = L.fmt == 4 && M >= 4;
+    // rows of activations per pass over the weights: about 128 KB of them stay in L2
+    int mt = M;
+    if (gemm) {
+        mt = (128 << 10) / (L.Kp > 0 ? L.Kp : 1) / 4 * 4;
+        mt = mt < 16 ? 16 : mt;
+    }
+    for (int t0 = 0; t0 < M; t0 += mt) {
+        const int t1 = t0 + mt < M ? t0 + mt : M;
+#pragma omp for schedule(static)
+        for (int rb = 0; rb < Nb; ++rb) {
+            int m = t0;
+            if (gemm)
+                for (; m + 4 <= t1; m += 4) block_avx2_i8<4>(L, A, m, rb, y, ldy);
+            for (; m < t1; ++m) block_avx2<1>(L, A, m, rb, y + (size_t)m * ldy);
+        }
+    }
+}
+#endif
