@@ -124,6 +124,9 @@ class EngineBase:
         if not self.terminated:
             self.terminated = True
             self.loop.shutdown()
+            close = getattr(self.core.runner, "close", None)  # a tensor-parallel runner stops its workers
+            if close is not None:
+                close()
 
     def __del__(self) -> None:
         if getattr(self, "terminated", True) is False:

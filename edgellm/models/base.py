@@ -190,9 +190,15 @@ class CausalLM(nn.Module):
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.embedding(ids)
 
+    # Set on a tensor-parallel shard (models/sharding.py: install): gathers the vocabulary runs' logits.
+    tp_gather = None
+
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         head = self.output
-        out = (tied_logits(self.embedding, h) if head is None else head(h)).float()
+        emb = getattr(self.embedding, "shard", self.embedding)  # a vocab-parallel embedding's own rows
+        out = (tied_logits(emb, h) if head is None else head(h)).float()
+        if self.tp_gather is not None:
+            out = self.tp_gather(out)
         if self.cfg.final_softcap:
             out = torch.tanh(out / self.cfg.final_softcap) * self.cfg.final_softcap
         return out
