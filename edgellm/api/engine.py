@@ -109,6 +109,11 @@ class EngineBase:
         return self.frontend.build(kind, request, sink, self.model_id)
 
     # ---- lifecycle ---------------------------------------------------------------------------
+    @property
+    def failure(self) -> str | None:
+        """Why the engine cannot run any more (a tensor-parallel worker died), or None."""
+        return getattr(self.core.runner, "failure", None)
+
     def metrics(self) -> dict:
         """Engine metrics: request and token counters, latency histograms, KV-cache use."""
         return self.core.metrics.snapshot(self.core.gauges())

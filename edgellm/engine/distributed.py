@@ -61,16 +61,21 @@ class Comm:
 
     def __init__(self, group: dist.ProcessGroupGloo, world: int):
         self.group, self.world = group, world
+        self.calls, self.seconds = 0, 0.0  # collectives run and the time spent in them (incl. waiting)
 
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        t0 = time.perf_counter()
         x = t.float().contiguous() if t.dtype != torch.float32 else t.contiguous()
         self.group.allreduce([x]).wait()
+        self.calls, self.seconds = self.calls + 1, self.seconds + time.perf_counter() - t0
         return x.to(t.dtype)
 
     def all_gather(self, t: torch.Tensor) -> torch.Tensor:
+        t0 = time.perf_counter()
         x = t.contiguous()
         parts = [torch.empty_like(x) for _ in range(self.world)]
         self.group.allgather([parts], [x]).wait()
+        self.calls, self.seconds = self.calls + 1, self.seconds + time.perf_counter() - t0
         return torch.cat(parts, dim=-1)
 
 

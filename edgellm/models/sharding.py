@@ -210,4 +210,5 @@ def install(model: nn.Module, plan: ShardPlan, comm) -> None:
     setattr(model.get_submodule(emb_parent), emb_leaf,
             VocabParallelEmbedding(model.get_submodule(model.PARTS[0]), plan, comm.all_reduce))
     model.tp_gather = VocabGather(plan.full.vocab_size, comm.all_gather)
+    model.tp_comm = comm
     model.cfg = plan.full  # what callers read (vocabulary size, hidden size); the blocks keep `local`
