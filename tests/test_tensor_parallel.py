@@ -6,6 +6,7 @@ that cannot be split is refused at load with one line."""
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import signal
 import subprocess
@@ -81,10 +82,30 @@ def test_unsplittable_models_are_refused_in_one_line(tiny_model, tiny_model_q4):
         Engine(str(tiny_model), tensor_parallel_shards=0)
 
 
+def test_gen_config_records_the_shards_or_refuses(tiny_hf, tmp_path, capsys):
+    from edgellm.cli.main import main
+
+    main(["gen_config", str(tiny_hf), "--quantization", "q0f32", "--conv-template", "chatml",
+          "--tensor-parallel-shards", "2", "-o", str(tmp_path / "two")])
+    assert json.loads((tmp_path / "two" / "mlc-chat-config.json").read_text())["tensor_parallel_shards"] == 2
+    with pytest.raises(SystemExit) as e:
+        main(["gen_config", str(tiny_hf), "--quantization", "q4f16_1", "--conv-template", "chatml",
+              "--tensor-parallel-shards", "4", "-o", str(tmp_path / "four")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "would straddle two shards" in err and err.count("\n") == 1
+    assert not (tmp_path / "four").exists()
+
+
+@pytest.fixture(scope="module")
+def tiny_two_shards(tiny_hf, tmp_path_factory) -> Path:
+    """The tiny llama with tensor_parallel_shards=2 recorded in its mlc-chat-config.json."""
+    return convert(tiny_hf, tmp_path_factory.mktemp("tiny_tp2") / "model", "q0f32", tensor_parallel_shards=2)
+
+
 ORPHAN = """
 import sys, multiprocessing
 from edgellm.api.engine import Engine
-e = Engine(sys.argv[1], tensor_parallel_shards=2, context_window_size=128)
+e = Engine(sys.argv[1], context_window_size=128)  # the shard count comes from mlc-chat-config.json
 print(*[p.pid for p in multiprocessing.active_children() if p.name.startswith("edgellm-tp")], flush=True)
 sys.stdin.read()
 """
@@ -98,8 +119,8 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def test_workers_die_with_their_parent(tiny_model):
-    proc = subprocess.Popen([sys.executable, "-c", ORPHAN, str(tiny_model)], stdin=subprocess.PIPE,
+def test_workers_die_with_their_parent(tiny_two_shards):
+    proc = subprocess.Popen([sys.executable, "-c", ORPHAN, str(tiny_two_shards)], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, text=True)
     try:
         pid = int(proc.stdout.readline())

@@ -296,7 +296,7 @@ def _torchrun_parts(model_dir, cfg, options, device, ctx, shards):
         _, _, runner = shard_parts(model_dir, cfg, options, device, ctx, rank, world, group)
         store.set(f"edgellm/ready/{rank}", "1")
         serve_steps(store, runner, None)
-        raise SystemExit(0)
+        os._exit(0)  # not SystemExit: the group's destructors could block on a dead peer
     link = Link(store, [], group)
     parts = shard_parts(model_dir, cfg, options, device, ctx, 0, world, group, link)
     for r in range(1, world):
@@ -316,9 +316,14 @@ def worker_main(rank: int, world: int, host: str, port: int, model_dir: str, cfg
         _, _, runner = shard_parts(Path(model_dir), cfg, options, device, ctx, rank, world, group)
     except Exception as e:  # noqa: BLE001 - reported to rank 0 as one line
         store.set(f"edgellm/error/{rank}", f"{type(e).__name__}: {e}")
-        raise SystemExit(1) from None
+        os._exit(1)
     store.set(f"edgellm/ready/{rank}", "1")
-    serve_steps(store, runner, parent)
+    code = 1
+    try:
+        serve_steps(store, runner, parent)
+        code = 0
+    finally:  # nothing to clean up; the group's destructors could block on a dead peer
+        os._exit(code)
 
 
 def serve_steps(store: dist.Store, runner: ModelRunner, parent: int | None) -> None:
