@@ -11,15 +11,21 @@ machine only the ratios of one run mean anything.
 from __future__ import annotations
 
 import argparse
+import datetime
 import os
+import socket
 import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
+from edgellm.config import load_chat_config
 from edgellm.engine.build import build_engine
+from edgellm.engine.distributed import Comm, make_group
 from edgellm.engine.options import make_options
 from edgellm.models.base import Step
+from edgellm.models.loader import arch_config
 
 
 def rss_mib(pid: int) -> float:
@@ -60,6 +66,41 @@ def measure(model_dir: str, shards: int, threads: int, prompt: int, gen: int) ->
     return out
 
 
+def _comm_rank1(port: int, hidden: int, vocab_part: int, layers: int, tokens: int) -> None:
+    store = dist.TCPStore("127.0.0.1", port, 2, is_master=False, timeout=datetime.timedelta(seconds=120))
+    store.set("edgellm/hello/1", "1")
+    _token_collectives(Comm(make_group(store, 1, 2, "127.0.0.1"), 2), hidden, vocab_part, layers, tokens)
+
+
+def _token_collectives(comm, hidden: int, vocab_part: int, layers: int, tokens: int) -> None:
+    """One decoded token's collectives: 2 per layer and the embedding's ([1, hidden]), the logits' gather."""
+    for _ in range(tokens):
+        for _ in range(2 * layers + 1):
+            comm.all_reduce(torch.ones(1, hidden))
+        comm.all_gather(torch.ones(1, vocab_part))
+
+
+def collectives_only(hidden: int, vocab: int, layers: int, tokens: int = 20) -> float:
+    """ms per token of a decode step's collectives alone (2 ranks, no compute in between)."""
+    torch.set_num_threads(1)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    store = dist.TCPStore("127.0.0.1", port, 2, is_master=True, wait_for_workers=False,
+                          timeout=datetime.timedelta(seconds=120))
+    p = torch.multiprocessing.get_context("spawn").Process(
+        target=_comm_rank1, args=(port, hidden, -(-vocab // 2), layers, tokens + 2), daemon=True)
+    p.start()
+    store.wait(["edgellm/hello/1"], datetime.timedelta(seconds=120))
+    comm = Comm(make_group(store, 0, 2, "127.0.0.1"), 2)
+    _token_collectives(comm, hidden, -(-vocab // 2), layers, 2)  # warm up
+    t0 = time.perf_counter()
+    _token_collectives(comm, hidden, -(-vocab // 2), layers, tokens)
+    ms = (time.perf_counter() - t0) / tokens * 1000
+    p.join(30)
+    return ms
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model")
@@ -67,9 +108,16 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="cores in total, split over the ranks")
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--gen-len", type=int, default=32)
+    ap.add_argument("--collectives-only", action="store_true", help="only time a token's collectives")
     a = ap.parse_args()
+    if a.collectives_only:
+        arch = arch_config(load_chat_config(Path(a.model)))
+        print({"collectives_only_ms_per_token": collectives_only(arch.hidden_size, arch.vocab_size, arch.num_layers)})
+        return
     for shards in (1, a.shards):
         print(measure(a.model, shards, a.threads, a.prompt_len, a.gen_len), flush=True)
+    arch = arch_config(load_chat_config(Path(a.model)))
+    print({"collectives_only_ms_per_token": collectives_only(arch.hidden_size, arch.vocab_size, arch.num_layers)})
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from edgellm.api.engine import Engine
-from edgellm.engine.distributed import Comm, _group
+from edgellm.engine.distributed import Comm, make_group
 from edgellm.errors import UserError
 from tests.helpers import convert
 from tests.test_internlm2 import llama as internlm2_reference
@@ -56,7 +56,7 @@ def test_every_family_two_shards_match_one(family_dirs):
     worker.start()
     try:
         store.wait(["edgellm/hello/1"], datetime.timedelta(seconds=60))
-        comm = Comm(_group(store, 0, 2, "127.0.0.1"), 2)
+        comm = Comm(make_group(store, 0, 2, "127.0.0.1"), 2)
         for d in family_dirs:
             whole, split = run_model(d, None, None), run_model(d, 0, comm)
             tol = 1e-4 if d.name == "q0f32" else 2e-3  # q4: the shards' partial sums add in another order
@@ -85,8 +85,10 @@ def test_unsplittable_models_are_refused_in_one_line(tiny_model, tiny_model_q4):
 def test_gen_config_records_the_shards_or_refuses(tiny_hf, tmp_path, capsys):
     from edgellm.cli.main import main
 
-    main(["gen_config", str(tiny_hf), "--quantization", "q0f32", "--conv-template", "chatml",
-          "--tensor-parallel-shards", "2", "-o", str(tmp_path / "two")])
+    with pytest.raises(SystemExit) as ok:
+        main(["gen_config", str(tiny_hf), "--quantization", "q0f32", "--conv-template", "chatml",
+              "--tensor-parallel-shards", "2", "-o", str(tmp_path / "two")])
+    assert ok.value.code == 0
     assert json.loads((tmp_path / "two" / "mlc-chat-config.json").read_text())["tensor_parallel_shards"] == 2
     with pytest.raises(SystemExit) as e:
         main(["gen_config", str(tiny_hf), "--quantization", "q4f16_1", "--conv-template", "chatml",

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 from edgellm.engine.build import make_pool
-from edgellm.engine.distributed import Comm, _group
+from edgellm.engine.distributed import Comm, make_group
 from edgellm.engine.options import EngineOptions
 from edgellm.models.base import Step
 from edgellm.models.loader import load_model
@@ -55,6 +55,6 @@ def run_model(model_dir: Path, rank: int | None, comm: Comm | None) -> list[torc
 def rank1(port: int, dirs: list[str]) -> None:
     store = dist.TCPStore("127.0.0.1", port, 2, is_master=False, timeout=datetime.timedelta(seconds=60))
     store.set("edgellm/hello/1", "1")
-    comm = Comm(_group(store, 1, 2, "127.0.0.1"), 2)
+    comm = Comm(make_group(store, 1, 2, "127.0.0.1"), 2)
     for d in dirs:
         run_model(Path(d), 1, comm)

@@ -192,7 +192,9 @@ def shard_count(cfg: ChatConfig, options: EngineOptions) -> int:
     return options.tensor_parallel_shards or cfg.tensor_parallel_shards or 1
 
 
-def _group(store: dist.Store, rank: int, world: int, host: str | None) -> dist.ProcessGroupGloo:
+def make_group(store: dist.Store, rank: int, world: int, host: str | None) -> dist.ProcessGroupGloo:
+    """A gloo group over `store` whose collectives time out (collective_timeout); `host` is the local
+    address to bind (None: gloo's default device, from the host name)."""
     opts = dist.ProcessGroupGloo._Options()
     device = (dist.ProcessGroupGloo.create_device(hostname=host) if host is not None
               else dist.ProcessGroupGloo.create_default_device())
@@ -271,7 +273,7 @@ def tensor_parallel_parts(model_dir: Path, cfg: ChatConfig, options: EngineOptio
     try:
         for rank in range(1, shards):
             _await(store, f"edgellm/hello/{rank}", procs, "starting")
-        group = _group(store, 0, shards, "127.0.0.1")
+        group = make_group(store, 0, shards, "127.0.0.1")
         link = Link(store, procs, group)
         parts = shard_parts(model_dir, cfg, options, device, ctx, 0, shards, group, link)
         for rank in range(1, shards):
@@ -291,7 +293,7 @@ def _torchrun_parts(model_dir, cfg, options, device, ctx, shards):
     port = int(os.environ.get("EDGELLM_TP_PORT") or int(os.environ.get("MASTER_PORT", "29500")) + 1)
     store = dist.TCPStore(host, port, world, is_master=rank == 0, wait_for_workers=False,
                           timeout=datetime.timedelta(seconds=STARTUP_SECONDS))
-    group = _group(store, rank, world, None)
+    group = make_group(store, rank, world, None)
     if rank != 0:
         _, _, runner = shard_parts(model_dir, cfg, options, device, ctx, rank, world, group)
         store.set(f"edgellm/ready/{rank}", "1")
@@ -312,7 +314,7 @@ def worker_main(rank: int, world: int, host: str, port: int, model_dir: str, cfg
     store = dist.TCPStore(host, port, world, is_master=False, timeout=datetime.timedelta(seconds=60))
     store.set(f"edgellm/hello/{rank}", "1")
     try:
-        group = _group(store, rank, world, host)
+        group = make_group(store, rank, world, host)
         _, _, runner = shard_parts(Path(model_dir), cfg, options, device, ctx, rank, world, group)
     except Exception as e:  # noqa: BLE001 - reported to rank 0 as one line
         store.set(f"edgellm/error/{rank}", f"{type(e).__name__}: {e}")
