@@ -162,6 +162,10 @@ def test_smollm2_on_two_processes_answers_batches_and_fails_cleanly(smollm2_q4):
         assert len(answers) == 3 and all("Paris" in a for a in answers)
         assert after["steps_total"] - before["steps_total"] < tokens  # decoded together, not one by one
 
+        with pytest.raises(openai.APIStatusError) as refused:  # shards run only in the engine's steps
+            client.embeddings.create(model=model, input="hello")
+        assert refused.value.status_code == 400 and "tensor_parallel_shards" in str(refused.value)
+
         worker = next(int(p) for p in _children(server.proc.pid) if b"multiprocessing" in _cmdline(int(p))
                       and b"resource_tracker" not in _cmdline(int(p)))
         story = [{"role": "user", "content": "Tell a long story."}]

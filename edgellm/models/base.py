@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgellm.errors import UserError
+from edgellm.errors import BadRequestError
 from edgellm.models.rope import rope_table
 from edgellm.quantization.layers import tied_logits
 
@@ -207,7 +207,7 @@ class CausalLM(nn.Module):
     def forward(self, ids: torch.Tensor, step: Step, cache: KVCacheLike, hidden: bool = False) -> torch.Tensor:
         """Logits [rows, vocab]; with `hidden`, the final normed hidden states [rows, hidden_size] instead."""
         if hidden and self.tp_gather is not None:  # before any collective: the other ranks only run steps
-            raise UserError("embeddings are not available with tensor_parallel_shards > 1 (a shard computes only "
+            raise BadRequestError("embeddings are not available with tensor_parallel_shards > 1 (a shard computes only "
                             "with the other ranks, in the engine's steps)")
         x = self.embed(ids)
         cos, sin = self.rope(step.positions)
