@@ -119,7 +119,8 @@ class BenchSession:
     def __init__(self, model: str | Path | None, *, threads: int | None = None, opt: str = DEFAULT_OPT,
                  device: str = "cpu", batch: int = 1, prompt_len: int = 512, gen_len: int = 128,
                  quantization: str = "q4f16_1", use_mmap: bool = False, kv_cache_dtype: str = "auto",
-                 seed: int = 0, log=print, model_lib: str | Path | None = None, precision: str = "normal"):
+                 seed: int = 0, log=print, model_lib: str | Path | None = None, precision: str = "normal",
+                 tensor_parallel_shards: int | None = None):
         from edgellm.config import load_chat_config
         from edgellm.engine.build import build_engine, pick_device
         from edgellm.engine.options import make_options
@@ -137,11 +138,14 @@ class BenchSession:
             raise UserError(f"--prompt-len + --gen-len = {prompt_len + gen_len} exceeds the model's context "
                             f"window of {ctx} tokens")
         # One step prefills every prompt; the KV budget holds them all; no prefix may serve a prompt.
-        opts = make_options({"threads": threads or torch.get_num_threads(), "opt": opt, "use_mmap": use_mmap,
+        shards = tensor_parallel_shards or self.config.tensor_parallel_shards or 1
+        per_rank = threads or max(1, torch.get_num_threads() // shards)  # the cores are shared by the ranks
+        opts = make_options({"threads": per_rank, "opt": opt, "use_mmap": use_mmap,
+                             "tensor_parallel_shards": shards,
                              "kv_cache_dtype": kv_cache_dtype, "max_num_sequence": batch, "precision": precision,
                              "prefill_chunk_size": prompt_len * batch, "reuse_kv": False,
                              "max_total_seq_length": batch * (prompt_len + gen_len + 256) * 2})
-        self.threads, self.precision = opts.threads, precision
+        self.threads, self.precision, self.shards = opts.threads, precision, shards
         t = time.perf_counter()
         self.core = build_engine(self.model_dir, opts, self.device, model_lib, config=self.config)
         self.load_s = time.perf_counter() - t
@@ -180,19 +184,25 @@ def run_bench(model: str | Path | None = None, *, prompt_len: int = 512, gen_len
               threads: int | None = None, repeat: int = 5, opt: str = DEFAULT_OPT, device: str = "cpu",
               quantization: str = "q4f16_1", use_mmap: bool = False, kv_cache_dtype: str = "auto",
               bandwidth: bool = True, log=print, model_lib: str | Path | None = None,
-              precision: str = "normal") -> dict[str, Any]:
+              precision: str = "normal", tensor_parallel_shards: int | None = None) -> dict[str, Any]:
     """Benchmark a model; returns the report as a dict (see `format_report`)."""
     if repeat < 1:
         raise UserError("--repeat must be at least 1")
     s = BenchSession(model, threads=threads, opt=opt, device=device, batch=batch, prompt_len=prompt_len,
                      gen_len=gen_len, quantization=quantization, use_mmap=use_mmap,
-                     kv_cache_dtype=kv_cache_dtype, log=log, model_lib=model_lib, precision=precision)
-    s.run_once()  # warm-up: first-touch of the weights, caches, allocator
-    pps, tgs = [], []
-    for _ in range(repeat):
-        pp, tg = s.run_once()
-        pps.append(pp)
-        tgs.append(tg)
+                     kv_cache_dtype=kv_cache_dtype, log=log, model_lib=model_lib, precision=precision,
+                     tensor_parallel_shards=tensor_parallel_shards)
+    try:
+        s.run_once()  # warm-up: first-touch of the weights, caches, allocator
+        pps, tgs = [], []
+        for _ in range(repeat):
+            pp, tg = s.run_once()
+            pps.append(pp)
+            tgs.append(tg)
+    finally:
+        close = getattr(s.runner, "close", None)  # a tensor-parallel runner stops its workers
+        if close is not None:
+            close()
     weights = s.model if s.model is not None else getattr(s.runner, "model", None)  # a .pt2 holds its own
     wbytes = weight_bytes_per_token(weights, batch) if weights is not None else 0
     report: dict[str, Any] = {
@@ -205,6 +215,7 @@ def run_bench(model: str | Path | None = None, *, prompt_len: int = 512, gen_len
         "opt": s.opt,
         "precision": s.precision,
         "fused_decode": s.fused,
+        "tensor_parallel_shards": s.shards,
         # a compiled library keeps its own cache
         "kv_cache_dtype": None if model_lib is not None else str(s.pool.dtype).replace("torch.", ""),
         "model_lib": str(model_lib) if model_lib is not None else None,
@@ -250,5 +261,7 @@ def format_report(r: dict[str, Any]) -> str:
         lines.append(f"peak RSS {r['peak_rss_bytes'] / 2**20:.0f} MiB; load {r['load_s']:.2f} s; "
                      f"device {r['device']}; fused decode {'on' if r['fused_decode'] else 'off'}; "
                      f"KV cache {r.get('kv_cache_dtype') or '-'}"
-                     + (f"; model library {r['model_lib']}" if r.get("model_lib") else ""))
+                     + (f"; model library {r['model_lib']}" if r.get("model_lib") else "")
+                     + (f"; {r['tensor_parallel_shards']} tensor-parallel shards (rank 0's RSS)"
+                        if r.get("tensor_parallel_shards", 1) > 1 else ""))
     return "\n".join(lines)

@@ -135,8 +135,10 @@ def gen_config(config: str | Path, quantization: str, conv_template: str, output
     for name, value in sizes.items():
         if value is not None and not 0 < value <= 1 << 24:
             raise UserError(f"--{name} must be in 1..{1 << 24}, got {value}")
-    if tensor_parallel_shards not in (None, 1):
-        raise UserError("--tensor-parallel-shards > 1 is not supported on CPU; use 1")
+    if tensor_parallel_shards not in (None, 1):  # refuse now a model that cannot be split that way
+        from edgellm.models.sharding import check_shards
+
+        check_shards(arch, get_mode(quantization, layout), tensor_parallel_shards, str(path))
     window = family_hook(family, "chat_window")(hf)
     if sliding_window_size is not None:
         window = sliding_window_size
@@ -168,7 +170,7 @@ def gen_config(config: str | Path, quantization: str, conv_template: str, output
             context_window_size=ctx,
             sliding_window_size=window,
             prefill_chunk_size=chunk,
-            tensor_parallel_shards=1,
+            tensor_parallel_shards=tensor_parallel_shards or 1,
             max_batch_size=max_batch_size or 128,
             conv_template=_conv_template(conv_template, tok_config),
             pad_token_id=int(hf.get("pad_token_id") or gen.get("pad_token_id") or 0),

@@ -109,6 +109,11 @@ class EngineBase:
         return self.frontend.build(kind, request, sink, self.model_id)
 
     # ---- lifecycle ---------------------------------------------------------------------------
+    @property
+    def failure(self) -> str | None:
+        """Why the engine cannot run any more (a tensor-parallel worker died), or None."""
+        return getattr(self.core.runner, "failure", None)
+
     def metrics(self) -> dict:
         """Engine metrics: request and token counters, latency histograms, KV-cache use."""
         return self.core.metrics.snapshot(self.core.gauges())
@@ -124,6 +129,9 @@ class EngineBase:
         if not self.terminated:
             self.terminated = True
             self.loop.shutdown()
+            close = getattr(self.core.runner, "close", None)  # a tensor-parallel runner stops its workers
+            if close is not None:
+                close()
 
     def __del__(self) -> None:
         if getattr(self, "terminated", True) is False:

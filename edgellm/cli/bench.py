@@ -26,6 +26,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="a compiled model library (.pt2/.so, .pte or .tar) to run instead of the eager model")
     p.add_argument("--precision", default="normal", choices=["high", "normal", "low"],
                    help="activations of quantized products: high = 16-bit (exact), normal/low = int8 GEMM")
+    p.add_argument("--tensor-parallel-shards", type=int, default=None,
+                   help="split the model over N processes (docs/distributed.md); default: mlc-chat-config.json's")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
@@ -50,7 +52,8 @@ def run(args: argparse.Namespace) -> int:
                        threads=args.threads, repeat=args.repeat, opt=args.opt, device=args.device,
                        quantization=args.quantization, use_mmap=args.use_mmap, kv_cache_dtype=args.kv_cache_dtype,
                        bandwidth=not args.no_bandwidth, log=lambda m: print(m, file=sys.stderr),
-                       model_lib=args.model_lib, precision=args.precision)
+                       model_lib=args.model_lib, precision=args.precision,
+                       tensor_parallel_shards=args.tensor_parallel_shards)
     if args.json:
         print(json.dumps(report, indent=2))
     else:

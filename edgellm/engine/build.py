@@ -13,6 +13,7 @@ import torch
 
 from edgellm.config import ChatConfig, load_chat_config
 from edgellm.engine.core import EngineCore
+from edgellm.engine.distributed import shard_count
 from edgellm.engine.kv_pool import KVPool, SlotLedger
 from edgellm.engine.options import EngineOptions
 from edgellm.engine.runner import ModelRunner
@@ -55,6 +56,8 @@ def build_engine(model_dir: str | Path, options: EngineOptions, device: str = "c
     arch = arch_config(cfg)
     ctx = options.context_window_size or runtime_context(cfg, arch)
     chunk = options.prefill_chunk_size or cfg.prefill_chunk_size or 2048
+    if model_lib is not None and shard_count(cfg, options) > 1:
+        raise UserError("tensor_parallel_shards > 1 runs the eager engine; drop --model-lib")
     if model_lib is not None:  # the library's runner keeps its own weights and caches
         from edgellm.compile.runtime import load_library
 
@@ -65,6 +68,13 @@ def build_engine(model_dir: str | Path, options: EngineOptions, device: str = "c
         runner = load_library(model_lib, model_dir, cfg, arch, device, options.num_sequences, ledger)
         scheduler = Scheduler(ledger, options.num_sequences, chunk, options.reuse_kv)
         return EngineCore(runner, scheduler, Sampler(), min(ctx, runner.context_window))
+    shards = shard_count(cfg, options)
+    if shards > 1:  # rank 0 of a tensor-parallel group (edgellm.engine.distributed)
+        from edgellm.engine.distributed import tensor_parallel_parts
+
+        model, pool, runner = tensor_parallel_parts(model_dir, cfg, options, device, ctx, shards)
+        return EngineCore(runner, Scheduler(pool, options.num_sequences, chunk, options.reuse_kv), Sampler(), ctx,
+                          model=model)
     model, pool, runner = eager_parts(model_dir, cfg, options, device, ctx)
     speculator = None
     if options.speculative_mode == "ngram":
@@ -88,7 +98,13 @@ def eager_parts(model_dir: Path, cfg: ChatConfig, options: EngineOptions, device
         from edgellm.compile.lowering import float_model  # no native kernels: float weights are faster
 
         model = float_model(model)
-    arch = model.cfg
+    pool = make_pool(model.cfg, cfg, options, device, ctx)
+    return model, pool, ModelRunner(model, pool, device, opt=options.opt, fused_catch_up=fused_catch_up)
+
+
+def make_pool(arch, cfg: ChatConfig, options: EngineOptions, device: str, ctx: int, cls=KVPool) -> KVPool:
+    """The KV pool for `arch`'s layers and kv heads (a tensor-parallel rank's own heads), within the
+    options' budget (max_total_seq_length, else default_kv_budget) and KV dtype."""
     windows = [w if options.sliding_window_size is None else options.sliding_window_size for w in arch.windows]
     budget = options.max_total_seq_length or default_kv_budget(ctx)
     kv_dtype = options.kv_dtype(get_mode(cfg.quantization).model_dtype)
@@ -99,9 +115,7 @@ def eager_parts(model_dir: Path, cfg: ChatConfig, options: EngineOptions, device
         from edgellm.engine.kv_pool import mmap_allocator
 
         alloc = mmap_allocator(options.tmp_path)
-    pool = KVPool(arch.num_layers, arch.num_kv_heads, arch.head_dim, windows, budget, kv_dtype, device,
-                  alloc=alloc)
-    return model, pool, ModelRunner(model, pool, device, opt=options.opt, fused_catch_up=fused_catch_up)
+    return cls(arch.num_layers, arch.num_kv_heads, arch.head_dim, windows, budget, kv_dtype, device, alloc=alloc)
 
 
 def _vocab(model_dir: Path) -> dict | None:

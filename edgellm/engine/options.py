@@ -52,6 +52,8 @@ class EngineOptions:
     speculative_mode: str = "disable"  # small_draft: a draft model (additional_models); ngram: prompt lookup
     spec_draft_length: int = 4  # the most tokens drafted per step (adapted per sequence to its acceptance)
     additional_models: list[str] | str | None = None  # converted model dirs (";"-separated); the draft first
+    # MLC's: split the model over this many processes (engine/distributed.py); None = mlc-chat-config.json's
+    tensor_parallel_shards: int | None = None
 
     def __post_init__(self) -> None:
         if self.precision is not None:
@@ -89,7 +91,7 @@ class EngineOptions:
                             "(--additional-models DIR)")
         for name, hi in (("max_num_sequence", 1 << 16), ("spec_draft_length", 64), ("max_total_seq_length", 1 << 30),
                          ("prefill_chunk_size", 1 << 24), ("context_window_size", 1 << 24), ("threads", 4096),
-                         ("max_tokens", 1 << 24)):
+                         ("max_tokens", 1 << 24), ("tensor_parallel_shards", 64)):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not 0 < v <= hi):
                 raise UserError(f"{name} must be positive (an integer in 1..{hi}), got {v!r}")

@@ -67,8 +67,7 @@ class ModelRunner:
         if self.device != "cpu":
             step.positions = step.positions.to(self.device)
             step.logit_rows = step.logit_rows.to(self.device)
-        with torch.inference_mode():
-            logits = self.model(tokens, step, self.pool).float().cpu()
+        logits = self.forward(tokens, step)
         self.prompt_logits = [(c, logits[at:at + n]) for c, at, n in prompt_rows]
         if prompt_rows:  # hand back only the sampling rows
             keep = torch.ones(len(rows), dtype=torch.bool)
@@ -76,6 +75,11 @@ class ModelRunner:
                 keep[at:at + n] = False
             logits = logits[keep]
         return logits
+
+    def forward(self, tokens: torch.Tensor, step: Step) -> torch.Tensor:
+        """The model over one flattened token row: logits [rows, vocab] (float32, on CPU)."""
+        with torch.inference_mode():
+            return self.model(tokens, step, self.pool).float().cpu()
 
     def _fused_rows(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
         """The native decode step with a row per token: a chunk of several tokens (a verify chunk, or a

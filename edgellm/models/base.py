@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from edgellm.errors import BadRequestError
 from edgellm.models.rope import rope_table
 from edgellm.quantization.layers import tied_logits
 
@@ -190,15 +191,24 @@ class CausalLM(nn.Module):
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.embedding(ids)
 
+    # Set on a tensor-parallel shard (models/sharding.py: install): gathers the vocabulary runs' logits.
+    tp_gather = None
+
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         head = self.output
-        out = (tied_logits(self.embedding, h) if head is None else head(h)).float()
+        emb = getattr(self.embedding, "shard", self.embedding)  # a vocab-parallel embedding's own rows
+        out = (tied_logits(emb, h) if head is None else head(h)).float()
+        if self.tp_gather is not None:
+            out = self.tp_gather(out)
         if self.cfg.final_softcap:
             out = torch.tanh(out / self.cfg.final_softcap) * self.cfg.final_softcap
         return out
 
     def forward(self, ids: torch.Tensor, step: Step, cache: KVCacheLike, hidden: bool = False) -> torch.Tensor:
         """Logits [rows, vocab]; with `hidden`, the final normed hidden states [rows, hidden_size] instead."""
+        if hidden and self.tp_gather is not None:  # before any collective: the other ranks only run steps
+            raise BadRequestError("embeddings are not available with tensor_parallel_shards > 1 (a shard computes only "
+                            "with the other ranks, in the engine's steps)")
         x = self.embed(ids)
         cos, sin = self.rope(step.positions)
         for block in self.blocks:

@@ -179,9 +179,9 @@ class Attention(nn.Module):
     def __init__(self, cfg: ArchConfig, layer: int, mode: QuantMode | None, dtype: torch.dtype):
         super().__init__()
         self.cfg, self.layer = cfg, layer
-        h = cfg.hidden_size
-        self.query_key_value = make_linear(h, 3 * h, cfg.attention_bias, mode, dtype)
-        self.dense = make_linear(cfg.hidden_size, cfg.hidden_size, cfg.o_bias, mode, dtype)
+        h, qd = cfg.hidden_size, cfg.num_heads * cfg.head_dim  # qd < h on a tensor-parallel shard
+        self.query_key_value = make_linear(h, 3 * qd, cfg.attention_bias, mode, dtype)
+        self.dense = make_linear(qd, h, cfg.o_bias, mode, dtype)
 
     def forward(self, x, cos, sin, step: Step, cache: KVCacheLike) -> torch.Tensor:
         t, c = x.shape[0], self.cfg

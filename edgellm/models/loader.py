@@ -84,11 +84,14 @@ def expected_tensors(model: nn.Module) -> dict[str, tuple[tuple[int, ...], str]]
 
 def load_model(model_dir: str | Path, *, device: str = "cpu", use_mmap: bool = False,
                dtype: torch.dtype = torch.float32, max_positions: int | None = None,
-               verify: bool = True, precision: str = DEFAULT_PRECISION) -> tuple[nn.Module, ChatConfig]:
+               verify: bool = True, precision: str = DEFAULT_PRECISION,
+               shard: tuple[int, int] | None = None) -> tuple[nn.Module, ChatConfig]:
     """(model ready for inference, its chat config) from a converted directory.
 
     `precision` ("high" / "normal") is the activation precision its quantized layers use once
-    repacked for the native kernels (see edgellm.quantization.layers).
+    repacked for the native kernels (see edgellm.quantization.layers). `shard` = (rank, shards) loads
+    only that rank's tensor-parallel part (models/sharding.py; the plan is kept as `model.shard_plan`,
+    the collectives are installed by the engine).
     """
     model_dir = Path(model_dir)
     cfg = load_chat_config(model_dir)
@@ -96,8 +99,15 @@ def load_model(model_dir: str | Path, *, device: str = "cpu", use_mmap: bool = F
     mode = get_mode(cfg.quantization, cfg.quantization_layout)
     arch = arch_config(cfg, family)
     positions = max_positions or runtime_context(cfg, arch)
+    plan = None
+    if shard is not None:
+        from edgellm.models.sharding import plan_shards
+
+        plan = plan_shards(arch, mode, shard[1], shard[0], str(model_dir / "mlc-chat-config.json"))
+        arch = plan.local
     check_memory(arch, positions, model_dir / "mlc-chat-config.json")
     model = build_model(family, arch, mode, positions, dtype)
+    vocab_parts = (model.PARTS[0], model.PARTS[3])
     want = model.state_dict()
     state: dict[str, torch.Tensor] = {}
     for disk_name, t in read_tensors(model_dir, use_mmap=use_mmap, verify=verify):
@@ -107,6 +117,8 @@ def load_model(model_dir: str | Path, *, device: str = "cpu", use_mmap: bool = F
                 continue  # some writers keep a copy of the tied embedding
             raise UserError(f"{model_dir}: unexpected tensor {disk_name} for {cfg.model_type}")
         ref = want[name]
+        if plan is not None:
+            t = plan.slice(name, t, vocab_parts)
         if tuple(t.shape) != tuple(ref.shape):
             raise UserError(f"{model_dir}: tensor {disk_name} has shape {list(t.shape)}, "
                             f"the config needs {list(ref.shape)}")
@@ -119,6 +131,7 @@ def load_model(model_dir: str | Path, *, device: str = "cpu", use_mmap: bool = F
     model.load_state_dict(state, assign=True, strict=True)
     model.requires_grad_(False)
     model.eval()
+    model.shard_plan = plan
     set_precision(model, precision)
     if device != "cpu":
         model.to(device)

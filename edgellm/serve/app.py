@@ -166,6 +166,8 @@ def create_app(engine, api_key: str | None = None, model_aliases: tuple[str, ...
 
     @app.get("/health")
     async def health():
+        if engine.failure is not None:  # e.g. a tensor-parallel worker died: not able to serve
+            return JSONResponse({"status": "unhealthy", "error": engine.failure}, status_code=503)
         return {"status": "ok" if not engine.terminated else "terminated"}
 
     @app.get("/metrics", response_class=PlainTextResponse)
