@@ -190,6 +190,19 @@ class CausalLM(nn.Module):
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.embedding(ids)
 
+    def fused_layers(self) -> list | None:
+        """Every block as a `fused_decode.LayerSpec` (the family's capability of a native decode step),
+        or None when a block is not of a shape the native step computes. None here: a family that can
+        describe its blocks overrides this."""
+        return None
+
+    def native_decoder(self, pool):
+        """The decode step as one native call over all layers (models/fused_decode.py), or None where it
+        does not apply (no `fused_layers`, no kernels, a cache or layer the native step does not cover)."""
+        from edgellm.models.fused_decode import FusedDecoder
+
+        return FusedDecoder.build(self, pool, self.fused_layers())
+
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         head = self.output
         out = (tied_logits(self.embedding, h) if head is None else head(h)).float()
