@@ -175,16 +175,15 @@ class FusedDecoder:
         n = L * b
         kp, vp = (ctypes.c_void_p * n)(), (ctypes.c_void_p * n)()
         cap, widx, kfrom = (ctypes.c_int32 * n)(), (ctypes.c_int32 * n)(), (ctypes.c_int32 * n)()
-        for j, c in enumerate(chunks):
+        windows = self.windows
+        for j, c in enumerate(chunks):  # sequence j's entries sit at j, j + b, ... (layer-major)
             kv = pool.seqs[c.seq.slot]
             start = c.start
-            for layer in range(L):
-                i = layer * b + j
-                k, base, w = kv.k[layer], kv.base[layer], self.windows[layer]
-                kp[i], vp[i] = k.data_ptr(), kv.v[layer].data_ptr()
-                cap[i] = k.shape[1]
-                widx[i] = start - base
-                kfrom[i] = 0 if w is None else max(base, start - w + 1) - base
+            kp[j::b] = [t.data_ptr() for t in kv.k]
+            vp[j::b] = [t.data_ptr() for t in kv.v]
+            cap[j::b] = [t.shape[1] for t in kv.k]
+            widx[j::b] = [start - base for base in kv.base]
+            kfrom[j::b] = [0 if w is None else max(base, start - w + 1) - base for base, w in zip(kv.base, windows)]
         nt = self.K.threads()
         scratch = self._scratch_for(b, max(starts) + 1, nt)
         self.lib.el_decode(self.ref, b, pos.data_ptr(), h.data_ptr(), kp, vp, cap, widx, kfrom, scratch.data_ptr(),

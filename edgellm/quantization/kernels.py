@@ -78,7 +78,8 @@ class ELayer(ctypes.Structure):
 
 class EModel(ctypes.Structure):
     _fields_ = [(n, ctypes.c_int32) for n in ("L", "H", "nh", "nkv", "D", "rot", "I", "maxpos")] + [
-        ("eps", ctypes.c_float), ("scale", ctypes.c_float), ("softcap", ctypes.c_float), ("cos", ctypes.c_void_p), ("sin", ctypes.c_void_p),
+        ("eps", ctypes.c_float), ("scale", ctypes.c_float), ("softcap", ctypes.c_float),
+        ("cos", ctypes.c_void_p), ("sin", ctypes.c_void_p),
         ("layers", ctypes.POINTER(ELayer))]
 
 

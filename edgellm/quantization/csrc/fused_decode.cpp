@@ -59,6 +59,28 @@ static inline __m256 act256(int kind, __m256 g) {
 }
 #endif
 
+// out[i] = act(g[i]) * u[i] (gated) or act(g[i]) (u null), i < n
+static void act_span(const ELayer& Ly, const float* g, const float* u, float* out, int n) {
+    const int kind = Ly.act;
+    int i = 0;
+#if EL_VNNI
+    if (kind != 2)
+        for (; i + 16 <= n; i += 16) {
+            __m512 a = act512(kind, _mm512_loadu_ps(g + i));
+            if (u) a = _mm512_mul_ps(a, _mm512_loadu_ps(u + i));
+            _mm512_storeu_ps(out + i, a);
+        }
+#elif EL_AVX2
+    if (kind != 2)
+        for (; i + 8 <= n; i += 8) {
+            __m256 a = act256(kind, _mm256_loadu_ps(g + i));
+            if (u) a = _mm256_mul_ps(a, _mm256_loadu_ps(u + i));
+            _mm256_storeu_ps(out + i, a);
+        }
+#endif
+    for (; i < n; ++i) out[i] = act_scalar(kind, g[i]) * (u ? u[i] : 1.0f);
+}
+
 static void rope_head(float* x, const float* c, const float* s, int rot) {
     const int half = rot / 2;
     float tmp[512];
@@ -141,14 +163,13 @@ static void decode_impl(const EModel* Mp, int B, const int64_t* pos, float* h, T
             EAct Aq = A;
             Aq.Kp = Ly.qkv.Kp;
             Aq.G = Ly.qkv.G;
-#pragma omp single
-            {
-                for (int b = 0; b < B; ++b) {
-                    if (l > 0)  // the previous layer's MLP output
-                        add_residual(h + (size_t)b * H, mo + (size_t)b * H, Mo.layers[l - 1].pn2, H, Mo.eps);
-                    norm_row(Ly, 0, h + (size_t)b * H, H, Mo.eps, xn + (size_t)b * H);
-                }
-                if (Ly.qkv.fmt != 32) quant_act_rows(Ly.qkv, xn, H, 0, B, Aq);
+            // row-wise steps are shared out by row (each row's work is independent of the others)
+#pragma omp for schedule(static)
+            for (int b = 0; b < B; ++b) {
+                if (l > 0)  // the previous layer's MLP output
+                    add_residual(h + (size_t)b * H, mo + (size_t)b * H, Mo.layers[l - 1].pn2, H, Mo.eps);
+                norm_row(Ly, 0, h + (size_t)b * H, H, Mo.eps, xn + (size_t)b * H);
+                if (Ly.qkv.fmt != 32) quant_act_rows(Ly.qkv, xn, H, b, b + 1, Aq);
             }
             gemv_for(Ly.qkv, xn, H, Aq, B, qkv, QKV);
             // q/k norms, rotary embedding, cache write
@@ -180,10 +201,9 @@ static void decode_impl(const EModel* Mp, int B, const int64_t* pos, float* h, T
             EAct Ao = A;
             Ao.Kp = Ly.o.Kp;
             Ao.G = Ly.o.G;
-#pragma omp single
-            {
-                // merge the key-range parts of every (sequence, query head)
-                for (int b = 0; b < B; ++b)
+            // merge the key-range parts of every (sequence, query head)
+#pragma omp for schedule(static)
+            for (int b = 0; b < B; ++b) {
                     for (int hq = 0; hq < nh; ++hq) {
                         const int kh = hq / rep, r = hq % rep;
                         float M = -INFINITY;
@@ -204,15 +224,15 @@ static void decode_impl(const EModel* Mp, int B, const int64_t* pos, float* h, T
                         const float inv = 1.0f / lsum;
                         for (int d = 0; d < D; ++d) o[d] *= inv;
                     }
-                if (Ly.o.fmt != 32) quant_act_rows(Ly.o, att, nh * D, 0, B, Ao);
+                if (Ly.o.fmt != 32) quant_act_rows(Ly.o, att, nh * D, b, b + 1, Ao);
             }
             gemv_for(Ly.o, att, nh * D, Ao, B, tmp, H);
             EAct Ag = A;
             Ag.Kp = Ly.gu.Kp;
             Ag.G = Ly.gu.G;
-#pragma omp single
-            {
-                for (int b = 0; b < B; ++b) {
+#pragma omp for schedule(static)
+            for (int b = 0; b < B; ++b) {
+                {
                     float* hb = h + (size_t)b * H;
                     if (Ly.parallel) {  // the MLP reads the layer's input
                         norm_row(Ly, 1, hb, H, Mo.eps, xn + (size_t)b * H);
@@ -222,48 +242,36 @@ static void decode_impl(const EModel* Mp, int B, const int64_t* pos, float* h, T
                         norm_row(Ly, 1, hb, H, Mo.eps, xn + (size_t)b * H);
                     }
                 }
-                if (Ly.gu.fmt != 32) quant_act_rows(Ly.gu, xn, H, 0, B, Ag);
+                if (Ly.gu.fmt != 32) quant_act_rows(Ly.gu, xn, H, b, b + 1, Ag);
             }
             const int GW = Ly.gated ? 2 * I : I;  // gu row width
             gemv_for(Ly.gu, xn, H, Ag, B, gu, GW);
-            {
+            EAct Ad = A;
+            Ad.Kp = Ly.down.Kp;
+            Ad.G = Ly.down.G;
+            if (B >= nthreads) {  // a row per task: its activation, then its quantization (one barrier less)
+#pragma omp for schedule(static)
+                for (int b = 0; b < B; ++b) {
+                    const float* g = gu + (size_t)b * GW;
+                    act_span(Ly, g, Ly.gated ? g + I : nullptr, act + (size_t)b * I, I);
+                    if (Ly.down.fmt != 32) quant_act_rows(Ly.down, act, I, b, b + 1, Ad);
+                }
+            } else {
                 const int chunks = (I + 255) / 256;
 #pragma omp for schedule(static)
                 for (int t = 0; t < B * chunks; ++t) {
                     const int b = t / chunks, c0 = (t % chunks) * 256, n = I - c0 < 256 ? I - c0 : 256;
                     const float* g = gu + (size_t)b * GW + c0;
-                    const float* u = Ly.gated ? g + I : nullptr;  // the "up" half, I further on
-                    float* out = act + (size_t)b * I + c0;
-                    const int kind = Ly.act;
-                    int i = 0;
-#if EL_VNNI
-                    if (kind != 2)
-                        for (; i + 16 <= n; i += 16) {
-                            __m512 a = act512(kind, _mm512_loadu_ps(g + i));
-                            if (u) a = _mm512_mul_ps(a, _mm512_loadu_ps(u + i));
-                            _mm512_storeu_ps(out + i, a);
-                        }
-#elif EL_AVX2
-                    if (kind != 2)
-                        for (; i + 8 <= n; i += 8) {
-                            __m256 a = act256(kind, _mm256_loadu_ps(g + i));
-                            if (u) a = _mm256_mul_ps(a, _mm256_loadu_ps(u + i));
-                            _mm256_storeu_ps(out + i, a);
-                        }
-#endif
-                    for (; i < n; ++i) out[i] = act_scalar(kind, g[i]) * (u ? u[i] : 1.0f);
+                    act_span(Ly, g, Ly.gated ? g + I : nullptr, act + (size_t)b * I + c0, n);
                 }
-            }
-            EAct Ad = A;
-            Ad.Kp = Ly.down.Kp;
-            Ad.G = Ly.down.G;
-            if (Ly.down.fmt != 32) {
+                if (Ly.down.fmt != 32) {
 #pragma omp for schedule(static)
-                for (int b = 0; b < B; ++b) quant_act_rows(Ly.down, act, I, b, b + 1, Ad);
+                    for (int b = 0; b < B; ++b) quant_act_rows(Ly.down, act, I, b, b + 1, Ad);
+                }
             }
             gemv_for(Ly.down, act, I, Ad, B, mo, H);
         }
-#pragma omp single
+#pragma omp for schedule(static)
         for (int b = 0; b < B; ++b) add_residual(h + (size_t)b * H, mo + (size_t)b * H, Mo.layers[Mo.L - 1].pn2, H, Mo.eps);
     }
 }
