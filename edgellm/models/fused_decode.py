@@ -1,30 +1,66 @@
-"""The decode step of a Llama-shaped model as one native call (edgellm.quantization.kernels).
+"""The decode step of a model as one native call over all its layers (edgellm.quantization.kernels).
 
-A model offers it through `Model.native_decoder(pool)`; the engine's runner asks for it at O2. It
-covers models made of llama.Block layers (llama, mistral, qwen2, qwen3, phi3, internlm2) with float32,
-float16 or int8 KV caches whose linears are repacked quantized layers or float32 nn.Linear;
-`FusedDecoder.build` returns None for anything else, and the runner then steps the model's modules.
+A family's Model declares the capability by describing its layers: `fused_layers()` returns one
+`LayerSpec` per layer (which modules are the norms, the projections, the MLP; whether the residual is
+parallel; which activation), or None when a layer is not of that shape. `Model.native_decoder(pool)`
+(models/base.py) hands that to `FusedDecoder.build`, which the engine's runner asks for at O2. The
+native side (ELayer in quantization/csrc/common.h) covers RMSNorm or LayerNorm-with-bias pre-norms,
+optional post norms (Gemma 2), sequential or parallel residuals (GPT-NeoX), gated (silu, gelu) or plain
+(gelu) MLPs, per-head q/k norms (Qwen3), partial rotary, biases, sliding windows, attention soft-capping,
+and float32, float16 or int8 KV caches, with linears that are repacked quantized layers or float32
+nn.Linear. `build` returns None for anything else, and the runner then steps the model's modules.
+Embedding (with any scaling), final norm and logits (with any soft-capping) stay the model's own modules.
 """
 
 from __future__ import annotations
 
 import ctypes
+from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from edgellm.models.base import ACTIVATIONS, RMSNorm
+
 KV_KINDS = {torch.float32: 0, torch.float16: 1, torch.int8: 2}  # cache element types of the native step
+# MLP activations of the native step (ELayer.act): 0 silu, 1 gelu (tanh approximation), 2 gelu (erf)
+ACT_CODES = {"silu": 0, "swish": 0, "gelu_new": 1, "gelu_pytorch_tanh": 1, "gelu_fast": 1, "gelu": 2}
+
+
+@dataclass
+class LayerSpec:
+    """One decoder layer as the native step computes it:
+    h += post_attn_norm(attn(norm1(h))) + post_mlp_norm(mlp(norm2(h if parallel else h + attention part))),
+    mlp = down(act(gate) * up) with up = [gate; up] rows when `gated`, else down(act(up))."""
+
+    norm1: nn.Module
+    norm2: nn.Module
+    qkv: nn.Module  # rows [q heads; k heads; v heads]
+    o: nn.Module
+    up: nn.Module
+    down: nn.Module
+    act: object  # the MLP's activation function (one of base.ACTIVATIONS)
+    gated: bool = True
+    parallel: bool = False
+    window: int | None = None
+    q_norm: nn.Module | None = None  # per-head RMSNorms (qwen3)
+    k_norm: nn.Module | None = None
+    post_attn_norm: nn.Module | None = None  # RMSNorms of the attention / MLP output (gemma2)
+    post_mlp_norm: nn.Module | None = None
+
+
+def _act_code(fn) -> int | None:
+    for name, code in ACT_CODES.items():
+        if ACTIVATIONS[name] is fn:
+            return code
+    return 0 if fn is F.silu else None
 
 
 class FusedDecoder:
-    """The decode step of a Llama-shaped model as one native call (see edgellm_kernels.cpp).
+    """The decode step of a model whose layers are `LayerSpec`s, as one native call (csrc/fused_decode.cpp)."""
 
-    Covers llama.Block models (llama, mistral, qwen2, qwen3, phi3, internlm2) with float32, float16 or int8
-    KV caches whose linears are repacked quantized layers or float32 nn.Linear; `build` returns None otherwise.
-    Embedding, final norm and logits stay the model's own modules.
-    """
-
-    def __init__(self, model: nn.Module, pool, lib, layers, keep, windows):
+    def __init__(self, model: nn.Module, pool, lib, layers, keep, windows, eps: float):
         from edgellm.quantization import kernels as K
 
         self.model, self.pool, self.lib, self.K = model, pool, lib, K
@@ -40,7 +76,8 @@ class FusedDecoder:
         sin = model.rope.sin.float().contiguous()
         self._rope = (cos, sin)
         m.maxpos = cos.shape[0]
-        m.eps, m.scale = float(model.model.layers[0].input_layernorm.eps), float(cfg.scale)
+        m.eps, m.scale = float(eps), float(cfg.scale)
+        m.softcap = float(cfg.attn_softcap or 0.0)
         m.cos, m.sin = cos.data_ptr(), sin.data_ptr()
         m.layers = ctypes.cast(layers, ctypes.POINTER(K.ELayer))
         self.desc = m
@@ -49,21 +86,20 @@ class FusedDecoder:
         self._scratch_key = (0, 0, 0)
 
     @classmethod
-    def build(cls, model: nn.Module, pool, block: type, attention: type, mlp: type) -> FusedDecoder | None:
-        """The fused step for `model` if every layer is exactly a `block` of `attention` and `mlp` (the
-        classes the native code implements); None otherwise."""
-        from edgellm.models.base import RMSNorm
+    def build(cls, model: nn.Module, pool, specs: list[LayerSpec] | None) -> FusedDecoder | None:
+        """The fused step for `model` whose layers `specs` describes; None where the native step does not apply."""
         from edgellm.quantization import kernels as K
         from edgellm.quantization.layers import QuantLinear
 
         lib = K.library()
-        if lib is None or pool.dtype not in KV_KINDS:
+        if specs is None or lib is None or pool.dtype not in KV_KINDS:
             return None
         cfg = model.cfg
-        if (cfg.attn_softcap is not None or cfg.rot_dim % 2 or cfg.rot_dim > 512 or cfg.head_dim > 512
+        if (len(specs) != cfg.num_layers or cfg.rot_dim % 2 or cfg.rot_dim > 512 or cfg.head_dim > 512
                 or cfg.num_heads % cfg.num_kv_heads or str(model.rope.cos.device) != "cpu"):
             return None
         keep: list = []
+        eps: list[float] = []
 
         def linear(mod: nn.Module):
             if isinstance(mod, QuantLinear):
@@ -72,36 +108,49 @@ class FusedDecoder:
                 return K.PackedWeight.from_float(mod.weight, mod.bias)
             return None
 
-        def norm(mod) -> int | None:
-            if type(mod) is not RMSNorm or mod.offset or mod.eps != model.model.layers[0].input_layernorm.eps:
-                return None
-            w = mod.weight.detach().float().contiguous()
-            keep.append(w)
-            return w.data_ptr()
+        def vec(t: torch.Tensor) -> int:
+            t = t.detach().float().contiguous()
+            keep.append(t)
+            return t.data_ptr()
+
+        def norm(mod, layer_norm_ok: bool = False) -> tuple[int, int | None, int] | None:
+            """(kind, weight, bias) of a norm: 0 = RMSNorm, 1 = LayerNorm with bias; None if neither."""
+            if type(mod) is RMSNorm and not mod.offset:
+                eps.append(mod.eps)
+                return 0, vec(mod.weight), None
+            if (layer_norm_ok and isinstance(mod, nn.LayerNorm) and mod.weight is not None and mod.bias is not None
+                    and mod.weight.shape == (cfg.hidden_size,)):
+                eps.append(mod.eps)
+                return 1, vec(mod.weight), vec(mod.bias)
+            return None
 
         layers = (K.ELayer * cfg.num_layers)()
         windows = []
-        for i, blk in enumerate(model.model.layers):
-            if (type(blk) is not block or type(blk.self_attn) is not attention
-                    or type(blk.mlp) is not mlp or blk.mlp.act is not torch.nn.functional.silu):
+        for e, sp in zip(layers, specs):
+            act = _act_code(sp.act)
+            parts = [linear(sp.qkv), linear(sp.o), linear(sp.up), linear(sp.down)]
+            n1, n2 = norm(sp.norm1, True), norm(sp.norm2, True)
+            if act is None or any(p is None for p in parts) or n1 is None or n2 is None or n1[0] != n2[0]:
                 return None
-            at = blk.self_attn
-            parts = [linear(at.qkv_proj), linear(at.o_proj), linear(blk.mlp.gate_up_proj), linear(blk.mlp.down_proj)]
-            ptrs = [norm(blk.input_layernorm), norm(blk.post_attention_layernorm)]
-            if any(p is None for p in parts + ptrs):
-                return None
-            if cfg.qk_norm:
-                qn, kn = norm(at.q_norm), norm(at.k_norm)
-                if qn is None or kn is None:
+            extra = []
+            for mod in (sp.q_norm, sp.k_norm, sp.post_attn_norm, sp.post_mlp_norm):
+                got = None if mod is None else norm(mod)
+                if mod is not None and got is None:
                     return None
-            else:
-                qn = kn = None
+                extra.append(None if got is None else got[1])
+            gu_rows = (2 if sp.gated else 1) * cfg.intermediate_size
+            if parts[2].n != gu_rows or parts[3].k != cfg.intermediate_size:
+                return None
             keep.extend(parts)
-            e = layers[i]
-            e.ln1, e.ln2, e.qn, e.kn = ptrs[0], ptrs[1], qn, kn
+            e.norm, e.ln1, e.ln1b = n1
+            e.ln2, e.ln2b = n2[1], n2[2]
+            e.qn, e.kn, e.pn1, e.pn2 = extra
+            e.parallel, e.act, e.gated = int(sp.parallel), act, int(sp.gated)
             e.qkv, e.o, e.gu, e.down = (p.desc for p in parts)
-            windows.append(at.window)
-        return cls(model, pool, lib, layers, keep, windows)
+            windows.append(sp.window)
+        if len(set(eps)) != 1:  # one epsilon for every norm of the native step
+            return None
+        return cls(model, pool, lib, layers, keep, windows, eps[0])
 
     def _scratch_for(self, b: int, maxkeys: int, nt: int) -> torch.Tensor:
         key = (b, maxkeys, nt)
@@ -126,21 +175,20 @@ class FusedDecoder:
         n = L * b
         kp, vp = (ctypes.c_void_p * n)(), (ctypes.c_void_p * n)()
         cap, widx, kfrom = (ctypes.c_int32 * n)(), (ctypes.c_int32 * n)(), (ctypes.c_int32 * n)()
-        for j, c in enumerate(chunks):
+        windows = self.windows
+        for j, c in enumerate(chunks):  # sequence j's entries sit at j, j + b, ... (layer-major)
             kv = pool.seqs[c.seq.slot]
             start = c.start
-            for layer in range(L):
-                i = layer * b + j
-                k, base, w = kv.k[layer], kv.base[layer], self.windows[layer]
-                kp[i], vp[i] = k.data_ptr(), kv.v[layer].data_ptr()
-                cap[i] = k.shape[1]
-                widx[i] = start - base
-                kfrom[i] = 0 if w is None else max(base, start - w + 1) - base
+            kp[j::b] = [t.data_ptr() for t in kv.k]
+            vp[j::b] = [t.data_ptr() for t in kv.v]
+            cap[j::b] = [t.shape[1] for t in kv.k]
+            widx[j::b] = [start - base for base in kv.base]
+            kfrom[j::b] = [0 if w is None else max(base, start - w + 1) - base for base, w in zip(kv.base, windows)]
         nt = self.K.threads()
         scratch = self._scratch_for(b, max(starts) + 1, nt)
         self.lib.el_decode(self.ref, b, pos.data_ptr(), h.data_ptr(), kp, vp, cap, widx, kfrom, scratch.data_ptr(),
                            self._scratch_key[1], nt, KV_KINDS[pool.dtype])
-        return model.logits(model.model.norm(h)).float()
+        return model.logits(model.final_norm(h)).float()
 
 
 def _token_at(seq, i: int) -> int:

@@ -238,3 +238,16 @@ class Model(CausalLM):
         self.gpt_neox = Inner(cfg, mode, dtype)
         if not cfg.tie_word_embeddings:
             self.embed_out = make_lm_head(cfg.hidden_size, cfg.vocab_size, mode, dtype)
+
+    def fused_layers(self) -> list | None:
+        """LayerNorm pre-norms, a plain gelu MLP, the residual parallel or not (per config)."""
+        from edgellm.models.fused_decode import LayerSpec
+
+        specs = []
+        for blk in self.blocks:
+            if type(blk) is not Block or type(blk.attention) is not Attention or type(blk.mlp) is not MLP:
+                return None
+            specs.append(LayerSpec(blk.input_layernorm, blk.post_attention_layernorm, blk.attention.query_key_value,
+                                   blk.attention.dense, blk.mlp.dense_h_to_4h, blk.mlp.dense_4h_to_h, blk.mlp.act,
+                                   gated=False, parallel=bool(blk.parallel)))
+        return specs

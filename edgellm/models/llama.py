@@ -156,8 +156,15 @@ class Model(CausalLM):
         """The untied output layer (a family may quantize it differently)."""
         return make_lm_head(cfg.hidden_size, cfg.vocab_size, mode, dtype)
 
-    def native_decoder(self, pool):
-        """The decode step as one native call over all layers, or None where it does not apply."""
-        from edgellm.models.fused_decode import FusedDecoder
+    def fused_layers(self) -> list | None:
+        from edgellm.models.fused_decode import LayerSpec
 
-        return FusedDecoder.build(self, pool, Block, Attention, MLP)
+        specs = []
+        for blk in self.blocks:
+            if type(blk) is not Block or type(blk.self_attn) is not Attention or type(blk.mlp) is not MLP:
+                return None
+            at = blk.self_attn
+            specs.append(LayerSpec(blk.input_layernorm, blk.post_attention_layernorm, at.qkv_proj, at.o_proj,
+                                   blk.mlp.gate_up_proj, blk.mlp.down_proj, blk.mlp.act, window=at.window,
+                                   q_norm=getattr(at, "q_norm", None), k_norm=getattr(at, "k_norm", None)))
+        return specs

@@ -3,7 +3,8 @@
 A family module provides: `parse_config(hf: dict) -> ArchConfig`, `Model(cfg, mode,
 max_positions, dtype)`, `HF_FUSED` (our fused tensor -> its HF parts), `hf_rename(name)`
 (HF name -> ours or None) and `DISK_NAMES` (our names -> MLC-LLM's on-disk names).
-A family's Model may offer `native_decoder(pool)`: its decode step as one native call (engine O2).
+A family's Model may describe its blocks in `fused_layers()` (models/fused_decode.py): its decode step
+then runs as one native call (`native_decoder(pool)`, engine O2).
 Its GGUF knowledge (llama.cpp's architecture name, keys and tensor names) sits beside it:
 `GGUF_ARCH`, `gguf_config`, `gguf_tensor_names`, `gguf_metadata`, `gguf_export_names`
 (see models/gguf_hooks.py).
@@ -62,7 +63,9 @@ def get_family(model_type: str | None) -> ModuleType:
 
 def native_decode_families() -> list[str]:
     """The families whose Model offers a native decode step (the engine's O2 fused path)."""
-    return [mt for mt in MODEL_FAMILIES if getattr(get_family(mt).Model, "native_decoder", None) is not None]
+    from edgellm.models.base import CausalLM
+
+    return [mt for mt in MODEL_FAMILIES if get_family(mt).Model.fused_layers is not CausalLM.fused_layers]
 
 
 def gguf_architectures() -> list[str]:

@@ -51,7 +51,7 @@ log = logging.getLogger("edgellm.kernels")
 
 CSRC = Path(__file__).with_name("csrc")
 # The C ABI this module speaks (EL_ABI_VERSION in csrc/common.h); a library that answers otherwise is refused.
-ABI_VERSION = 6
+ABI_VERSION = 7
 # activation precision of quantized products (MNN-LLM's option name): activation bits
 PRECISIONS = {"high": 16, "normal": 8, "low": 8}  # MNN's "low": the fewest bits we offer
 # EDGELLM_KERNEL_MARCH picks another target (e.g. x86-64-v3 to exercise the portable path).
@@ -71,13 +71,15 @@ class ELinear(ctypes.Structure):
 
 
 class ELayer(ctypes.Structure):
-    _fields_ = [("ln1", ctypes.c_void_p), ("ln2", ctypes.c_void_p), ("qn", ctypes.c_void_p),
-                ("kn", ctypes.c_void_p), ("qkv", ELinear), ("o", ELinear), ("gu", ELinear), ("down", ELinear)]
+    _fields_ = [(n, ctypes.c_void_p) for n in ("ln1", "ln2", "ln1b", "ln2b", "pn1", "pn2", "qn", "kn")] + [
+        (n, ctypes.c_int32) for n in ("norm", "parallel", "act", "gated")] + [
+        ("qkv", ELinear), ("o", ELinear), ("gu", ELinear), ("down", ELinear)]
 
 
 class EModel(ctypes.Structure):
     _fields_ = [(n, ctypes.c_int32) for n in ("L", "H", "nh", "nkv", "D", "rot", "I", "maxpos")] + [
-        ("eps", ctypes.c_float), ("scale", ctypes.c_float), ("cos", ctypes.c_void_p), ("sin", ctypes.c_void_p),
+        ("eps", ctypes.c_float), ("scale", ctypes.c_float), ("softcap", ctypes.c_float),
+        ("cos", ctypes.c_void_p), ("sin", ctypes.c_void_p),
         ("layers", ctypes.POINTER(ELayer))]
 
 

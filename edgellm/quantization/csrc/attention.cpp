@@ -62,8 +62,8 @@ static void pv_heads(const float* s, int n, int sn, const T* V, int D, float* ac
 #endif
 
 template <typename T>
-void attend_group(const float* q, int rep, const T* K, const T* V, int n, int D, float scale, float* s,
-                         float* acc_out, float* m_out, float* l_out) {
+void attend_group(const float* q, int rep, const T* K, const T* V, int n, int D, float scale, float softcap,
+                  float* s, float* acc_out, float* m_out, float* l_out) {
     int j = 0;
     const int R = kv_row<T>(D);
     const bool scaled = sizeof(T) == 1;  // int8 rows carry their own scale
@@ -115,6 +115,10 @@ void attend_group(const float* q, int rep, const T* K, const T* V, int n, int D,
         const T* kr = K + (size_t)j * R;
         const float sj = kv_scale(kr, D) * scale;
         for (int h = 0; h < rep; ++h) s[(size_t)h * n + j] = dot_kv(q + (size_t)h * D, kr, D) * sj;
+    }
+    if (softcap > 0.f) {
+        const float inv = 1.0f / softcap;
+        for (size_t i = 0; i < (size_t)rep * n; ++i) s[i] = tanhf(s[i] * inv) * softcap;
     }
     for (int h = 0; h < rep; ++h) {
         float* sh = s + (size_t)h * n;
@@ -197,9 +201,9 @@ int attn_parts(int B, int nkv, int nthreads, int maxkeys) {
     return p < 1 ? 1 : p;
 }
 
-template void attend_group<float>(const float*, int, const float*, const float*, int, int, float, float*, float*,
+template void attend_group<float>(const float*, int, const float*, const float*, int, int, float, float, float*, float*,
                                   float*, float*);
-template void attend_group<uint16_t>(const float*, int, const uint16_t*, const uint16_t*, int, int, float, float*,
+template void attend_group<uint16_t>(const float*, int, const uint16_t*, const uint16_t*, int, int, float, float, float*,
                                      float*, float*, float*);
-template void attend_group<int8_t>(const float*, int, const int8_t*, const int8_t*, int, int, float, float*, float*,
+template void attend_group<int8_t>(const float*, int, const int8_t*, const int8_t*, int, int, float, float, float*, float*,
                                    float*, float*);

@@ -94,9 +94,10 @@ static inline void axpy_kv(float* o, float p, const T* v, int D) {
 // Attention of the `rep` query heads that share one key/value head, over keys [0, n) of K/V
 // (one part of the sequence: parts are merged by the caller). Each key and value row is read
 // once for all the heads. Outputs per head: unnormalized sum_j exp(s_j - m) v_j, m, and
-// l = sum_j exp(s_j - m). s = scratch of rep * n floats. Instantiated for float, uint16_t (float16), int8_t.
+// l = sum_j exp(s_j - m). s = scratch of rep * n floats. softcap > 0: scores become
+// tanh(s / softcap) * softcap before the softmax. Instantiated for float, uint16_t (float16), int8_t.
 template <typename T>
-void attend_group(const float* q, int rep, const T* K, const T* V, int n, int D, float scale, float* s,
-                  float* acc_out, float* m_out, float* l_out);
+void attend_group(const float* q, int rep, const T* K, const T* V, int n, int D, float scale, float softcap,
+                  float* s, float* acc_out, float* m_out, float* l_out);
 // number of key ranges each (sequence, kv head) is split into, so every thread has work
 int attn_parts(int B, int nkv, int nthreads, int maxkeys);

@@ -63,7 +63,7 @@
 
 // The C ABI: kernels.py mirrors these structs (ctypes) and refuses a library whose el_abi_version()
 // or el_sizeof() differ from its own. Bump EL_ABI_VERSION on any change of a struct or a signature.
-#define EL_ABI_VERSION 6
+#define EL_ABI_VERSION 7
 
 struct ELinear {
     const uint8_t* w;     // fmt 4 / 8 codes (layout above)
@@ -77,18 +77,32 @@ struct ELinear {
 // activation planes per row: 2 for 16-bit activations (value = plane0 + 256 * plane1), 1 for 8-bit
 static inline int act_planes(const ELinear& L) { return L.abits == 8 ? 1 : 2; }
 
+// One decoder layer of the fused step, described generically (every family's layer is one of these):
+//   x = h if parallel else h + pn1(attn(norm(h, ln1)))
+//   h = h + pn1(attn(norm(h, ln1))) + pn2(mlp(norm(x, ln2)))
+// norm is RMSNorm (norm=0) or LayerNorm with bias (norm=1); pn1/pn2 (Gemma 2's post norms) are
+// RMSNorms or null; mlp = down(act(gate) * up) with gu = [gate; up] rows (gated=1) or down(act(up)).
 struct ELayer {
-    const float* ln1;  // input RMSNorm weight [H]
-    const float* ln2;  // post-attention RMSNorm weight [H]
-    const float* qn;   // per-head q RMSNorm weight [D] (qwen3) or null
+    const float* ln1;   // input norm weight [H]
+    const float* ln2;   // norm before the MLP [H]
+    const float* ln1b;  // LayerNorm biases [H] (norm=1) or null
+    const float* ln2b;
+    const float* pn1;   // RMSNorm of the attention output [H] (gemma2) or null
+    const float* pn2;   // RMSNorm of the MLP output [H] (gemma2) or null
+    const float* qn;    // per-head q RMSNorm weight [D] (qwen3) or null
     const float* kn;
+    int32_t norm;      // 0: RMSNorm, 1: LayerNorm with bias
+    int32_t parallel;  // 1: the MLP reads the layer's input, not the attention's output (gpt_neox)
+    int32_t act;       // 0: silu, 1: gelu (tanh approximation), 2: gelu (erf)
+    int32_t gated;     // 1: gu holds [gate; up] (2I rows); 0: gu holds I rows
     ELinear qkv, o, gu, down;
 };
 
 struct EModel {
     int32_t L, H, nh, nkv, D, rot, I, maxpos;
     float eps, scale;
-    const float* cos;  // [maxpos][rot]
+    float softcap;     // attention scores -> tanh(s / softcap) * softcap when > 0 (gemma2)
+    const float* cos;  // [maxpos][rot]: the first rot dims of every head rotate (partial rotary)
     const float* sin;
     const ELayer* layers;
 };

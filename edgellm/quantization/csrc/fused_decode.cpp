@@ -1,10 +1,84 @@
-// The fused decode step of Llama-shaped models (llama, mistral, qwen2, qwen3): all layers in one call.
+// The fused decode step: all layers of a model in one call. Every family's layer is an ELayer (common.h):
+// pre-norm kind, optional post norms, sequential or parallel residual, gated or plain MLP and its activation.
 #include "attention.h"
 
 static void rmsnorm_row(const float* x, const float* w, int n, float eps, float* out) {
     const float ss = dotf(x, x, n);
     const float r = 1.0f / sqrtf(ss / (float)n + eps);
     for (int i = 0; i < n; ++i) out[i] = (x[i] * r) * w[i];
+}
+
+static void layernorm_row(const float* x, const float* w, const float* b, int n, float eps, float* out) {
+    float mean = 0.f;
+    for (int i = 0; i < n; ++i) mean += x[i];
+    mean /= (float)n;
+    float var = 0.f;
+    for (int i = 0; i < n; ++i) var += (x[i] - mean) * (x[i] - mean);
+    const float r = 1.0f / sqrtf(var / (float)n + eps);
+    for (int i = 0; i < n; ++i) out[i] = (x[i] - mean) * r * w[i] + (b ? b[i] : 0.f);
+}
+
+static inline void norm_row(const ELayer& Ly, int second, const float* x, int n, float eps, float* out) {
+    const float* w = second ? Ly.ln2 : Ly.ln1;
+    if (Ly.norm == 1)
+        layernorm_row(x, w, second ? Ly.ln2b : Ly.ln1b, n, eps, out);
+    else
+        rmsnorm_row(x, w, n, eps, out);
+}
+
+// h += (post ? rmsnorm(v, post) : v) for one row; v is overwritten by the normed value
+static inline void add_residual(float* h, float* v, const float* post, int n, float eps) {
+    if (post) rmsnorm_row(v, post, n, eps, v);
+    for (int i = 0; i < n; ++i) h[i] += v[i];
+}
+
+static inline float act_scalar(int kind, float g) {
+    if (kind == 0) return g / (1.0f + expf(-g));
+    if (kind == 1) return 0.5f * g * (1.0f + tanhf(0.7978845608028654f * (g + 0.044715f * g * g * g)));
+    return 0.5f * g * (1.0f + erff(g * 0.7071067811865476f));
+}
+
+#if EL_VNNI
+static inline __m512 act512(int kind, __m512 g) {
+    const __m512 one = _mm512_set1_ps(1.0f);
+    if (kind == 0) return _mm512_div_ps(g, _mm512_add_ps(one, exp512(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+    // gelu(tanh): g * (1 - 1 / (exp(2u) + 1)) = g * sigmoid(2u), u = sqrt(2/pi) (g + 0.044715 g^3)
+    const __m512 g3 = _mm512_mul_ps(_mm512_mul_ps(g, g), g);
+    const __m512 u2 = _mm512_mul_ps(_mm512_set1_ps(2.0f * 0.7978845608028654f),
+                                    _mm512_fmadd_ps(_mm512_set1_ps(0.044715f), g3, g));
+    return _mm512_div_ps(g, _mm512_add_ps(one, exp512(_mm512_sub_ps(_mm512_setzero_ps(), u2))));
+}
+#elif EL_AVX2
+static inline __m256 act256(int kind, __m256 g) {
+    const __m256 one = _mm256_set1_ps(1.0f);
+    if (kind == 0) return _mm256_div_ps(g, _mm256_add_ps(one, exp256(_mm256_sub_ps(_mm256_setzero_ps(), g))));
+    const __m256 g3 = _mm256_mul_ps(_mm256_mul_ps(g, g), g);
+    const __m256 u2 = _mm256_mul_ps(_mm256_set1_ps(2.0f * 0.7978845608028654f),
+                                    _mm256_fmadd_ps(_mm256_set1_ps(0.044715f), g3, g));
+    return _mm256_div_ps(g, _mm256_add_ps(one, exp256(_mm256_sub_ps(_mm256_setzero_ps(), u2))));
+}
+#endif
+
+// out[i] = act(g[i]) * u[i] (gated) or act(g[i]) (u null), i < n
+static void act_span(const ELayer& Ly, const float* g, const float* u, float* out, int n) {
+    const int kind = Ly.act;
+    int i = 0;
+#if EL_VNNI
+    if (kind != 2)
+        for (; i + 16 <= n; i += 16) {
+            __m512 a = act512(kind, _mm512_loadu_ps(g + i));
+            if (u) a = _mm512_mul_ps(a, _mm512_loadu_ps(u + i));
+            _mm512_storeu_ps(out + i, a);
+        }
+#elif EL_AVX2
+    if (kind != 2)
+        for (; i + 8 <= n; i += 8) {
+            __m256 a = act256(kind, _mm256_loadu_ps(g + i));
+            if (u) a = _mm256_mul_ps(a, _mm256_loadu_ps(u + i));
+            _mm256_storeu_ps(out + i, a);
+        }
+#endif
+    for (; i < n; ++i) out[i] = act_scalar(kind, g[i]) * (u ? u[i] : 1.0f);
 }
 
 static void rope_head(float* x, const float* c, const float* s, int rot) {
@@ -74,7 +148,8 @@ static void decode_impl(const EModel* Mp, int B, const int64_t* pos, float* h, T
     EAct A;
     A.gsc = f;
     f += round64((size_t)B * G);
-    f += round64((size_t)B * H);  // spare
+    float* mo = f;  // [B][H] the MLP's output
+    f += round64((size_t)B * H);
     A.corr = (int32_t*)f;
     A.planes = (int8_t*)(A.corr + round64((size_t)B * G * 2));
     A.Kp = Kp;
@@ -88,14 +163,13 @@ static void decode_impl(const EModel* Mp, int B, const int64_t* pos, float* h, T
             EAct Aq = A;
             Aq.Kp = Ly.qkv.Kp;
             Aq.G = Ly.qkv.G;
-#pragma omp single
-            {
-                for (int b = 0; b < B; ++b) {
-                    if (l > 0)
-                        for (int i = 0; i < H; ++i) h[(size_t)b * H + i] += tmp[(size_t)b * H + i];
-                    rmsnorm_row(h + (size_t)b * H, Ly.ln1, H, Mo.eps, xn + (size_t)b * H);
-                }
-                if (Ly.qkv.fmt != 32) quant_act_rows(Ly.qkv, xn, H, 0, B, Aq);
+            // row-wise steps are shared out by row (each row's work is independent of the others)
+#pragma omp for schedule(static)
+            for (int b = 0; b < B; ++b) {
+                if (l > 0)  // the previous layer's MLP output
+                    add_residual(h + (size_t)b * H, mo + (size_t)b * H, Mo.layers[l - 1].pn2, H, Mo.eps);
+                norm_row(Ly, 0, h + (size_t)b * H, H, Mo.eps, xn + (size_t)b * H);
+                if (Ly.qkv.fmt != 32) quant_act_rows(Ly.qkv, xn, H, b, b + 1, Aq);
             }
             gemv_for(Ly.qkv, xn, H, Aq, B, qkv, QKV);
             // q/k norms, rotary embedding, cache write
@@ -121,16 +195,15 @@ static void decode_impl(const EModel* Mp, int B, const int64_t* pos, float* h, T
                 const size_t base = ((size_t)kh * cap[i] + kfrom[i] + k0) * kv_row<T>(D);
                 float* pr = part + (size_t)t * rep * (D + 2);
                 attend_group(qkv + (size_t)b * QKV + (size_t)kh * rep * D, rep, kc[i] + base, vc[i] + base, k1 - k0, D,
-                             Mo.scale, sc + (size_t)tid * maxkeys * rep, pr, pr + (size_t)rep * D,
+                             Mo.scale, Mo.softcap, sc + (size_t)tid * maxkeys * rep, pr, pr + (size_t)rep * D,
                              pr + (size_t)rep * D + rep);
             }
             EAct Ao = A;
             Ao.Kp = Ly.o.Kp;
             Ao.G = Ly.o.G;
-#pragma omp single
-            {
-                // merge the key-range parts of every (sequence, query head)
-                for (int b = 0; b < B; ++b)
+            // merge the key-range parts of every (sequence, query head)
+#pragma omp for schedule(static)
+            for (int b = 0; b < B; ++b) {
                     for (int hq = 0; hq < nh; ++hq) {
                         const int kh = hq / rep, r = hq % rep;
                         float M = -INFINITY;
@@ -151,62 +224,55 @@ static void decode_impl(const EModel* Mp, int B, const int64_t* pos, float* h, T
                         const float inv = 1.0f / lsum;
                         for (int d = 0; d < D; ++d) o[d] *= inv;
                     }
-                if (Ly.o.fmt != 32) quant_act_rows(Ly.o, att, nh * D, 0, B, Ao);
+                if (Ly.o.fmt != 32) quant_act_rows(Ly.o, att, nh * D, b, b + 1, Ao);
             }
             gemv_for(Ly.o, att, nh * D, Ao, B, tmp, H);
             EAct Ag = A;
             Ag.Kp = Ly.gu.Kp;
             Ag.G = Ly.gu.G;
-#pragma omp single
-            {
-                for (int b = 0; b < B; ++b) {
-                    for (int i = 0; i < H; ++i) h[(size_t)b * H + i] += tmp[(size_t)b * H + i];
-                    rmsnorm_row(h + (size_t)b * H, Ly.ln2, H, Mo.eps, xn + (size_t)b * H);
+#pragma omp for schedule(static)
+            for (int b = 0; b < B; ++b) {
+                {
+                    float* hb = h + (size_t)b * H;
+                    if (Ly.parallel) {  // the MLP reads the layer's input
+                        norm_row(Ly, 1, hb, H, Mo.eps, xn + (size_t)b * H);
+                        add_residual(hb, tmp + (size_t)b * H, Ly.pn1, H, Mo.eps);
+                    } else {
+                        add_residual(hb, tmp + (size_t)b * H, Ly.pn1, H, Mo.eps);
+                        norm_row(Ly, 1, hb, H, Mo.eps, xn + (size_t)b * H);
+                    }
                 }
-                if (Ly.gu.fmt != 32) quant_act_rows(Ly.gu, xn, H, 0, B, Ag);
+                if (Ly.gu.fmt != 32) quant_act_rows(Ly.gu, xn, H, b, b + 1, Ag);
             }
-            gemv_for(Ly.gu, xn, H, Ag, B, gu, 2 * I);
-            {
+            const int GW = Ly.gated ? 2 * I : I;  // gu row width
+            gemv_for(Ly.gu, xn, H, Ag, B, gu, GW);
+            EAct Ad = A;
+            Ad.Kp = Ly.down.Kp;
+            Ad.G = Ly.down.G;
+            if (B >= nthreads) {  // a row per task: its activation, then its quantization (one barrier less)
+#pragma omp for schedule(static)
+                for (int b = 0; b < B; ++b) {
+                    const float* g = gu + (size_t)b * GW;
+                    act_span(Ly, g, Ly.gated ? g + I : nullptr, act + (size_t)b * I, I);
+                    if (Ly.down.fmt != 32) quant_act_rows(Ly.down, act, I, b, b + 1, Ad);
+                }
+            } else {
                 const int chunks = (I + 255) / 256;
 #pragma omp for schedule(static)
                 for (int t = 0; t < B * chunks; ++t) {
                     const int b = t / chunks, c0 = (t % chunks) * 256, n = I - c0 < 256 ? I - c0 : 256;
-                    float* g = gu + (size_t)b * 2 * I;
-                    // silu(gate) * up on a slice: pass a view whose "up" half is I further on
-                    int i = 0;
-#if EL_VNNI
-                    for (; i + 16 <= n; i += 16) {
-                        const __m512 gg = _mm512_loadu_ps(g + c0 + i), uu = _mm512_loadu_ps(g + I + c0 + i);
-                        const __m512 sg = _mm512_div_ps(
-                            gg, _mm512_add_ps(_mm512_set1_ps(1.0f), exp512(_mm512_sub_ps(_mm512_setzero_ps(), gg))));
-                        _mm512_storeu_ps(act + (size_t)b * I + c0 + i, _mm512_mul_ps(sg, uu));
-                    }
-#elif EL_AVX2
-                    for (; i + 8 <= n; i += 8) {
-                        const __m256 gg = _mm256_loadu_ps(g + c0 + i), uu = _mm256_loadu_ps(g + I + c0 + i);
-                        const __m256 sg = _mm256_div_ps(
-                            gg, _mm256_add_ps(_mm256_set1_ps(1.0f), exp256(_mm256_sub_ps(_mm256_setzero_ps(), gg))));
-                        _mm256_storeu_ps(act + (size_t)b * I + c0 + i, _mm256_mul_ps(sg, uu));
-                    }
-#endif
-                    for (; i < n; ++i) {
-                        const float gg = g[c0 + i];
-                        act[(size_t)b * I + c0 + i] = (gg / (1.0f + expf(-gg))) * g[I + c0 + i];
-                    }
+                    const float* g = gu + (size_t)b * GW + c0;
+                    act_span(Ly, g, Ly.gated ? g + I : nullptr, act + (size_t)b * I + c0, n);
+                }
+                if (Ly.down.fmt != 32) {
+#pragma omp for schedule(static)
+                    for (int b = 0; b < B; ++b) quant_act_rows(Ly.down, act, I, b, b + 1, Ad);
                 }
             }
-            EAct Ad = A;
-            Ad.Kp = Ly.down.Kp;
-            Ad.G = Ly.down.G;
-            if (Ly.down.fmt != 32) {
-#pragma omp for schedule(static)
-                for (int b = 0; b < B; ++b) quant_act_rows(Ly.down, act, I, b, b + 1, Ad);
-            }
-            gemv_for(Ly.down, act, I, Ad, B, tmp, H);
+            gemv_for(Ly.down, act, I, Ad, B, mo, H);
         }
-#pragma omp single
-        for (int b = 0; b < B; ++b)
-            for (int i = 0; i < H; ++i) h[(size_t)b * H + i] += tmp[(size_t)b * H + i];
+#pragma omp for schedule(static)
+        for (int b = 0; b < B; ++b) add_residual(h + (size_t)b * H, mo + (size_t)b * H, Mo.layers[Mo.L - 1].pn2, H, Mo.eps);
     }
 }
 
