@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import httpx
 import openai
@@ -63,3 +64,17 @@ def error(r: httpx.Response, status: int = 400) -> dict:
     err = r.json()["error"]
     assert isinstance(err["message"], str) and err["message"] and "type" in err
     return err
+
+
+def is_json_prefix(s: str) -> bool:
+    """JSON, or JSON cut short (what is left where the parser stopped may only begin a token)."""
+    try:
+        json.loads(s)
+        return True
+    except json.JSONDecodeError as e:
+        rest = s[e.pos:]
+        if not rest.strip() or any(lit.startswith(rest) for lit in ("true", "false", "null")):
+            return True
+        if rest[0] == '"':  # an unfinished string: no closing quote after the opening one
+            return re.fullmatch(r'"(?:[^"\\]|\\.)*\\?', rest, re.S) is not None
+        return re.fullmatch(r"-?\d*\.?\d*(?:[eE][-+]?\d*)?", rest) is not None

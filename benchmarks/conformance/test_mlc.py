@@ -12,7 +12,7 @@ import time
 
 import httpx
 import pytest
-from conftest import error, post, sse
+from conftest import error, is_json_prefix, post, sse
 
 PROMPT = "What is the meaning of life?"
 CHATS = [
@@ -26,19 +26,11 @@ CHATS = [
 STREAM = pytest.mark.parametrize("stream", [False, True])
 
 
-def _is_json_prefix(s: str) -> bool:
-    try:
-        json.loads(s)
-        return True
-    except json.JSONDecodeError as e:
-        return e.pos >= len(s.rstrip()) - 1
-
-
 def completion(base, model, stream, n=1, is_chat=False, finish=("stop", "length"), tokens=None, json_out=False,
                **body):
     """A (streamed or whole) request checked as MLC's check_openai_*_response does; the choices' texts."""
     path = "/v1/chat/completions" if is_chat else "/v1/completions"
-    body = {"model": model, "stream": stream, **body}
+    body = {"model": model, "stream": stream, **({"n": n} if n > 1 else {}), **body}
     obj = "chat.completion" if is_chat else "text_completion"
     texts, reasons = [""] * n, [None] * n
     if stream:
@@ -73,7 +65,7 @@ def completion(base, model, stream, n=1, is_chat=False, finish=("stop", "length"
     assert all(r in finish for r in reasons), reasons
     if json_out:
         for t, r in zip(texts, reasons):
-            assert _is_json_prefix(t), t
+            assert is_json_prefix(t), t
             try:
                 json.loads(t)
             except json.JSONDecodeError:
