@@ -212,3 +212,30 @@ def test_length_cut_mid_character_drops_unfinished_bytes(server, tok):
 def test_no_cors_by_default(server):
     r = httpx.get(server.base + "/v1/models", headers={"Origin": "http://ui.example"})
     assert "access-control-allow-origin" not in r.headers
+
+
+def test_several_prompts_in_one_completion_request(server):
+    """OpenAI's legacy completions take a list of prompts: choices i * n + k, usage summed, each the
+    text it gets alone; streamed, the chunks of both arrive under one id and one summed usage chunk."""
+    url = server.base + "/v1/completions"
+    one = {"max_tokens": 6, "temperature": 0, "ignore_eos": True}
+    alone = [httpx.post(url, json={**one, "prompt": p}, timeout=60).json() for p in ("Hello", [5, 6, 7])]
+    r = httpx.post(url, json={**one, "prompt": [[5, 6, 7], [5, 6, 7]], "n": 2}, timeout=60).json()
+    assert [c["index"] for c in r["choices"]] == [0, 1, 2, 3]
+    assert {c["text"] for c in r["choices"]} == {alone[1]["choices"][0]["text"]}
+    assert r["usage"]["completion_tokens"] == 4 * 6 and r["usage"]["prompt_tokens"] == 2 * 3
+    events = sse(server, "/v1/completions", {**one, "prompt": ["Hello", "Hello"], "stream": True,
+                                             "stream_options": {"include_usage": True}})
+    texts = ["", ""]
+    for e in events[:-1]:
+        for c in e["choices"]:
+            texts[c["index"]] += c["text"]
+    assert texts == [alone[0]["choices"][0]["text"]] * 2 and len({e["id"] for e in events}) == 1
+    assert events[-1]["choices"] == [] and events[-1]["usage"]["completion_tokens"] == 12
+    bad = httpx.post(url, json={**one, "prompt": [[5, 6], [10**9]], "max_tokens": 40}, timeout=60)
+    assert bad.status_code == 400 and "vocabulary" in bad.json()["error"]["message"]
+    deadline = time.time() + 10  # the other prompt's request does not run on
+    while server.metrics()["requests_running"] and time.time() < deadline:
+        time.sleep(0.1)
+    assert server.metrics()["requests_running"] == 0
+    assert httpx.post(url, json={**one, "prompt": ["x"] * 17}, timeout=60).status_code == 400

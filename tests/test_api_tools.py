@@ -125,3 +125,58 @@ def test_parsers_for_hermes_mistral_llama3():
     unknown = '{"name": "unknown", "arguments": {}}'
     assert parse_tool_calls(unknown, tools) == (unknown, [])
     assert parse_tool_calls("Paris is sunny.", tools) == ("Paris is sunny.", [])
+
+
+def test_streamed_tool_call_arguments_are_incremental(client):
+    """The official client's own stream accumulation: the first tool-call delta carries index, id, type and
+    name with empty arguments; then `function.arguments` arrives in one piece per generated token or so,
+    not at the end."""
+    from openai.lib.streaming.chat import ChatCompletionStreamState
+
+    mid = client.models.list().data[0].id
+    state = ChatCompletionStreamState()
+    stream = client.chat.completions.create(model=mid, messages=ASK, tools=[WEATHER], stream=True, temperature=0,
+                                            tool_choice={"type": "function", "function": {"name": "get_weather"}},
+                                            stream_options={"include_usage": True})
+    pieces, events, usage = [], [], None
+    for chunk in stream:
+        events += [e.type for e in state.handle_chunk(chunk)]
+        usage = chunk.usage or usage
+        for d in [c.delta for c in chunk.choices]:
+            for tc in d.tool_calls or []:
+                if tc.id:
+                    assert not pieces and tc.type == "function" and tc.function.name == "get_weather"
+                    assert tc.function.arguments == ""
+                elif tc.function.arguments:
+                    pieces.append(tc.function.arguments)
+    final = state.get_final_completion()
+    call = final.choices[0].message.tool_calls[0]
+    assert final.choices[0].finish_reason == "tool_calls" and call.function.arguments == "".join(pieces)
+    _valid(call)
+    assert events.count("tool_calls.function.arguments.delta") >= len(pieces)
+    # one piece per token of the arguments (a few tokens go to the name): never held and sent at the end
+    assert usage.completion_tokens and len(pieces) >= len(call.function.arguments) // 4
+
+
+def test_tool_call_stream_parser_sends_what_is_certain():
+    from edgellm.api.tool_stream import ToolCallStream
+
+    text = ('Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Rome", "celsius": false}}'
+            '\n</tool_call>\n<tool_call>{"name": "get_time", "arguments": {"zone": "CET"}}</tool_call>')
+    s = ToolCallStream([WEATHER, TIME])
+    deltas = [d for ch in text for d in s.feed(ch)] + s.finish()
+    assert "".join(d.get("content", "") for d in deltas) == "Let me check."
+    calls = [tc for d in deltas for tc in d.get("tool_calls", [])]
+    assert [(c["index"], c["function"]["name"]) for c in calls if "id" in c] == [(0, "get_weather"), (1, "get_time")]
+    args = ["".join(c["function"]["arguments"] for c in calls if c["index"] == k) for k in (0, 1)]
+    assert args == ['{"city": "Rome", "celsius": false}', '{"zone": "CET"}']
+    assert len(calls) > 20  # streamed character by character, not at the end
+    for plain in ("Paris is sunny.", '{"city": "Paris"}', "[1, 2]", '{"name": "unknown", "arguments": {}}'):
+        s = ToolCallStream([WEATHER, TIME])
+        deltas = [d for ch in plain for d in s.feed(ch)] + s.finish()
+        assert "".join(d.get("content", "") for d in deltas) == plain and not s.called
+    # a shape that cannot stream (arguments before name) is held and parsed whole at the end
+    s = ToolCallStream([WEATHER, TIME])
+    held = '{"arguments": {"zone": "UTC"}, "name": "get_time"}'
+    assert not [d for ch in held for d in s.feed(ch)] and s.finish()[0]["tool_calls"][0]["function"]["name"] \
+        == "get_time"

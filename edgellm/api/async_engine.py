@@ -8,6 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from edgellm.api.batch import is_batch, run_batch
 from edgellm.api.engine import EngineBase
 from edgellm.api.responses import ResponseBuilder
 from edgellm.engine.request import Request
@@ -65,6 +66,8 @@ class AsyncEngine(EngineBase):
     async def run_request(self, kind: str, request):
         """A parsed request (the server's `ChatCompletionRequest` / `CompletionRequest`, validated once):
         the completion, or an async iterator of chunks when it streams. `kind` is "chat" or "text"."""
+        if kind == "text" and is_batch(request.prompt):
+            return await run_batch(self._create, request)
         return await self._create(kind, request)
 
     async def embed(self, request) -> dict:

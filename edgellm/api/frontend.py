@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from edgellm.api import protocol as P
+from edgellm.api.batch import is_batch
 from edgellm.api.processor import OutputProcessor
 from edgellm.api.responses import ResponseBuilder
 from edgellm.api.tokens import TokenBytes
@@ -147,6 +148,9 @@ class Frontend:
             if tools and forced:
                 params.grammar = self._compiler().compile_tool_call(forced_schema(tools, name))
         else:
+            if is_batch(r.prompt):
+                raise BadRequestError("several prompts in one request are served by `edgellm serve` and "
+                                      "AsyncEngine; call Engine once per prompt", param="prompt")
             if isinstance(r.prompt, str):
                 prompt = self.tokenizer.encode(r.prompt, add_special_tokens=True)
                 echo = r.prompt if r.echo else ""

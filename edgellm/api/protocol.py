@@ -249,8 +249,12 @@ class CompletionRequest(SamplingFields):
                 raise ValueError("prompt must not be empty")
             if len(v) == 1 and isinstance(v[0], (str, list)):
                 v = v[0]
-            elif isinstance(v[0], (str, list)):
-                raise ValueError("batched prompts are not supported; send one prompt per request")
+            elif isinstance(v[0], (str, list)):  # several prompts: one engine request each (api/batch.py)
+                if len(v) > 16:
+                    raise ValueError(f"at most 16 prompts in one request, got {len(v)}")
+                if any(isinstance(p, list) and (not p or any(t < 0 for t in p)) for p in v):
+                    raise ValueError("each prompt of token ids must be non-empty and non-negative")
+                return v
         if isinstance(v, list) and any(t < 0 for t in v):
             raise ValueError("prompt token ids must be non-negative")
         return v

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from edgellm.api import protocol as P
 from edgellm.api.processor import TokenOutput
-from edgellm.api.tools import TOOL_PREFIXES, parse_tool_calls
+from edgellm.api.tool_stream import ToolCallStream
+from edgellm.api.tools import parse_tool_calls
 from edgellm.engine.request import Request
 
 
@@ -14,10 +15,9 @@ class ChoiceState:
         self.finish_reason: str | None = None
         self.token_ids: list[int] = []
         self.logprobs: list[dict] = []
-        # tool mode (streaming): text held back while it may be a tool call, and its logprob entries
-        self.held = ""
+        # tool mode (streaming): the incremental tool-call parser, and logprob entries not sent yet
+        self.stream: ToolCallStream | None = None
         self.held_logprobs: list[dict] = []
-        self.plain = False  # the reply is known to be text, not a tool call
 
 
 class ResponseBuilder:
@@ -152,40 +152,25 @@ class ResponseBuilder:
         return content, calls if self.parallel_tool_calls else calls[:1]
 
     def _tool_mode_chunks(self, o: TokenOutput) -> list:
-        """Chat streaming when tools are offered: text that may be a tool call is held until the
-        choice ends, then sent as `delta.tool_calls` (id and name first, then the arguments in pieces)."""
+        """Chat streaming when tools are offered: text that may start a tool call is held until it is
+        known; a call is sent as `delta.tool_calls` as soon as its name is complete (index, id, type,
+        name), then its `arguments` string in the pieces the model writes (`api/tool_stream.py`)."""
         c = self.choices[o.index]
+        if c.stream is None:
+            c.stream = ToolCallStream(self.tools, self.parallel_tool_calls)
+        c.held_logprobs += o.logprobs or []
+        deltas = c.stream.feed(o.text)
+        if o.finish_reason:
+            deltas += c.stream.finish()
         out = []
-        if not c.plain:
-            c.held += o.text
-            c.held_logprobs += o.logprobs or []
-            head = c.held.lstrip()
-            if head and not any(head.startswith(p) or p.startswith(head) for p in TOOL_PREFIXES):
-                c.plain = True
-                out.append(self._chat_chunk(o.index, P.DeltaMessage(content=c.held), None,
-                                            self._chat_logprobs(c.held_logprobs)))
-        elif o.text or o.logprobs:
-            out.append(self._chat_chunk(o.index, P.DeltaMessage(content=o.text), None, self._chat_logprobs(o.logprobs)))
-        if not o.finish_reason:
-            return out
-        finish = o.finish_reason
-        if not c.plain:
-            content, calls = self._parse(c.held)
-            if content:
-                out.append(self._chat_chunk(o.index, P.DeltaMessage(content=content), None,
-                                            self._chat_logprobs(c.held_logprobs)))
-            for k, call in enumerate(calls):
-                fn = call["function"]
-                out.append(self._chat_chunk(o.index, P.DeltaMessage(tool_calls=[
-                    {"index": k, "id": call["id"], "type": "function",
-                     "function": {"name": fn["name"], "arguments": ""}}]), None))
-                args = fn["arguments"]
-                for at in range(0, len(args), 16):
-                    out.append(self._chat_chunk(o.index, P.DeltaMessage(tool_calls=[
-                        {"index": k, "function": {"arguments": args[at:at + 16]}}]), None))
-            if calls:
-                finish = "tool_calls"
-        out.append(self._chat_chunk(o.index, P.DeltaMessage(), finish))
+        for d in deltas:
+            logprobs = None
+            if "content" in d:  # the logprobs of the tokens so far go with the content they made
+                logprobs, c.held_logprobs = self._chat_logprobs(c.held_logprobs), []
+            out.append(self._chat_chunk(o.index, P.DeltaMessage(**d), None, logprobs))
+        if o.finish_reason:
+            finish = "tool_calls" if c.stream.called else o.finish_reason
+            out.append(self._chat_chunk(o.index, P.DeltaMessage(), finish))
         return out
 
     def _chat_chunk(self, index: int, delta: P.DeltaMessage, finish: str | None, logprobs=None):

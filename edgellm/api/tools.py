@@ -17,8 +17,6 @@ from typing import Any
 from edgellm.errors import BadRequestError
 
 _HERMES = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.S)
-# Text that may be the start of a tool call: held back while streaming until it is known.
-TOOL_PREFIXES = ("<tool_call>", "[TOOL_CALLS]", "<|python_tag|>", "{", "[")
 
 
 def new_call_id() -> str:
