@@ -26,6 +26,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="a compiled model library (.pt2/.so, .pte or .tar) to run instead of the eager model")
     p.add_argument("--precision", default="normal", choices=["high", "normal", "low"],
                    help="activations of quantized products: high = 16-bit (exact), normal/low = int8 GEMM")
+    p.add_argument("--lora", action="append", default=None, metavar="NAME=DIR",
+                   help="a LoRA adapter at run time; repeatable: the batch's requests use them in turn")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
@@ -33,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
     import sys
 
     from edgellm.bench import format_report, run_bench
-    from edgellm.engine.options import make_options
+    from edgellm.engine.options import make_options, parse_lora_specs
     from edgellm.prepare import runtime_config
 
     args.model, file_options = runtime_config(args.model)  # an MNN-style config.json: options for its model
@@ -50,7 +52,8 @@ def run(args: argparse.Namespace) -> int:
                        threads=args.threads, repeat=args.repeat, opt=args.opt, device=args.device,
                        quantization=args.quantization, use_mmap=args.use_mmap, kv_cache_dtype=args.kv_cache_dtype,
                        bandwidth=not args.no_bandwidth, log=lambda m: print(m, file=sys.stderr),
-                       model_lib=args.model_lib, precision=args.precision)
+                       model_lib=args.model_lib, precision=args.precision,
+                       lora_adapters=parse_lora_specs(args.lora) or None)
     if args.json:
         print(json.dumps(report, indent=2))
     else:
