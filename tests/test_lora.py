@@ -293,9 +293,57 @@ def test_bad_adapters_are_refused_with_one_line(tiny_model, adapters, tmp_path):
         assert eng.lora_adapters == ["a"]  # nothing lost: the engine still answers with its adapter
         r = eng.chat.completions.create(messages=[{"role": "user", "content": "hi"}], lora="a", max_tokens=4)
         assert r.usage.completion_tokens > 0
+        # the chat's /set lora=NAME
+        from edgellm.chat import ChatSession
+
+        chat = ChatSession(eng, settings={"temperature": 0.0, "max_tokens": 6, "ignore_eos": True})
+        assert chat.command("/set lora=zz").startswith("error: LoRA adapter 'zz' is not loaded")
+        base = "".join(chat.send("Hello"))
+        assert chat.command("/set lora=a") == "set lora=a"
+        chat.reset()
+        adapted = "".join(chat.send("Hello"))
+        assert chat.command("/set lora=none") == "set lora=none" and "lora" not in chat.settings
+        chat.reset()
+        assert "".join(chat.send("Hello")) == base != adapted
     finally:
         eng.terminate()
     with pytest.raises(UserError, match="needs --lora-adapter"):
         convert_weight(tiny_model, "q0f32", tmp_path / "x", lora_split=True)
     with pytest.raises(UserError, match="expected NAME=DIR"):
         Engine(str(tiny_model), device="cpu", lora_adapters="a")
+
+
+def test_server_adapters(tiny_model, adapters):
+    """A real server: /v1/models lists the adapter; model="name", "<base>:name" and lora="name" pick it;
+    after /v1/unload_lora_adapter the name is a 404 with an OpenAI error object."""
+    import httpx
+    import openai
+
+    from tests.test_serve import Server
+
+    s = Server(tiny_model, "--lora", f"a={adapters / 'a'}", "--allow-lora-updates", "--no-ui")
+    try:
+        client = openai.OpenAI(base_url=s.base + "/v1", api_key="unused", max_retries=0)
+        ids = [m.id for m in client.models.list().data]
+        assert ids[1:] == ["a"] and client.models.retrieve("a").parent == ids[0]
+
+        def ask(**kw):
+            r = client.chat.completions.create(messages=[{"role": "user", "content": "Hi"}], max_tokens=6,
+                                               temperature=0, **kw)
+            return r.choices[0].message.content
+
+        base = ask(model=ids[0])
+        adapted = ask(model="a")
+        assert adapted == ask(model=f"{ids[0]}:a") == ask(model=ids[0], extra_body={"lora": "a"}) != base
+        r = httpx.post(s.base + "/v1/load_lora_adapter", json={"lora_name": "b", "lora_path": str(adapters / "b")})
+        assert r.status_code == 200 and [m.id for m in client.models.list().data][1:] == ["a", "b"]
+        assert httpx.post(s.base + "/v1/unload_lora_adapter", json={"lora_name": "a"}).status_code == 200
+        for kw in ({"model": "a"}, {"model": f"{ids[0]}:a"}, {"model": ids[0], "extra_body": {"lora": "a"}}):
+            with pytest.raises(openai.NotFoundError) as e:
+                ask(**kw)
+            assert e.value.body["code"] == "model_not_found" and "'a'" in e.value.body["message"]
+        r = httpx.post(s.base + "/v1/load_lora_adapter", json={"lora_name": "c", "lora_path": str(tiny_model)})
+        assert r.status_code == 400 and "no adapter_config.json" in r.json()["error"]["message"]
+        assert ask(model="b") != base and ask(model=ids[0]) == base
+    finally:
+        s.stop()
