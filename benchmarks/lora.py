@@ -11,7 +11,7 @@ decoder (q/k/v/o, gate/up/down), a batch of 8 sequences:
 The configurations run interleaved, repetition by repetition, so a loaded machine slows them alike; only
 the ratios mean something.
 
-    python benchmarks/lora.py [--batch 8] [--prompt-len 64] [--gen-len 64] [--repeat 3] [--rank 16]
+    python benchmarks/lora.py [--batch 8] [--prompt-len 64] [--gen-len 32] [--repeat 2] [--rank 16]
 """
 
 from __future__ import annotations
@@ -71,8 +71,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--prompt-len", type=int, default=64)
-    ap.add_argument("--gen-len", type=int, default=64)
-    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--gen-len", type=int, default=32)
+    ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
@@ -83,6 +83,7 @@ def main() -> None:
     try:
         adapters = {f"a{i}": str(write_adapter(work / f"a{i}", arch, args.rank, i)) for i in range(4)}
         merged = work / "merged"
+        print("converting the merged model ...", flush=True)
         convert_weight(smollm2_gguf(), "q4f16_1", merged, lora_adapter=adapters["a0"], progress=False)
         for f in base.iterdir():  # the chat config and tokenizer of the base
             if f.is_file() and not (merged / f.name).exists():
@@ -99,6 +100,7 @@ def main() -> None:
             for name, (session, use) in configs.items():
                 session.adapters = use
                 _, speed = session.run_once()
+                print(f"  round {rep} {name}: {speed:.1f} tok/s{' (warm-up)' if not rep else ''}", flush=True)
                 if rep:
                     tg[name].append(speed)
         ref = statistics.mean(tg["merged"])

@@ -43,6 +43,7 @@ class EngineBase:
         self.model_dir = prepare_model(model)  # the public convenience path: a GGUF or HF dir is converted once
         self.options.additional_models = [str(prepare_model(m)) for m in self.options.additional_models]
         self.model_id = Path(self.model_dir).name
+        self.model_aliases: tuple[str, ...] = ()  # other names of the base model (the server's aliases)
         self.model_lib = model_lib
         if device in (None, "", "auto") and self.options.backend_type:  # MNN's backend_type
             device = self.options.backend_type
@@ -144,7 +145,7 @@ class EngineBase:
         name or "<base>:<name>" (vLLM's convention). Unknown adapters raise UnknownAdapterError (HTTP 404);
         so does a `model` that is neither the base (`model_id`, `base_names`) nor an adapter, with `strict`
         or once adapters were loaded (without adapters the Python API ignores `model`, as MLC's does)."""
-        names = {self.model_id, *base_names}
+        names = {self.model_id, *self.model_aliases, *base_names}
         loaded = self.lora_adapters
         picked = None
         if model is not None and model not in names:

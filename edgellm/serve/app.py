@@ -65,6 +65,7 @@ def create_app(engine, api_key: str | None = None, model_aliases: tuple[str, ...
     app = FastAPI(title="edgellm", version=_version(), description="OpenAI-compatible API served by edgellm",
                   docs_url=None, redoc_url=None)
     names = {engine.model_id, *model_aliases}  # accepted; only model_id is ever shown (no paths)
+    engine.model_aliases = tuple(model_aliases)  # "alias:adapter" names an adapter too
     app.add_middleware(AdmissionLimit, limit=engine.options.num_sequences + max_queue)
     guarded = () if public_metrics else ("/metrics", "/openapi.json")
 
@@ -110,9 +111,6 @@ def create_app(engine, api_key: str | None = None, model_aliases: tuple[str, ...
         bad = check_model(body.model, body.lora)
         if bad is not None:
             return bad
-        if body.lora is None and body.model is not None:  # "alias:adapter": the engine knows no aliases
-            adapter = engine.adapter_for(body.model, None, tuple(names))
-            body.lora = adapter.name if adapter is not None else None
         if max_tokens_limit is not None:
             if body.max_tokens is not None and body.max_tokens > max_tokens_limit:
                 return error_response(400, f"max_tokens is {body.max_tokens}; this server allows at most "
