@@ -75,16 +75,18 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--work", default=None, help="keep the adapters and the merged model here (reused next time)")
     args = ap.parse_args()
 
     base = prepare_model(None, quantization="q4f16_1")
     arch = arch_config(load_chat_config(base))
-    work = Path(tempfile.mkdtemp(prefix="edgellm-lora-bench-"))
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="edgellm-lora-bench-"))
     try:
         adapters = {f"a{i}": str(write_adapter(work / f"a{i}", arch, args.rank, i)) for i in range(4)}
         merged = work / "merged"
-        print("converting the merged model ...", flush=True)
-        convert_weight(smollm2_gguf(), "q4f16_1", merged, lora_adapter=adapters["a0"], progress=False)
+        if not (merged / "tensor-cache.json").is_file():
+            print("converting the merged model ...", flush=True)
+            convert_weight(smollm2_gguf(), "q4f16_1", merged, lora_adapter=adapters["a0"], progress=False)
         for f in base.iterdir():  # the chat config and tokenizer of the base
             if f.is_file() and not (merged / f.name).exists():
                 shutil.copy(f, merged / f.name)
@@ -110,7 +112,8 @@ def main() -> None:
             mean = statistics.mean(values)
             print(f"  {name:11s} {mean:8.1f} tok/s  ({mean / ref:.2f}x merged)")
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        if not args.work:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
