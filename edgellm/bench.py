@@ -120,7 +120,7 @@ class BenchSession:
                  device: str = "cpu", batch: int = 1, prompt_len: int = 512, gen_len: int = 128,
                  quantization: str = "q4f16_1", use_mmap: bool = False, kv_cache_dtype: str = "auto",
                  seed: int = 0, log=print, model_lib: str | Path | None = None, precision: str = "normal",
-                 tensor_parallel_shards: int | None = None):
+                 tensor_parallel_shards: int | None = None, lora_adapters: dict[str, str] | None = None):
         from edgellm.config import load_chat_config
         from edgellm.engine.build import build_engine, pick_device
         from edgellm.engine.options import make_options
@@ -144,7 +144,8 @@ class BenchSession:
                              "tensor_parallel_shards": shards,
                              "kv_cache_dtype": kv_cache_dtype, "max_num_sequence": batch, "precision": precision,
                              "prefill_chunk_size": prompt_len * batch, "reuse_kv": False,
-                             "max_total_seq_length": batch * (prompt_len + gen_len + 256) * 2})
+                             "max_total_seq_length": batch * (prompt_len + gen_len + 256) * 2,
+                             "lora_adapters": lora_adapters})
         self.threads, self.precision, self.shards = opts.threads, precision, shards
         t = time.perf_counter()
         self.core = build_engine(self.model_dir, opts, self.device, model_lib, config=self.config)
@@ -155,6 +156,8 @@ class BenchSession:
         self.rng = random.Random(seed)
         self.vocab = min(self.config.vocab_size, arch.vocab_size)
         self.fused = self.runner.fused is not None
+        # run-time LoRA adapters, given to the batch's requests in turn
+        self.adapters = [self.core.lora.get(n) for n in opts.lora_adapters] if opts.lora_adapters else []
 
     def run_once(self, prompt_ids: list[int] | None = None) -> tuple[float, float]:
         """(prefill tokens/s, decode tokens/s) of one repetition (random prompts unless given)."""
@@ -165,7 +168,8 @@ class BenchSession:
         for i in range(self.batch):
             prompt = list(prompt_ids) if prompt_ids is not None else [
                 self.rng.randrange(self.vocab) for _ in range(self.prompt_len)]
-            reqs.append(Request(f"bench-{i}", prompt, params))
+            lora = self.adapters[i % len(self.adapters)] if self.adapters else None
+            reqs.append(Request(f"bench-{i}", prompt, params, lora=lora))
             self.core.add(reqs[-1])
         seqs = [r.sequences[0] for r in reqs]
         t0 = time.perf_counter()
@@ -184,14 +188,17 @@ def run_bench(model: str | Path | None = None, *, prompt_len: int = 512, gen_len
               threads: int | None = None, repeat: int = 5, opt: str = DEFAULT_OPT, device: str = "cpu",
               quantization: str = "q4f16_1", use_mmap: bool = False, kv_cache_dtype: str = "auto",
               bandwidth: bool = True, log=print, model_lib: str | Path | None = None,
-              precision: str = "normal", tensor_parallel_shards: int | None = None) -> dict[str, Any]:
-    """Benchmark a model; returns the report as a dict (see `format_report`)."""
+              precision: str = "normal", tensor_parallel_shards: int | None = None,
+              lora_adapters: dict[str, str] | None = None) -> dict[str, Any]:
+    """Benchmark a model; returns the report as a dict (see `format_report`). With `lora_adapters`
+    ({name: dir}), the batch's requests use them in turn (request i the (i mod n)-th)."""
     if repeat < 1:
         raise UserError("--repeat must be at least 1")
     s = BenchSession(model, threads=threads, opt=opt, device=device, batch=batch, prompt_len=prompt_len,
                      gen_len=gen_len, quantization=quantization, use_mmap=use_mmap,
                      kv_cache_dtype=kv_cache_dtype, log=log, model_lib=model_lib, precision=precision,
-                     tensor_parallel_shards=tensor_parallel_shards)
+                     tensor_parallel_shards=tensor_parallel_shards,
+                     lora_adapters=lora_adapters)
     try:
         s.run_once()  # warm-up: first-touch of the weights, caches, allocator
         pps, tgs = [], []
@@ -214,7 +221,8 @@ def run_bench(model: str | Path | None = None, *, prompt_len: int = 512, gen_len
         "device": s.device,
         "opt": s.opt,
         "precision": s.precision,
-        "fused_decode": s.fused,
+        "fused_decode": s.fused and not s.adapters,
+        "lora_adapters": len(s.adapters),
         "tensor_parallel_shards": s.shards,
         # a compiled library keeps its own cache
         "kv_cache_dtype": None if model_lib is not None else str(s.pool.dtype).replace("torch.", ""),

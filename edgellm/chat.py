@@ -17,6 +17,7 @@ HELP = """You can use the following special commands:
   /set [overrides]    override settings in the generation config. For example,
                       `/set temperature=0.5;top_p=0.8;seed=23;max_tokens=100;stop=str1,str2`
                       Note: Separate stop words in the `stop` option with commas (,).
+                      `/set lora=NAME` answers with a loaded LoRA adapter (`lora=none`: the base model)
   Multi-line input: Use escape+enter to start a new line."""
 
 # /set key -> parser of its value
@@ -42,7 +43,7 @@ def _stop(v: str) -> list[str]:
 SETTABLE: dict[str, Callable[[str], object]] = {
     "temperature": _FLOAT, "top_p": _FLOAT, "top_k": _int, "min_p": _FLOAT,
     "frequency_penalty": _FLOAT, "presence_penalty": _FLOAT, "repetition_penalty": _FLOAT,
-    "seed": _int, "max_tokens": _int, "stop": _stop, "ignore_eos": _bool,
+    "seed": _int, "max_tokens": _int, "stop": _stop, "ignore_eos": _bool, "lora": str,
 }
 
 
@@ -71,6 +72,12 @@ class ChatSession:
                 raise UserError(f"bad value for {key}: {value!r}") from None
         if not updates:
             raise UserError("nothing to set; example: /set temperature=0.5;top_p=0.8")
+        lora = updates.get("lora")
+        if lora is not None and lora.lower() not in ("none", "base"):
+            loaded = self.engine.lora_adapters
+            if lora not in loaded:
+                raise UserError(f"LoRA adapter {lora!r} is not loaded (loaded: {', '.join(loaded) or 'none'}; "
+                                "start the chat with --lora NAME=DIR)")
         from edgellm.api import protocol as P
 
         try:  # validate with the same rules as a request, without running one
@@ -79,6 +86,8 @@ class ChatSession:
         except BadRequestError as e:
             raise UserError(str(e)) from None
         self.settings.update(updates)
+        if lora is not None and lora.lower() in ("none", "base"):
+            del self.settings["lora"]  # back to the base model
         return updates
 
     def send(self, text: str) -> Iterator[str]:

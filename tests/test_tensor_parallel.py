@@ -80,6 +80,8 @@ def test_unsplittable_models_are_refused_in_one_line(tiny_model, tiny_model_q4):
         assert words in str(e.value) and "\n" not in str(e.value)
     with pytest.raises(UserError, match="tensor_parallel_shards must be positive"):
         Engine(str(tiny_model), tensor_parallel_shards=0)
+    with pytest.raises(UserError, match="LoRA adapters at run time are not split over shards"):
+        Engine(str(tiny_model), tensor_parallel_shards=2, lora_adapters={"a": str(tiny_model)})
 
 
 def test_gen_config_records_the_shards_or_refuses(tiny_hf, tmp_path, capsys):

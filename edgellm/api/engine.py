@@ -16,6 +16,7 @@ from edgellm.engine.loop import EngineLoop
 from edgellm.engine.options import EngineOptions, make_options
 from edgellm.engine.request import Request
 from edgellm.errors import BadRequestError, EngineTerminatedError, UserError
+from edgellm.models.lora import UnknownAdapterError
 from edgellm.prepare import prepare_model
 
 __all__ = ["Engine", "EngineBase", "pick_device"]
@@ -42,6 +43,7 @@ class EngineBase:
         self.model_dir = prepare_model(model)  # the public convenience path: a GGUF or HF dir is converted once
         self.options.additional_models = [str(prepare_model(m)) for m in self.options.additional_models]
         self.model_id = Path(self.model_dir).name
+        self.model_aliases: tuple[str, ...] = ()  # other names of the base model (the server's aliases)
         self.model_lib = model_lib
         if device in (None, "", "auto") and self.options.backend_type:  # MNN's backend_type
             device = self.options.backend_type
@@ -106,7 +108,65 @@ class EngineBase:
     def _build(self, kind: str, request, sink) -> tuple[Request, ResponseBuilder, Any]:
         if self.terminated:
             raise EngineTerminatedError()
-        return self.frontend.build(kind, request, sink, self.model_id)
+        return self.frontend.build(kind, request, sink, self.model_id, self.adapter_for)
+
+    # ---- LoRA adapters -------------------------------------------------------------------------
+    @property
+    def lora_adapters(self) -> list[str]:
+        """Names of the loaded LoRA adapters."""
+        return self.core.lora.names() if self.core.lora is not None else []
+
+    def load_lora(self, name: str, path: str | Path) -> None:
+        """Load a PEFT LoRA adapter (or a `convert_weight --lora-split` one) under `name`; requests pick
+        it with model="name" (or "<base>:name") or lora="name"."""
+        if self.terminated:
+            raise EngineTerminatedError()
+        if self.core.lora is None:
+            raise UserError("LoRA adapters at run time need the eager engine on one process "
+                            "(no model_lib, tensor_parallel_shards=1)")
+        adapter = self.core.lora.read(name, path)  # files and checks off the engine thread
+        self.loop.call(lambda: self.core.lora.add(adapter))
+
+    def unload_lora(self, name: str) -> None:
+        """Forget the adapter `name` (requests running with it finish with it; new ones get an error)."""
+        if self.terminated:
+            raise EngineTerminatedError()
+        if self.core.lora is None:
+            raise UnknownAdapterError(name, [])
+
+        def drop() -> None:
+            adapter = self.core.lora.remove(name)
+            self.core.pool.drop_prefixes(adapter.key)
+
+        self.loop.call(drop)
+
+    def adapter_for(self, model: str | None, lora: str | None, base_names: tuple[str, ...] = (),
+                    strict: bool = False):
+        """The LoRA adapter a request asks for (None: the base model): `lora`, or `model` as an adapter's
+        name or "<base>:<name>" (vLLM's convention). Unknown adapters raise UnknownAdapterError (HTTP 404);
+        so does a `model` that is neither the base (`model_id`, `base_names`) nor an adapter, with `strict`
+        or once adapters were loaded (without adapters the Python API ignores `model`, as MLC's does)."""
+        names = {self.model_id, *self.model_aliases, *base_names}
+        loaded = self.lora_adapters
+        picked = None
+        if model is not None and model not in names:
+            base, sep, name = model.rpartition(":")
+            if sep and base in names:
+                picked = name
+            elif model in loaded:
+                picked = model
+            elif strict or (self.core.lora is not None and self.core.lora.used):
+                raise UnknownAdapterError(model, loaded, what="model", served=[*sorted(names), *loaded])
+        if lora is not None:
+            if picked is not None and picked != lora:
+                raise BadRequestError(f"model names the LoRA adapter {picked!r} but lora names {lora!r}",
+                                      param="lora")
+            picked = lora
+        if picked is None:
+            return None
+        if self.core.lora is None:
+            raise UnknownAdapterError(picked, [])
+        return self.core.lora.get(picked)
 
     # ---- lifecycle ---------------------------------------------------------------------------
     @property

@@ -125,9 +125,11 @@ class Frontend:
         return P.parse_request(P.ChatCompletionRequest if kind == "chat" else P.CompletionRequest, request)
 
     def build(self, kind: str, request: P.SamplingFields | dict[str, Any], sink,
-              model_id: str) -> tuple[Request, ResponseBuilder, P.SamplingFields]:
-        """(engine request whose outputs go to `sink(list[TokenOutput])`, response builder, parsed request)."""
+              model_id: str, adapter_for: Callable | None = None) -> tuple[Request, ResponseBuilder, P.SamplingFields]:
+        """(engine request whose outputs go to `sink(list[TokenOutput])`, response builder, parsed request).
+        `adapter_for(model, lora)` resolves the request's LoRA adapter (None: the base model)."""
         r = self.parse(kind, request)
+        lora = adapter_for(r.model, r.lora) if adapter_for is not None else None
         tools = None
         if kind == "chat":
             messages = [m.to_dict() for m in r.messages]
@@ -178,7 +180,7 @@ class Frontend:
             params.grammar = self.grammar(r.response_format)
         processor = OutputProcessor(self.tokenizer, self.stop_strings(r), r.n, sink, buffered=not r.stream)
         req = Request(P.new_id("chatcmpl" if kind == "chat" else "cmpl"), prompt, params, r.n,
-                      stop_ids=self.stop_ids, consumer=processor)
+                      stop_ids=self.stop_ids, consumer=processor, lora=lora)
         include_usage = bool(r.stream and r.stream_options and r.stream_options.include_usage)
         builder = ResponseBuilder(kind, req.request_id, r.model or model_id, r.n, self.tokenizer,
                                   echo_text=echo, include_usage=include_usage,

@@ -90,6 +90,8 @@ class SamplingFields(BaseModel):
     return_tokens_as_token_ids: bool = False
     # edgellm's extension: false = no speculative decoding for this request (when the engine uses it)
     speculative: bool = True
+    # llama-server's / edgellm's extension: the loaded LoRA adapter to run with (as model="name" does)
+    lora: str | None = Field(default=None, min_length=1, max_length=256)
 
     # MLC-LLM's extension, sent by its clients and tests: {"ignore_eos": true} is honoured; its other keys
     # (grammar execution mode, special requests) tune MLC's own engine and change nothing here.
@@ -279,6 +281,21 @@ class EmbeddingRequest(BaseModel):
         if isinstance(v, list) and len(v) > 2048:
             raise ValueError("at most 2048 inputs per request")
         return v
+
+
+class LoadLoraRequest(BaseModel):
+    """vLLM's POST /v1/load_lora_adapter body."""
+
+    model_config = ConfigDict(extra="forbid")
+    lora_name: str = Field(min_length=1, max_length=256)
+    lora_path: str = Field(min_length=1, max_length=4096)
+
+
+class UnloadLoraRequest(BaseModel):
+    """vLLM's POST /v1/unload_lora_adapter body."""
+
+    model_config = ConfigDict(extra="forbid")
+    lora_name: str = Field(min_length=1, max_length=256)
 
 
 class TokenizeRequest(BaseModel):

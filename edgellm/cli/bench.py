@@ -28,6 +28,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="activations of quantized products: high = 16-bit (exact), normal/low = int8 GEMM")
     p.add_argument("--tensor-parallel-shards", type=int, default=None,
                    help="split the model over N processes (docs/distributed.md); default: mlc-chat-config.json's")
+    p.add_argument("--lora", action="append", default=None, metavar="NAME=DIR",
+                   help="a LoRA adapter at run time; repeatable: the batch's requests use them in turn")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
@@ -35,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
     import sys
 
     from edgellm.bench import format_report, run_bench
-    from edgellm.engine.options import make_options
+    from edgellm.engine.options import make_options, parse_lora_specs
     from edgellm.prepare import runtime_config
 
     args.model, file_options = runtime_config(args.model)  # an MNN-style config.json: options for its model
@@ -53,7 +55,8 @@ def run(args: argparse.Namespace) -> int:
                        quantization=args.quantization, use_mmap=args.use_mmap, kv_cache_dtype=args.kv_cache_dtype,
                        bandwidth=not args.no_bandwidth, log=lambda m: print(m, file=sys.stderr),
                        model_lib=args.model_lib, precision=args.precision,
-                       tensor_parallel_shards=args.tensor_parallel_shards)
+                       tensor_parallel_shards=args.tensor_parallel_shards,
+                       lora_adapters=parse_lora_specs(args.lora) or None)
     if args.json:
         print(json.dumps(report, indent=2))
     else:

@@ -15,6 +15,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help='engine options, e.g. "context_window_size=2048;prefill_chunk_size=256;threads=2"')
     p.add_argument("--speculative-mode", default=None, choices=["disable", "small_draft", "ngram"],
                    help="speculative decoding: a draft model (--additional-models) or prompt lookup")
+    p.add_argument("--lora", action="append", default=None, metavar="NAME=DIR",
+                   help="a LoRA adapter as NAME (a PEFT or --lora-split directory); repeatable")
     p.add_argument("--additional-models", nargs="+", default=None, metavar="DIR",
                    help="models besides the main one; small_draft drafts with the first")
 
@@ -81,16 +83,19 @@ def _piped(session) -> None:
 def run(args: argparse.Namespace) -> int:
     from edgellm.api.engine import Engine
     from edgellm.chat import ChatSession
-    from edgellm.engine.options import make_options, parse_overrides, speculative_overrides
+    from edgellm.engine.options import lora_overrides, make_options, parse_overrides, speculative_overrides
     from edgellm.prepare import prepare_model, runtime_config
 
     args.model, file_options = runtime_config(args.model)  # an MNN-style config.json: options for its model
-    overrides = {**file_options, **parse_overrides(args.overrides), **speculative_overrides(args)}
+    overrides = {**file_options, **parse_overrides(args.overrides), **speculative_overrides(args),
+                 **lora_overrides(args)}
     make_options(overrides)  # reject bad overrides before any slow work
     model_dir = prepare_model(args.model, log=lambda msg: print(msg, file=sys.stderr, flush=True))
     engine = Engine(str(model_dir), args.model_lib, args.device, **overrides)
     try:
         session = ChatSession(engine)
+        if engine.lora_adapters:  # chat --lora NAME=DIR: answer with the first adapter (/set lora=none: the base)
+            session.settings["lora"] = engine.lora_adapters[0]
         if sys.stdin.isatty():
             _interactive(session)
         else:

@@ -31,8 +31,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help='engine options, e.g. "max_num_sequence=16;max_total_seq_length=16384;prefill_chunk_size=512"')
     p.add_argument("--speculative-mode", default=None, choices=["disable", "small_draft", "ngram"],
                    help="speculative decoding: a draft model (--additional-models) or prompt lookup")
+    p.add_argument("--lora", action="append", default=None, metavar="NAME=DIR",
+                   help="a LoRA adapter as NAME (a PEFT or --lora-split directory); repeatable")
     p.add_argument("--additional-models", nargs="+", default=None, metavar="DIR",
                    help="models besides the main one; small_draft drafts with the first")
+    p.add_argument("--allow-lora-updates", action="store_true",
+                   help="add POST /v1/load_lora_adapter and /v1/unload_lora_adapter (they read paths on this machine)")
     p.add_argument("--no-ui", action="store_true", help="do not serve the browser chat page at /")
     p.add_argument("--allowed-origins", default=None,
                    help="comma-separated browser origins allowed to call the API (CORS), or '*'; default none")
@@ -44,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from edgellm.api.async_engine import AsyncEngine
-    from edgellm.engine.options import make_options, parse_overrides, speculative_overrides
+    from edgellm.engine.options import lora_overrides, make_options, parse_overrides, speculative_overrides
     from edgellm.errors import UserError
     from edgellm.prepare import prepare_model
     from edgellm.serve.app import create_app
@@ -62,7 +66,8 @@ def run(args: argparse.Namespace) -> int:
     from edgellm.prepare import runtime_config
 
     args.model, file_options = runtime_config(args.model)  # an MNN-style config.json: options for its model
-    overrides = {**file_options, **parse_overrides(args.overrides), **speculative_overrides(args)}
+    overrides = {**file_options, **parse_overrides(args.overrides), **speculative_overrides(args),
+                 **lora_overrides(args)}
     make_options({**overrides, "mode": args.mode})
     model_dir = prepare_model(args.model, log=lambda msg: print(msg, file=sys.stderr, flush=True))
     engine = AsyncEngine(str(model_dir), args.model_lib, args.device, mode=args.mode, **overrides)
@@ -71,7 +76,8 @@ def run(args: argparse.Namespace) -> int:
     app = create_app(engine, api_key=api_key, model_aliases=aliases, max_body_bytes=args.max_body_bytes,
                      public_metrics=args.public_metrics, loopback_only=is_loopback(args.host),
                      body_timeout=args.body_timeout, max_tokens_limit=args.max_tokens_limit,
-                     max_queue=args.max_queue, ui=not args.no_ui, allowed_origins=origins)
+                     max_queue=args.max_queue, ui=not args.no_ui, allowed_origins=origins,
+                     allow_lora_updates=args.allow_lora_updates)
     protocol = type("Protocol", (HeaderTimeoutProtocol,), {"header_timeout": args.header_timeout})
     print(f"Serving {engine.model_id} on http://{args.host}:{args.port}/v1 "
           f"({engine.options.num_sequences} concurrent sequences, context {engine.context_window})",

@@ -22,6 +22,8 @@ from edgellm.engine.scheduler import Scheduler
 from edgellm.engine.speculative import Speculator
 from edgellm.errors import UserError
 from edgellm.models.loader import arch_config, load_model, runtime_context
+from edgellm.models.lora import LoraSet
+from edgellm.models.registry import get_family
 from edgellm.quantization.layers import DEFAULT_PRECISION
 from edgellm.quantization.modes import get_mode
 
@@ -64,11 +66,16 @@ def build_engine(model_dir: str | Path, options: EngineOptions, device: str = "c
         if options.speculative_mode != "disable":
             raise UserError("speculative decoding runs on the eager engine; drop --model-lib or "
                             "speculative_mode")
+        if options.lora_adapters:
+            raise UserError("LoRA adapters at run time need the eager engine; drop --model-lib or --lora")
         ledger = SlotLedger()
         runner = load_library(model_lib, model_dir, cfg, arch, device, options.num_sequences, ledger)
         scheduler = Scheduler(ledger, options.num_sequences, chunk, options.reuse_kv)
         return EngineCore(runner, scheduler, Sampler(), min(ctx, runner.context_window))
     shards = shard_count(cfg, options)
+    if shards > 1 and options.lora_adapters:
+        raise UserError("LoRA adapters at run time are not split over shards; drop --lora or "
+                        "tensor_parallel_shards (or merge the adapter at convert: --lora-adapter)")
     if shards > 1:  # rank 0 of a tensor-parallel group (edgellm.engine.distributed)
         from edgellm.engine.distributed import tensor_parallel_parts
 
@@ -86,7 +93,11 @@ def build_engine(model_dir: str | Path, options: EngineOptions, device: str = "c
         _, draft_pool, draft_runner = eager_parts(draft_dir, draft_cfg, options, device, ctx, fused_catch_up=8)
         speculator = Speculator("small_draft", options.spec_draft_length, draft_runner, draft_pool)
     scheduler = Scheduler(pool, options.num_sequences, chunk, options.reuse_kv)
-    return EngineCore(runner, scheduler, Sampler(), ctx, model=model, speculator=speculator)
+    core = EngineCore(runner, scheduler, Sampler(), ctx, model=model, speculator=speculator)
+    core.lora = runner.lora = LoraSet(model, get_family(cfg.model_type), cfg.model_type)
+    for name, path in options.lora_adapters.items():
+        core.lora.add(core.lora.read(name, path))
+    return core
 
 
 def eager_parts(model_dir: Path, cfg: ChatConfig, options: EngineOptions, device: str, ctx: int,

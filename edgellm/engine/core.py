@@ -40,6 +40,7 @@ class EngineCore:
         self.model = model  # the eager model (None when a compiled library runs in its place)
         self.metrics = metrics or EngineMetrics()
         self.requests: dict[str, Request] = {}
+        self.lora = None  # the eager model's LoraSet (run-time LoRA adapters); None with a compiled library
 
     @property
     def has_work(self) -> bool:

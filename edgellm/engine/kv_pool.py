@@ -61,6 +61,7 @@ class SeqKV:
         self.base = [0] * num_layers  # absolute position stored at index 0 of layer l
         self.length = 0  # positions 0..length-1 have been computed
         self.tokens: list[int] = []  # the token ids behind those positions (for prefix reuse)
+        self.tag: str | None = None  # what else the KV depends on: the LoRA adapter's key (None: the base)
 
     @property
     def nbytes(self) -> int:
@@ -145,6 +146,11 @@ class KVPool:
         while self.prefix_cache:
             self._drop(self.prefix_cache.popitem(last=False)[1])
 
+    def drop_prefixes(self, tag: str) -> None:
+        """Free the cached prefixes computed under adapter `tag` (it was unloaded: none can match again)."""
+        for slot in [s for s, kv in self.prefix_cache.items() if kv.tag == tag]:
+            self._drop(self.prefix_cache.pop(slot))
+
     def _evict_for(self, nbytes: int) -> bool:
         while self.used_bytes + nbytes > self.budget_bytes and self.prefix_cache:
             self._drop(self.prefix_cache.popitem(last=False)[1])
@@ -214,19 +220,21 @@ class KVPool:
         """Positions 0..length-1 of `slot` are computed (after a step wrote them)."""
         self.seqs[slot].length = length
 
-    def commit(self, slot: int, tokens: list[int]) -> None:
-        """Record that the KV of `tokens` (all positions 0..len-1) is now computed."""
+    def commit(self, slot: int, tokens: list[int], tag: str | None = None) -> None:
+        """Record that the KV of `tokens` (all positions 0..len-1) is now computed (under adapter `tag`)."""
         kv = self.seqs[slot]
         kv.length = len(tokens)
-        kv.tokens = tokens
+        kv.tokens, kv.tag = tokens, tag
 
     # ---- prefix reuse -----------------------------------------------------------------------
-    def take_prefix(self, prompt: list[int]) -> tuple[int | None, int]:
-        """(slot, reused tokens) of the cached sequence sharing the longest prefix with `prompt`.
+    def take_prefix(self, prompt: list[int], tag: str | None = None) -> tuple[int | None, int]:
+        """(slot, reused tokens) of the cached sequence (computed under the same adapter `tag`) sharing the
+        longest prefix with `prompt`.
 
         At least the last prompt token is always left to compute (its logits are needed).
         """
-        best, best_len = longest_prefix(self.prefix_cache, prompt, self._window_keeps)
+        best, best_len = longest_prefix(self.prefix_cache, prompt,
+                                        lambda kv, n: kv.tag == tag and self._window_keeps(kv, n))
         if best is None:
             return None, 0
         kv = self.prefix_cache.pop(best)
@@ -293,10 +301,10 @@ class KVPool:
 
 
 class _Entry:
-    __slots__ = ("length", "tokens")
+    __slots__ = ("length", "tag", "tokens")
 
     def __init__(self) -> None:
-        self.length, self.tokens = 0, []
+        self.length, self.tokens, self.tag = 0, [], None
 
 
 class SlotLedger:
@@ -330,9 +338,9 @@ class SlotLedger:
     def set_length(self, slot: int, length: int) -> None:
         self.seqs[slot].length = length
 
-    def commit(self, slot: int, tokens: list[int]) -> None:
+    def commit(self, slot: int, tokens: list[int], tag: str | None = None) -> None:
         entry = self.seqs[slot]
-        entry.length, entry.tokens = len(tokens), tokens
+        entry.length, entry.tokens, entry.tag = len(tokens), tokens, tag
 
     def free(self, slot: int, keep_for_reuse: bool = False) -> None:
         entry = self.seqs.pop(slot, None)
@@ -344,8 +352,12 @@ class SlotLedger:
     def clear_prefix_cache(self) -> None:
         self.prefix_cache.clear()
 
-    def take_prefix(self, prompt: list[int]) -> tuple[int | None, int]:
-        best, best_len = longest_prefix(self.prefix_cache, prompt)
+    def drop_prefixes(self, tag: str) -> None:
+        for slot in [s for s, e in self.prefix_cache.items() if e.tag == tag]:
+            del self.prefix_cache[slot]
+
+    def take_prefix(self, prompt: list[int], tag: str | None = None) -> tuple[int | None, int]:
+        best, best_len = longest_prefix(self.prefix_cache, prompt, lambda e, n: e.tag == tag)
         if best is None:
             return None, 0
         entry = self.prefix_cache.pop(best)

@@ -54,6 +54,7 @@ class EngineOptions:
     additional_models: list[str] | str | None = None  # converted model dirs (";"-separated); the draft first
     # MLC's: split the model over this many processes (engine/distributed.py); None = mlc-chat-config.json's
     tensor_parallel_shards: int | None = None
+    lora_adapters: dict[str, str] | str | None = None  # name -> PEFT / split adapter dir ("a=DIR;b=DIR" as text)
 
     def __post_init__(self) -> None:
         if self.precision is not None:
@@ -86,6 +87,7 @@ class EngineOptions:
         if isinstance(self.additional_models, str):
             self.additional_models = [m.strip() for m in self.additional_models.split(";") if m.strip()]
         self.additional_models = list(self.additional_models or [])
+        self.lora_adapters = parse_lora_specs(self.lora_adapters)
         if self.speculative_mode == "small_draft" and not self.additional_models:
             raise UserError("speculative_mode=small_draft needs a draft model: additional_models=DIR "
                             "(--additional-models DIR)")
@@ -174,6 +176,23 @@ def parse_overrides(text: str | None) -> dict[str, str]:
     return out
 
 
+def parse_lora_specs(specs: dict | list | str | None) -> dict[str, str]:
+    """{name: dir} from a dict, "name=DIR" strings (the CLI's repeatable --lora) or one "a=DIR,b=DIR" text."""
+    if isinstance(specs, dict):
+        return {str(k): str(v) for k, v in specs.items()}
+    if isinstance(specs, str):
+        specs = [s for s in specs.split(",") if s.strip()]
+    out: dict[str, str] = {}
+    for spec in specs or []:
+        name, sep, path = str(spec).partition("=")
+        if not sep or not name.strip() or not path.strip():
+            raise UserError(f"bad LoRA adapter {spec!r}: expected NAME=DIR")
+        if name.strip() in out:
+            raise UserError(f"LoRA adapter name {name.strip()!r} is given twice")
+        out[name.strip()] = path.strip()
+    return out
+
+
 def speculative_overrides(args) -> dict:
     """The serve/chat flags --speculative-mode and --additional-models as option values."""
     out: dict = {}
@@ -182,3 +201,9 @@ def speculative_overrides(args) -> dict:
     if getattr(args, "additional_models", None):
         out["additional_models"] = list(args.additional_models)
     return out
+
+
+def lora_overrides(args) -> dict:
+    """The serve/chat/bench flag --lora NAME=DIR (repeatable) as the lora_adapters option."""
+    specs = getattr(args, "lora", None)
+    return {"lora_adapters": parse_lora_specs(specs)} if specs else {}

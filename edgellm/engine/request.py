@@ -108,8 +108,9 @@ class Request:
     """A completion with n choices. `consumer` is the frontend's: the engine loop hands it the outputs."""
 
     def __init__(self, request_id: str, prompt_ids: list[int], params: SamplingParams, n: int = 1,
-                 stop_ids: set[int] | None = None, consumer: Any = None):
+                 stop_ids: set[int] | None = None, consumer: Any = None, lora: Any = None):
         self.request_id, self.params, self.n = request_id, params, n
+        self.lora = lora  # the LoRA adapter (edgellm.models.lora.LoraAdapter) this request runs with, or None
         self.prompt_ids = prompt_ids
         self.stop_ids = stop_ids or set()  # the model's end-of-turn ids (ignored with ignore_eos)
         self.consumer = consumer

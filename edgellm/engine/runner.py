@@ -11,6 +11,10 @@ Optimization levels (EngineOptions.opt):
   O3  an alias of O2 (MLC-LLM's flag; nothing more is done at O3).
 Every level computes the same function; results differ from O0 by about 1e-5 (the kernels' 16-bit
 activations), and a sequence's results never depend on the others decoded with it.
+
+LoRA adapters (`lora`, an edgellm.models.lora.LoraSet): a step where any sequence's request has an
+adapter runs the eager path (the fused native decode step cannot add the low-rank updates), with each
+adapter's rows bound for the model's hooks; the base products still use the native kernels.
 """
 
 from __future__ import annotations
@@ -28,8 +32,9 @@ class ModelRunner:
     """Flattens the step's chunks into one token row and returns logits for sampling rows."""
 
     def __init__(self, model: nn.Module, pool: KVPool, device: str = "cpu", opt: str = DEFAULT_OPT,
-                 fused_catch_up: int = 1):
+                 fused_catch_up: int = 1, lora=None):
         self.model, self.pool, self.device, self.opt = model, pool, device, opt
+        self.lora = lora  # the model's LoraSet (run-time adapters), or None
         self.fused = None  # the model's native decode step, when it offers one (O2)
         self.prompt_logits: list = []  # the last step's [(chunk, logits [n, vocab])] for prompt_logprobs
         # chunks up to this many known tokens also run as native decode rows (a draft model catching up)
@@ -46,8 +51,10 @@ class ModelRunner:
         """Logits [R, vocab] (float32, on CPU) for the chunks that complete their sequence, in order
         (1 + len(draft) rows for a chunk that verifies drafted tokens)."""
         self.prompt_logits = []
-        if self.fused is not None and all(c.completes and (c.length == 1 or c.draft or c.length <= self.fused_catch_up)
-                                          for c in chunks):
+        adapters = [c.seq.request.lora for c in chunks] if self.lora is not None else []
+        with_lora = any(a is not None for a in adapters)
+        if self.fused is not None and not with_lora and all(
+                c.completes and (c.length == 1 or c.draft or c.length <= self.fused_catch_up) for c in chunks):
             return self._fused_rows(chunks)
         ids: list[int] = []
         rows: list[int] = []
@@ -67,7 +74,13 @@ class ModelRunner:
         if self.device != "cpu":
             step.positions = step.positions.to(self.device)
             step.logit_rows = step.logit_rows.to(self.device)
-        logits = self.forward(tokens, step)
+        if with_lora:
+            from edgellm.models.lora import row_groups
+
+            with self.lora.bound(row_groups(adapters, step.lengths)):
+                logits = self.forward(tokens, step)
+        else:
+            logits = self.forward(tokens, step)
         self.prompt_logits = [(c, logits[at:at + n]) for c, at, n in prompt_rows]
         if prompt_rows:  # hand back only the sampling rows
             keep = torch.ones(len(rows), dtype=torch.bool)

@@ -17,6 +17,12 @@ from edgellm.engine.kv_pool import KVPool
 from edgellm.engine.request import Sequence, Status
 
 
+def lora_tag(seq: Sequence) -> str | None:
+    """The key a sequence's KV is cached under besides its tokens: its LoRA adapter's (None: the base)."""
+    lora = seq.request.lora
+    return lora.key if lora is not None else None
+
+
 @dataclass
 class ScheduledChunk:
     seq: Sequence
@@ -69,7 +75,7 @@ class Scheduler:
             if seq.slot is None:
                 slot, reused = (None, 0)
                 if self.reuse_kv and not seq.output_ids and not seq.params.prompt_logprobs:
-                    slot, reused = self.pool.take_prefix(seq.all_ids)
+                    slot, reused = self.pool.take_prefix(seq.all_ids, lora_tag(seq))
                 if slot is None:
                     slot = self.pool.new_slot()
                 seq.slot, seq.num_computed, seq.cached_tokens = slot, reused, reused
@@ -128,7 +134,7 @@ class Scheduler:
             self.waiting.remove(seq)
         if seq.slot is not None:
             if keep_for_reuse:
-                self.pool.commit(seq.slot, seq.all_ids[:seq.num_computed])
+                self.pool.commit(seq.slot, seq.all_ids[:seq.num_computed], lora_tag(seq))
             self.pool.free(seq.slot, keep_for_reuse=keep_for_reuse and self.reuse_kv)
             seq.slot = None
 

@@ -21,10 +21,13 @@ from edgellm.api.protocol import (
     CompletionRequest,
     DetokenizeRequest,
     EmbeddingRequest,
+    LoadLoraRequest,
     TokenizeRequest,
+    UnloadLoraRequest,
     describe_error,
 )
 from edgellm.errors import BadRequestError, EngineTerminatedError, UserError
+from edgellm.models.lora import UnknownAdapterError
 from edgellm.serve.guards import AdmissionLimit, RequestGuard, error_response
 from edgellm.serve.metrics import render_prometheus
 from edgellm.serve.ui import mount_ui
@@ -50,17 +53,19 @@ class _RawReceive:
 def create_app(engine, api_key: str | None = None, model_aliases: tuple[str, ...] = (),
                max_body_bytes: int = MAX_BODY_BYTES, *, public_metrics: bool = False, loopback_only: bool = False,
                body_timeout: float = 60.0, max_tokens_limit: int | None = None, max_queue: int = 256,
-               ui: bool = True, allowed_origins: tuple[str, ...] = ()) -> FastAPI:
+               ui: bool = True, allowed_origins: tuple[str, ...] = (), allow_lora_updates: bool = False) -> FastAPI:
     """A FastAPI app serving `engine` (an AsyncEngine), and the browser chat page at `/` unless `ui` is false.
 
     With `api_key`, /v1, /metrics and /openapi.json need it (`public_metrics` opens the last two).
     `loopback_only` refuses non-loopback Host headers; `max_queue` waiting requests beyond the engine's
     sequences get 429; `max_tokens_limit` caps a request's max_tokens (400 past it).
+    `allow_lora_updates` adds POST /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's).
     """
     # No /docs or /redoc: FastAPI's pages load their scripts from a CDN.
     app = FastAPI(title="edgellm", version=_version(), description="OpenAI-compatible API served by edgellm",
                   docs_url=None, redoc_url=None)
     names = {engine.model_id, *model_aliases}  # accepted; only model_id is ever shown (no paths)
+    engine.model_aliases = tuple(model_aliases)  # "alias:adapter" names an adapter too
     app.add_middleware(AdmissionLimit, limit=engine.options.num_sequences + max_queue)
     guarded = () if public_metrics else ("/metrics", "/openapi.json")
 
@@ -92,14 +97,18 @@ def create_app(engine, api_key: str | None = None, model_aliases: tuple[str, ...
         log.exception("unhandled error")
         return error_response(500, "internal server error", type_="server_error")
 
-    def check_model(model: str | None):
-        if model is not None and model not in names:
-            return error_response(404, f"model {model!r} is not served here; available: {engine.model_id}",
-                                  type_="not_found_error", param="model", code="model_not_found")
+    def check_model(model: str | None, lora: str | None = None):
+        """None when `model` (and `lora`) name the base or a loaded LoRA adapter, else the 404 response."""
+        try:
+            engine.adapter_for(model, lora, tuple(names), strict=True)
+        except UnknownAdapterError as e:
+            return error_response(404, str(e), type_="not_found_error", param=e.param, code=e.code)
+        except BadRequestError as e:
+            return error_response(400, str(e), param=e.param, code=e.code)
         return None
 
     async def run(kind: str, body, request: Request):
-        bad = check_model(body.model)
+        bad = check_model(body.model, body.lora)
         if bad is not None:
             return bad
         if max_tokens_limit is not None:
@@ -112,6 +121,8 @@ def create_app(engine, api_key: str | None = None, model_aliases: tuple[str, ...
             result = await _until_disconnect(engine.run_request(kind, body), request, body.stream)
             if result is None:
                 return error_response(499, "client closed the request", code="client_closed_request")
+        except UnknownAdapterError as e:  # unloaded since check_model
+            return error_response(404, str(e), type_="not_found_error", param=e.param, code=e.code)
         except BadRequestError as e:
             return error_response(400, str(e), param=e.param, code=e.code)
         except EngineTerminatedError as e:
@@ -136,6 +147,9 @@ def create_app(engine, api_key: str | None = None, model_aliases: tuple[str, ...
         bad = check_model(body.model)
         if bad is not None:
             return bad
+        if engine.adapter_for(body.model, None, tuple(names)) is not None:
+            return error_response(400, "embeddings come from the base model: name it, not a LoRA adapter",
+                                  param="model")
         try:
             return await engine.embed(body)
         except BadRequestError as e:
@@ -157,12 +171,32 @@ def create_app(engine, api_key: str | None = None, model_aliases: tuple[str, ...
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [_model_card(engine)]}
+        return {"object": "list", "data": [_model_card(engine), *(_lora_card(engine, n) for n in engine.lora_adapters)]}
 
     @app.get("/v1/models/{model_id:path}")
     async def model(model_id: str):
         bad = check_model(model_id)
-        return bad if bad is not None else _model_card(engine)
+        if bad is not None:
+            return bad
+        adapter = engine.adapter_for(model_id, None, tuple(names))
+        return _model_card(engine) if adapter is None else _lora_card(engine, adapter.name)
+
+    if allow_lora_updates:  # vLLM's endpoints (VLLM_ALLOW_RUNTIME_LORA_UPDATING): they read server paths
+        @app.post("/v1/load_lora_adapter")
+        async def load_lora_adapter(body: LoadLoraRequest):
+            try:
+                await asyncio.to_thread(engine.load_lora, body.lora_name, body.lora_path)
+            except UserError as e:
+                return error_response(400, str(e), param="lora_path")
+            return {"object": "lora_adapter", "id": body.lora_name, "loaded": True}
+
+        @app.post("/v1/unload_lora_adapter")
+        async def unload_lora_adapter(body: UnloadLoraRequest):
+            try:
+                await asyncio.to_thread(engine.unload_lora, body.lora_name)
+            except UnknownAdapterError as e:
+                return error_response(404, str(e), type_="not_found_error", param="lora_name", code=e.code)
+            return {"object": "lora_adapter", "id": body.lora_name, "loaded": False}
 
     @app.get("/health")
     async def health():
@@ -230,6 +264,12 @@ async def _sse(stream):
         err = {"error": {"message": str(e), "type": "server_error", "param": None, "code": None}}
         yield f"data: {json.dumps(err)}\n\n"
     yield "data: [DONE]\n\n"
+
+
+def _lora_card(engine, name: str) -> dict[str, Any]:
+    """A loaded adapter as a model (vLLM's convention: `parent` is the base; no paths are shown)."""
+    return {"id": name, "object": "model", "created": int(time.time()), "owned_by": "edgellm",
+            "root": name, "parent": engine.model_id, "max_model_len": engine.context_window}
 
 
 def _model_card(engine) -> dict[str, Any]:

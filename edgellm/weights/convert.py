@@ -57,13 +57,17 @@ def resolve_model_type(hf_cfg: dict, model_type: str) -> str:
 def convert_weight(config: str | Path, quantization: str, output: str | Path, *,
                    model_type: str = "auto", device: str = "cpu", source: str | Path | None = None,
                    source_format: str = "auto", lora_adapter: str | Path | None = None,
-                   force: bool = False, progress: bool | None = None, group_size: int | None = None,
-                   lm_head_bits: int | None = None) -> dict:
+                   lora_split: bool = False, force: bool = False, progress: bool | None = None,
+                   group_size: int | None = None, lm_head_bits: int | None = None) -> dict:
     """Convert a model's weights into `output`; returns the tensor-cache manifest.
 
     `group_size` (32, 64, 128, 0 = per channel) and `lm_head_bits` (4, 8, 16) change the q4/q8 layout;
     the change is recorded in the tensor cache's metadata (QuantizationLayout) for gen_config.
+    `lora_split`: the `lora_adapter` is not merged but written apart, as `output/lora/<adapter dir name>/`
+    (its A/B in float16, float32 for q0f32), for the engine to apply at run time (`lora_adapters`).
     """
+    if lora_split and not lora_adapter:
+        raise UserError("--lora-split needs --lora-adapter PEFT_DIR (the adapter to write apart)")
     mode = with_layout(get_mode(quantization), group_size, lm_head_bits)
     device = check_device(device)
     src, hf_cfg = open_source(config, source, source_format)
@@ -75,6 +79,7 @@ def convert_weight(config: str | Path, quantization: str, output: str | Path, *,
     modes = {f"{p}.weight": m.mode for p, m in model.named_modules() if isinstance(m, (QuantLinear, QuantEmbedding))}
     del model
     lora = LoraMerger(lora_adapter) if lora_adapter else None
+    split, lora = (lora, None) if lora_split else (None, lora)
     mapper = HFMapper(family, arch)
     written: set[str] = set()
     with staged_output(Path(output), force=force, replaces_shards=True) as stage:
@@ -103,7 +108,20 @@ def convert_weight(config: str | Path, quantization: str, output: str | Path, *,
         missing = [n for n in want if n not in written]
         if missing:
             raise UserError(f"the checkpoint lacks {missing[0]} ({len(missing)} tensors missing)")
+        if split is not None:
+            _write_split(split.adapter, stage, family, arch, mode, mt)
         return writer.close({"QuantizationLayout": mode.layout} if mode.layout else None)
+
+
+def _write_split(adapter, stage: Path, family, arch, mode: QuantMode, model_type: str) -> None:
+    """The adapter apart, checked against the base first (as the engine will load it)."""
+    from edgellm.models.lora import adapter_weights, base_facts
+    from edgellm.weights.lora import write_split
+
+    model = build_model(family, arch, mode, max_positions=1)
+    adapter_weights(adapter, model, family)  # raises on a module the base lacks or a shape mismatch
+    dtype = torch.float32 if mode.model_dtype == torch.float32 else torch.float16
+    write_split(adapter, stage / "lora" / adapter.path.name, dtype, base_facts(model_type, arch))
 
 
 def _write(writer: ShardWriter, family, mode: QuantMode, want: dict, name: str, t: torch.Tensor,

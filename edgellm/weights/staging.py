@@ -25,6 +25,7 @@ MODEL_DIR_FILES = {
     "mlc-chat-config.json", "tensor-cache.json", "ndarray-cache.json", ".edgellm-verified.json",
     "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "tokenizer.model",
     "added_tokens.json", "special_tokens_map.json", "generation_config.json",
+    "lora",  # convert_weight --lora-split: lora/<adapter name>/
 }
 _SHARD = re.compile(r"params_shard_\d+\.bin")
 LOCK_NAME = ".edgellm-stage.lock"  # held (flock) by the process writing the staging directory
@@ -122,6 +123,11 @@ def staged_output(out_dir: Path, force: bool = False, replaces_shards: bool = Fa
                     old.unlink()
         for f in stage.iterdir():
             if f.name != LOCK_NAME:
+                if f.is_dir() and (out_dir / f.name).is_dir():  # lora/: merge adapter directories in
+                    for sub in f.iterdir():
+                        shutil.rmtree(out_dir / f.name / sub.name, ignore_errors=True)
+                        shutil.move(str(sub), str(out_dir / f.name / sub.name))
+                    continue
                 shutil.move(str(f), str(out_dir / f.name))
     finally:
         shutil.rmtree(stage, ignore_errors=True)
