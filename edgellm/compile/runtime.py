@@ -237,6 +237,11 @@ class AOTIRunner(StaticRunner):
             raise UserError(f"model library {lib.name} calls edgellm's native CPU kernels, which are not "
                             f"available here ({kernels.unavailable_reason() or 'not on cpu'})")
         repack_model(fresh)
+        window = (self.meta.get("overrides") or {}).get("sliding_window")
+        if window is not None:  # the graph was compiled with it: the native step must attend alike
+            from edgellm.compile.compiler import apply_sliding_window
+
+            apply_sliding_window(fresh, self.meta.get("model_type"), int(window))
         view = _CacheView(fresh.cfg.num_layers)
         build = getattr(fresh, "native_decoder", None)
         fused = build(view) if build is not None else None
