@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from edgellm.compile.lowering import float_model
-from edgellm.compile.native_ops import is_native, native_model
+from edgellm.compile.native_ops import calls_operators, is_native, native_model
 from edgellm.compile.static_cache import ExternalCacheStep
 from edgellm.compile.target import METADATA_NAME
 
@@ -78,7 +78,7 @@ def compile_pt2(model: nn.Module, out: Path, *, device: str, max_len: int, chunk
 
     t0 = time.perf_counter()
     step = ExternalCacheStep(step_model(model, device)).eval()
-    metadata = {**metadata, "format_version": PT2_FORMAT, "native_ops": is_native(step.model)}
+    metadata = {**metadata, "format_version": PT2_FORMAT, "native_ops": calls_operators(step.model)}
     chunk = max(2, min(chunk, max_len))
     t, s = min(4, chunk), min(8, max_len)
     t_dim, s_dim = Dim("T", min=1, max=chunk), Dim("S", min=1, max=max_len)

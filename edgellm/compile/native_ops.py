@@ -101,6 +101,11 @@ def is_native(model: nn.Module) -> bool:
                for m in model.modules())
 
 
+def calls_operators(model: nn.Module) -> bool:
+    """Whether `model` (a native_model) has layers that call the operators."""
+    return any(isinstance(m, (NativeLinear, NativeEmbedding)) for m in model.modules())
+
+
 def native_model(model: nn.Module) -> nn.Module:
     """A shallow copy of a repacked CPU `model` whose packed quantized layers call the operators; the
     packed tensors are shared with `model`. Layers left on the reference path become float32 ones."""
