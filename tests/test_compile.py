@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import tarfile
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -123,6 +124,7 @@ def test_pt2_records_what_it_was_compiled_for(pt2):
     assert meta["context_window_size"] == CTX and meta["prefill_chunk_size"] == CHUNK
     assert meta["overrides"] == {"context_window_size": CTX, "prefill_chunk_size": CHUNK}
     assert meta["edgellm_version"]
+    assert meta["format_version"] == 2 and meta["native_ops"] is True  # calls edgellm::qlinear / qgather
 
 
 @pytest.mark.slow  # compiles a library (minutes, once per module)
@@ -268,3 +270,12 @@ def test_library_loaded_with_the_wrong_model(tiny, pt2, android_tar, tmp_path_fa
         Engine(str(tiny), model_lib=str(not_a_lib), device="cpu")
     with pytest.raises(UserError, match="keeps its own KV cache"):  # never silently ignored
         Engine(str(tiny), model_lib=str(pt2), device="cpu", kv_cache_dtype="int8")
+    old = root / "old.pt2"  # a library from before the KV layout changed (format_version 1)
+    with zipfile.ZipFile(pt2) as src, zipfile.ZipFile(old, "w") as dst:
+        for item in src.infolist():
+            data = src.read(item)
+            if item.filename.endswith("edgellm/metadata.json"):
+                data = json.dumps({**json.loads(data), "format_version": 1}).encode()
+            dst.writestr(item, data)
+    with pytest.raises(UserError, match="older edgellm.*compile it again"):
+        Engine(str(tiny), model_lib=str(old), device="cpu")

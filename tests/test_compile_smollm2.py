@@ -1,5 +1,6 @@
 """The real SmolLM2-135M-Instruct (the bundled default model, q4f16_1) compiled to an AOTInductor
-.pt2 for cpu answers the France question with "Paris" through Engine(model_lib=...)."""
+.pt2 for cpu (the native-operator program) answers the France question with "Paris" through
+Engine(model_lib=...), and gives the eager engine's greedy tokens on three prompts."""
 
 from __future__ import annotations
 
@@ -15,6 +16,15 @@ pytestmark = [
 ]
 
 
+QUESTIONS = ["What is the capital of France?", "Write a haiku about the sea.", "List three prime numbers."]
+
+
+def greedy(eng, question: str) -> str:
+    r = eng.chat.completions.create(messages=[{"role": "user", "content": question}], max_tokens=24,
+                                    temperature=0)
+    return r.choices[0].message.content
+
+
 def test_smollm2_pt2_says_paris(tmp_path, monkeypatch):
     from edgellm.api.engine import Engine
     from edgellm.compile.compiler import compile_model
@@ -27,9 +37,13 @@ def test_smollm2_pt2_says_paris(tmp_path, monkeypatch):
     res = compile_model(model_dir / "mlc-chat-config.json", lib, "cpu", "O2",
                         "context_window_size=1024;prefill_chunk_size=256")
     assert res.kind == "pt2" and res.metadata["device"] == "cpu" and lib.stat().st_size > 0
+    assert res.metadata["native_ops"] is True  # the quantized products call edgellm's kernels
     with Engine(str(model_dir), model_lib=str(lib), device="cpu") as eng:
-        assert type(eng.runner).__name__ == "AOTIRunner"
+        assert type(eng.runner).__name__ == "AOTIRunner" and eng.runner.decoder is not None
         r = eng.chat.completions.create(messages=[{"role": "user", "content": "What is the capital of France?"}],
                                         max_tokens=24, temperature=0)
+        compiled = [greedy(eng, q) for q in QUESTIONS]
     assert "Paris" in r.choices[0].message.content, r.choices[0].message.content
+    with Engine(str(model_dir), device="cpu") as eng:
+        assert [greedy(eng, q) for q in QUESTIONS] == compiled
     assert os.path.getsize(lib) < 50e6  # the library is code: the weights stay in the model directory

@@ -4,9 +4,17 @@ The library holds the compiled step program, not the weights (like an MLC-LLM mo
 `step(ids [T], positions [T], key_pos [S], k_caches, v_caches) -> logits [1, vocab]` with T
 dynamic in 1..prefill_chunk_size (one graph serves prefill chunks and single-token decode) and
 S = start + T dynamic in 1..context_window_size; k_caches/v_caches are lists of one
-[context, KVH, D] tensor per layer, owned by the caller and written in place. At load time the weights of the converted
-model directory are dequantized once to float32 (lowering.float_model: the step is plain GEMMs,
-no unpacking per call) and handed to the program by name (`load_constants`, no copy).
+[KVH, context, D] tensor per layer (the KV pool's layout), owned by the caller and written in place.
+
+Two kinds of step program:
+- cpu with the native kernels (format_version 2, metadata `native_ops: true`): the quantized
+  products and the embedding are calls to the `edgellm::qlinear` / `edgellm::qgather` custom
+  operators (edgellm.compile.native_ops), everything between them (norms, rotary, attention,
+  activations) is inductor's generated code. At load time the converted weights are repacked for the
+  kernels, as the eager engine does, and handed to the program by name (`load_constants`, no copy).
+  Loading such a library needs edgellm's kernels (`load_pt2` registers the operators first).
+- otherwise (cuda, mps, or no kernels): the weights are dequantized once to float32 at load
+  (lowering.float_model) and the step is plain GEMMs.
 
 The edgellm metadata (see target.py) is stored twice: in the shared library
 (`aot_inductor.metadata`, read with `get_metadata()`) and as `edgellm/metadata.json` in the
@@ -27,9 +35,11 @@ import torch
 from torch import nn
 
 from edgellm.compile.lowering import float_model
+from edgellm.compile.native_ops import calls_operators, is_native, native_model
 from edgellm.compile.static_cache import ExternalCacheStep
 from edgellm.compile.target import METADATA_NAME
 
+PT2_FORMAT = 2  # 2: caches [KVH, context, D] and, on cpu, the native operators
 META_ENTRY = f"lib/edgellm/{METADATA_NAME}"  # "lib/" is the package's root folder (its temporary name)
 
 # --opt level -> inductor options (O3 also autotunes GEMMs: much slower to build).
@@ -44,7 +54,7 @@ OPT_CONFIGS: dict[str, dict] = {
 def cache_shape(model: nn.Module, max_len: int) -> tuple[int, int, int]:
     """Shape of one layer's key (or value) cache."""
     a = model.cfg
-    return (max_len, a.num_kv_heads, a.head_dim)
+    return (a.num_kv_heads, max_len, a.head_dim)
 
 
 def new_caches(model: nn.Module, max_len: int, device: str = "cpu") -> tuple[list, list]:
@@ -67,7 +77,8 @@ def compile_pt2(model: nn.Module, out: Path, *, device: str, max_len: int, chunk
     from torch.export import Dim
 
     t0 = time.perf_counter()
-    step = ExternalCacheStep(float_model(model)).eval()
+    step = ExternalCacheStep(step_model(model, device)).eval()
+    metadata = {**metadata, "format_version": PT2_FORMAT, "native_ops": calls_operators(step.model)}
     chunk = max(2, min(chunk, max_len))
     t, s = min(4, chunk), min(8, max_len)
     t_dim, s_dim = Dim("T", min=1, max=chunk), Dim("S", min=1, max=max_len)
@@ -91,6 +102,18 @@ def compile_pt2(model: nn.Module, out: Path, *, device: str, max_len: int, chunk
     return facts
 
 
+def step_model(model: nn.Module, device: str) -> nn.Module:
+    """The module a library's step runs: native-operator layers on cpu (when the kernels are
+    available; `model` is repacked in place), float32 layers otherwise."""
+    if str(device).split(":")[0] == "cpu":
+        from edgellm.quantization.layers import repack_model
+
+        repack_model(model)
+        if is_native(model):
+            return native_model(model)
+    return float_model(model)
+
+
 def read_pt2_metadata(path: Path) -> dict | None:
     try:
         with zipfile.ZipFile(path) as z:
@@ -102,6 +125,8 @@ def read_pt2_metadata(path: Path) -> dict | None:
 
 def load_pt2(path: Path):
     """The compiled program (torch's AOTICompiledModel) of a package at any suffix."""
+    import edgellm.compile.native_ops  # noqa: F401  (registers the operators a cpu library calls)
+
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(tempfile.gettempdir()) / "edgellm-inductor"))
     with open(path, "rb") as f:  # a file object: torch accepts any suffix this way
         return torch._inductor.aoti_load_package(f)

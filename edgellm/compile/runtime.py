@@ -182,21 +182,34 @@ class StaticRunner:
 
 
 class AOTIRunner(StaticRunner):
-    """An AOTInductor package, fed the engine model's weights."""
+    """An AOTInductor package, fed the engine model's weights.
+
+    A cpu library built on the native operators (metadata `native_ops`) gets the repacked weights of
+    the eager model, and its single-token steps run the model's native decode step (the same one call
+    over all layers the eager engine makes at O2) on the library's own caches; prefill chunks and
+    recomputation run the compiled graph.
+    """
 
     def __init__(self, meta: dict, lib: Path, ledger, num_sequences: int, artifact: Path, model_dir: Path,
                  device: str):
         super().__init__(meta, lib, ledger, num_sequences)
-        from edgellm.compile.aoti import load_pt2
-
-        self.device = device
-        self.program = load_pt2(artifact)
-        from edgellm.compile.lowering import float_model
+        from edgellm.compile.aoti import PT2_FORMAT, load_pt2
         from edgellm.models.loader import load_model
 
+        if int(meta.get("format_version") or 1) < PT2_FORMAT:
+            raise UserError(f"model library {lib.name} was compiled by an older edgellm (another KV cache "
+                            "layout); compile it again")
+        self.device = device
+        self.decoder = None  # (FusedDecoder, its cache view) for single-token steps
         fresh, _ = load_model(model_dir, device=self.device, verify=False)
-        model = float_model(fresh)
-        del fresh
+        if meta.get("native_ops"):
+            model = self._native(fresh, lib)
+        else:
+            from edgellm.compile.lowering import float_model
+
+            model = float_model(fresh)
+            del fresh
+        self.program = load_pt2(artifact)
         self.model = model  # the program reads these tensors in place
         named = {f"model.{k}": v for k, v in model.named_parameters()}
         named.update({f"model.{k}": v for k, v in model.named_buffers()})
@@ -215,6 +228,27 @@ class AOTIRunner(StaticRunner):
                             "compile it again") from None
         self.positions = torch.arange(self.max_len, dtype=torch.long, device=self.device)
 
+    def _native(self, fresh, lib: Path):
+        from edgellm.compile.native_ops import native_model
+        from edgellm.quantization import kernels
+        from edgellm.quantization.layers import repack_model
+
+        if self.device != "cpu" or not kernels.available():
+            raise UserError(f"model library {lib.name} calls edgellm's native CPU kernels, which are not "
+                            f"available here ({kernels.unavailable_reason() or 'not on cpu'})")
+        repack_model(fresh)
+        window = (self.meta.get("overrides") or {}).get("sliding_window")
+        if window is not None:  # the graph was compiled with it: the native step must attend alike
+            from edgellm.compile.compiler import apply_sliding_window
+
+            apply_sliding_window(fresh, self.meta.get("model_type"), int(window))
+        view = _CacheView(fresh.cfg.num_layers)
+        build = getattr(fresh, "native_decoder", None)
+        fused = build(view) if build is not None else None
+        if fused is not None:
+            self.decoder = (fused, view)
+        return native_model(fresh)
+
     def _new_handle(self):
         from edgellm.compile.aoti import new_caches
 
@@ -224,13 +258,69 @@ class AOTIRunner(StaticRunner):
         t = ids.shape[0]
         k, v = handle
         with torch.inference_mode():
+            if t == 1 and self.decoder is not None:
+                fused, view = self.decoder
+                view.kv.k, view.kv.v = k, v
+                return fused([_Row(start, int(ids[0]))])
             return self.program(ids.to(self.device), self.positions[start:start + t],
                                 self.positions[:start + t], k, v)
 
     def _copy(self, src, dst, n):
         for s, d in zip(src[0] + src[1], dst[0] + dst[1]):
-            d[:n].copy_(s[:n])
+            d[:, :n].copy_(s[:, :n])
         return True
+
+
+class _SeqCache:
+    __slots__ = ("k", "v", "base")
+
+    def __init__(self, num_layers: int):
+        self.k: list = []
+        self.v: list = []
+        self.base = [0] * num_layers  # a library's cache holds positions 0.. at index 0
+
+
+class _CacheView:
+    """What the native decode step reads of a KV pool, over one library state's caches (float32
+    [KVH, context, D] per layer; slot 0 is whichever state runs)."""
+
+    dtype = torch.float32
+
+    def __init__(self, num_layers: int):
+        self.kv = _SeqCache(num_layers)
+        self.seqs = {0: self.kv}
+
+
+class _Row:
+    """A one-token chunk as the native decode step reads it: the token at position `start` of slot 0."""
+
+    __slots__ = ("start", "seq")
+
+    def __init__(self, start: int, token: int):
+        self.start = start
+        self.seq = _Tokens(start, token)
+
+
+class _Tokens:
+    __slots__ = ("slot", "prompt_ids", "output_ids")
+
+    def __init__(self, start: int, token: int):
+        self.slot, self.prompt_ids, self.output_ids = 0, _Only(start, token), ()
+
+
+class _Only:
+    """A sequence of start + 1 token ids of which only the last is known (all the step reads)."""
+
+    __slots__ = ("n", "token")
+
+    def __init__(self, start: int, token: int):
+        self.n, self.token = start + 1, token
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> int:
+        return self.token
 
 
 class PteRunner(StaticRunner):

@@ -7,8 +7,9 @@ at the tensor positions and every query sees the cached keys through a position 
 same graph serves every position without Python control flow.
 
 Two cache layouts:
-- `ExternalKVCache`: the cache tensors are inputs of the step (one [max_len, KVH, D] tensor per
-  layer for keys and for values), written in place (AOTInductor). Key positions [S] are an input too: S = start + T, so
+- `ExternalKVCache`: the cache tensors are inputs of the step (one [KVH, max_len, D] tensor per
+  layer for keys and for values: the KV pool's layout, so the native decode step reads them too),
+  written in place (AOTInductor). Key positions [S] are an input too: S = start + T, so
   attention reads only the first S cached positions (S is a dynamic dimension).
 - the ExecuTorch program keeps the cache inside as mutable buffers and attends over all
   `max_len` positions with the mask (static shapes; positions not yet written are masked).
@@ -57,13 +58,14 @@ class ExternalKVCache:
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: Step, *,
                scale: float, window: int | None = None, softcap: float | None = None) -> torch.Tensor:
-        kc, vc = self.k[layer], self.v[layer]  # [max_len, KVH, D], one tensor per layer
-        # index_put_ on a graph input is updated in place by inductor (no copy of the cache)
-        kc.index_put_((self.positions,), k.to(kc.dtype))
-        vc.index_put_((self.positions,), v.to(vc.dtype))
-        s = self.key_pos.shape[0]
-        keys = kc.narrow(0, 0, s).transpose(0, 1).to(q.dtype)
-        vals = vc.narrow(0, 0, s).transpose(0, 1).to(q.dtype)
+        kc, vc = self.k[layer], self.v[layer]  # [KVH, max_len, D], one tensor per layer
+        # index_copy_ on a graph input is updated in place by inductor (no copy of the cache)
+        kc.index_copy_(1, self.positions, k.transpose(0, 1).to(kc.dtype))
+        vc.index_copy_(1, self.positions, v.transpose(0, 1).to(vc.dtype))
+        # a gathered copy of the first S positions: a view's layout would depend on S == max_len,
+        # which export refuses to specialize on
+        keys = kc.index_select(1, self.key_pos).to(q.dtype)
+        vals = vc.index_select(1, self.key_pos).to(q.dtype)
         return masked_attention(q, keys, vals, self.positions, self.key_pos, scale=scale, window=window,
                                 softcap=softcap)
 
@@ -92,7 +94,7 @@ def _step(positions: torch.Tensor) -> Step:
 class ExternalCacheStep(nn.Module):
     """(ids [T], positions [T], key_pos [S], k_caches, v_caches) -> logits [1, vocab]; caches written.
 
-    k_caches/v_caches are lists with one [max_len, KVH, D] tensor per layer.
+    k_caches/v_caches are lists with one [KVH, max_len, D] tensor per layer.
     """
 
     def __init__(self, model: nn.Module):

@@ -79,7 +79,10 @@ class EngineCore:
             plain = [(s, r) for s, r in ready if id(s) not in verifying]
             if plain:
                 seqs = [s for s, _ in plain]
-                tokens, infos = self.sampler(logits[[r for _, r in plain]], seqs)
+                rows = [r for _, r in plain]
+                # every row in order (a plain decode step): sample the logits as they are, no gathered copy
+                picked = logits if rows == list(range(logits.shape[0])) else logits[rows]
+                tokens, infos = self.sampler(picked, seqs)
                 t = time.perf_counter()
                 for seq, tok, info in zip(seqs, tokens, infos):
                     emit(seq.request, [self._append(seq, [tok], [info], t)])

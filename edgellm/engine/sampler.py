@@ -13,6 +13,9 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[dict | None]]:
         """logits [R, V] float32 (one row per sequence) -> (token ids, logprob info per row)."""
+        if all(s.params.greedy and not (s.params.needs_penalties or s.params.logit_bias or s.params.logprobs
+                                         or s.grammar_matcher is not None) for s in seqs):
+            return logits.argmax(dim=-1).tolist(), [None] * len(seqs)  # plain greedy: one argmax, no copies
         raw = logits
         vocab = logits.shape[-1]
         if any(s.params.needs_penalties or s.params.logit_bias or s.grammar_matcher is not None for s in seqs):
