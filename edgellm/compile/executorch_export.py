@@ -47,7 +47,7 @@ def require_executorch() -> None:
 def _q4_codes(mod: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(int8 codes in [-7, 7] [N, K], float32 scales [N, K/32]) for a q4 group-32 layer, else None."""
     mode = mod.mode
-    if mode.kind == "int8" or mode.bits != 4 or mode.group_size != 32:
+    if mode.kind != "group" or mode.bits != 4 or mode.group_size != 32:
         return None
     k = mod.in_features if isinstance(mod, QuantLinear) else mod.embedding_dim
     if k % 32:
