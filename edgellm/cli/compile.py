@@ -16,7 +16,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "auto picks from the output suffix and this machine")
     p.add_argument("--opt", default="O2",
                    help="O0..O3 (default O2). .pt2: O0/O1 build faster, O3 autotunes GEMMs. "
-                        ".pte: O0 keeps float32 weights, O1-O3 use int4 weights with int8 activations")
+                        ".pte: O1/O2 carry the model's own 4-bit codes and scales (exact), O3 XNNPACK's "
+                        "int4 kernels (int8 activations, bf16 scales: faster, not exact), O0 float32 weights")
     p.add_argument("--overrides", default="",
                    help='"context_window_size=N;prefill_chunk_size=N;max_batch_size=N;sliding_window=N;'
                         'tensor_parallel_shards=1"')

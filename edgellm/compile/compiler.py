@@ -152,7 +152,8 @@ def compile_model(model: str | Path, output: str | Path, device: str | None = No
         else:
             from edgellm.compile.executorch_export import export_pte
 
-            facts = export_pte(mdl, art, max_len=ctx, chunk=chunk, metadata=meta, quantize=opt != "O0", log=log)
+            facts = export_pte(mdl, art, max_len=ctx, chunk=chunk, metadata=meta,
+                               weights={"O0": "float", "O3": "8da4w"}.get(opt, "exact"), log=log)
         meta.update(facts)
         if kind == "tar":
             from edgellm.compile.archive import write_tar

@@ -4,13 +4,18 @@ The converted model is exported as one method, `forward(ids [T], positions [T]) 
 vocab]`, with T dynamic (1 .. prefill_chunk_size) and the KV cache held in mutable buffers of
 `context_window_size` positions (see static_cache.BufferCacheStep).
 
-Weights. q4 group-32 modes (q4f16_1, q4f32_1, q4f16_2) become torchao's "8da4w" form, the one
-XNNPACK runs with its int4 kernels: int4 weights in groups of 32 with 8-bit dynamic
-(per-token, asymmetric) activations. Our codes map onto it exactly — `q - 7` is the signed int4
-value and the group scale is kept — so the weights are bit-identical to the converted model's;
-only the activations are rounded to 8 bits. A quantized embedding becomes ExecuTorch's
-`embedding_4bit` (same codes, same scales); a tied lm_head reads the same codes as an 8da4w
-linear. Other modes (q0*, q3f16_1, q8f16_1) run their linears in float32 on XNNPACK.
+Weights (`weights=`, chosen by compile's --opt):
+- "exact" (O1/O2, the default): the converted model's own 4-bit codes (2 a byte) and float32
+  copies of its scales (and AWQ zero points) are the program's constants. Each call dequantizes
+  them with ExecuTorch's `embedding_4bit` kernel (every row: exactly `(q - zero) * scale`) and
+  multiplies in float32 on XNNPACK (a batch matmul, which takes a computed weight), so the
+  program computes what the eager engine's float reference does. q8f16_1 does the same through
+  `embedding_byte`. Slower than 8da4w: the weights are expanded on every call.
+- "8da4w" (O3): torchao's 8da4w form XNNPACK runs with its int4 kernels; the codes are kept, but
+  XNNPACK stores group scales as bfloat16 and rounds each linear's input to int8 per token, so
+  greedy tokens can differ from the engine's. q4 group-32 modes only (others: "exact").
+- "float" (O0): every quantized layer dequantized once to float32 weights (4-8x larger).
+q3f16_1 and layers whose K is not whole groups are float32 under every choice.
 """
 
 from __future__ import annotations
@@ -44,10 +49,84 @@ def require_executorch() -> None:
         raise UserError(f"compiling a .pte program needs ExecuTorch: {EXECUTORCH_HINT}") from None
 
 
+WEIGHT_FORMS = ("exact", "8da4w", "float")
+
+
+def _codes_exact(mod: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int] | None:
+    """(packed codes, float32 scales [N, G], float32 zero points or None, bits) for `embedding_4bit` /
+    `embedding_byte`, holding exactly the layer's weights; None for layouts they cannot hold."""
+    mode = mod.mode
+    k = mod.in_features if isinstance(mod, QuantLinear) else mod.embedding_dim
+    if mode.padded_k(k) != k or mod.q_weight is None:
+        return None
+    scales = mod.q_scale.float().contiguous()
+    if mode.kind == "int8":
+        return mod.q_weight.to(torch.int8).contiguous(), scales, None, 8
+    if mode.bits != 4:
+        return None
+    q = unpack(mod.q_weight, mode).to(torch.uint8)  # [N, K] codes 0..15
+    # the kernel reads a nibble u as u - 8 and subtracts the zero point: u = q, zero = offset - 8
+    zero = mod.q_zero.float() - 8 if mode.zero_points else None
+    if zero is None:
+        q = q + (8 - mode.max_int)  # symmetric: (q - max_int) * scale with no zero point
+    packed = (q[:, 0::2] << 4 | q[:, 1::2]).contiguous()
+    return packed, scales, zero, 4
+
+
+class LinearExact(nn.Module):
+    """y = x @ W.T (+ bias), W expanded from the stored codes on every call (exact weights)."""
+
+    def __init__(self, codes: tuple, bias: torch.Tensor | None):
+        super().__init__()
+        packed, scales, zero, self.bits = codes
+        self.register_buffer("packed", packed)
+        self.register_buffer("scales", scales)
+        self.register_buffer("zero", zero)
+        self.register_buffer("rows", torch.arange(packed.shape[0]))
+        self.register_buffer("bias", None if bias is None else bias.float())
+
+    def weight(self) -> torch.Tensor:
+        if self.bits == 8:
+            return torch.ops.quantized_decomposed.embedding_byte.dtype(
+                self.packed, self.scales, self.zero, -128, 127, self.rows, dtype=torch.float32)
+        return torch.ops.quantized_decomposed.embedding_4bit.dtype(
+            self.packed, self.scales, self.zero, -8, 7, self.rows, dtype=torch.float32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # W [N, K] @ x.T [K, T] as a batch matmul: XNNPACK runs it with a computed weight (its
+        # linear wants a constant one), and no transposed copy of W is made
+        k = x.shape[-1]
+        y = torch.bmm(self.weight().unsqueeze(0), x.reshape(-1, k).t().unsqueeze(0))[0].t()
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], -1)
+
+
+class EmbeddingExact(QuantEmbedding):
+    """Lookup of the stored codes (`embedding_4bit`/`embedding_byte`); `as_linear` (a tied lm_head)
+    expands the same codes."""
+
+    def __init__(self, src: QuantEmbedding, codes: tuple):
+        nn.Module.__init__(self)
+        self.num_embeddings, self.embedding_dim, self.mode = src.num_embeddings, src.embedding_dim, src.mode
+        self.head = LinearExact(codes, None)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.head
+        if h.bits == 8:
+            return torch.ops.quantized_decomposed.embedding_byte.dtype(
+                h.packed, h.scales, h.zero, -128, 127, ids, dtype=torch.float32)
+        return torch.ops.quantized_decomposed.embedding_4bit.dtype(
+            h.packed, h.scales, h.zero, -8, 7, ids, dtype=torch.float32)
+
+    def as_linear(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(x)
+
+
 def _q4_codes(mod: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(int8 codes in [-7, 7] [N, K], float32 scales [N, K/32]) for a q4 group-32 layer, else None."""
     mode = mod.mode
-    if mode.kind == "int8" or mode.bits != 4 or mode.group_size != 32:
+    if mode.kind != "group" or mode.bits != 4 or mode.group_size != 32:
         return None
     k = mod.in_features if isinstance(mod, QuantLinear) else mod.embedding_dim
     if k % 32:
@@ -103,30 +182,36 @@ class Embedding4bit(QuantEmbedding):
         return self.head(x)
 
 
-def mobile_model(model: nn.Module, quantize: bool = True) -> tuple[nn.Module, dict[str, int]]:
-    """A copy of `model` whose quantized layers are ExecuTorch/XNNPACK-friendly; counts by kind."""
-    if quantize:
+def mobile_model(model: nn.Module, weights: str = "exact") -> tuple[nn.Module, dict[str, int]]:
+    """A copy of `model` whose quantized layers are ExecuTorch/XNNPACK-friendly (`weights`: one of
+    WEIGHT_FORMS, see the module docstring); counts by kind."""
+    if weights not in WEIGHT_FORMS:
+        raise ValueError(f"weights={weights!r}: choose from {WEIGHT_FORMS}")
+    if weights != "float":
         import executorch.exir.passes._quant_patterns_and_replacements  # noqa: F401  (registers embedding_4bit)
     model = copy.deepcopy(model)
-    counts = {"linear_8da4w": 0, "linear_f32": 0, "embedding_4bit": 0, "embedding_f32": 0}
+    counts = {k: 0 for k in ("linear_exact", "linear_8da4w", "linear_f32", "embedding_exact", "embedding_4bit",
+                             "embedding_f32")}
     for name, mod in list(model.named_modules()):
         if not isinstance(mod, (QuantLinear, QuantEmbedding)):
             continue
-        codes = _q4_codes(mod) if quantize else None
+        q4 = _q4_codes(mod) if weights == "8da4w" else None
+        exact = _codes_exact(mod) if weights != "float" and q4 is None else None
         if isinstance(mod, QuantLinear):
-            new = _linear_8da4w(*codes, mod.bias) if codes else linear_f32(mod)
-            counts["linear_8da4w" if codes else "linear_f32"] += 1
+            kind = "linear_8da4w" if q4 else "linear_exact" if exact else "linear_f32"
+            new = _linear_8da4w(*q4, mod.bias) if q4 else LinearExact(exact, mod.bias) if exact else linear_f32(mod)
         else:
-            new = Embedding4bit(mod, *codes) if codes else EmbeddingF32(mod)
-            counts["embedding_4bit" if codes else "embedding_f32"] += 1
+            kind = "embedding_4bit" if q4 else "embedding_exact" if exact else "embedding_f32"
+            new = Embedding4bit(mod, *q4) if q4 else EmbeddingExact(mod, exact) if exact else EmbeddingF32(mod)
+        counts[kind] += 1
         parent_name, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, attr, new)
     model.requires_grad_(False)
-    return model.eval(), counts
+    return model.eval(), {k: v for k, v in counts.items() if v}
 
 
 def export_pte(model: nn.Module, out: Path, *, max_len: int, chunk: int, metadata: dict,
-               quantize: bool = True, log=print) -> dict:
+               weights: str = "exact", log=print) -> dict:
     """Write the .pte program for `model`; returns facts for the metadata.
 
     Besides `forward`, the program carries the constant methods ExecuTorch's LLM runners read
@@ -139,7 +224,7 @@ def export_pte(model: nn.Module, out: Path, *, max_len: int, chunk: int, metadat
     from torch.export import Dim
 
     t0 = time.perf_counter()
-    mm, counts = mobile_model(model, quantize)
+    mm, counts = mobile_model(model, weights)
     step = BufferCacheStep(mm, max_len).eval()
     chunk = max(2, min(chunk, max_len))
     n = min(4, chunk)
@@ -148,7 +233,7 @@ def export_pte(model: nn.Module, out: Path, *, max_len: int, chunk: int, metadat
         ep = torch.export.export(step, example, dynamic_shapes=({1: Dim("T", min=1, max=chunk)}, {}),
                                  strict=False)
     log(f"  exported the step graph ({time.perf_counter() - t0:.1f}s); lowering to XNNPACK")
-    facts = {"method": "forward", "layers": counts}
+    facts = {"method": "forward", "weights": weights, "layers": counts}
     a = model.cfg
     eos = metadata.get("eos_token_ids") or []
     blob = json.dumps({**metadata, **facts}).encode()

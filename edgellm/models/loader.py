@@ -63,7 +63,7 @@ def build_model(family: ModuleType, arch: ArchConfig, mode: QuantMode | None, ma
 def expected_tensors(model: nn.Module) -> dict[str, tuple[tuple[int, ...], str]]:
     """Logical weights the converter must produce: name -> (shape, kind).
 
-    kind is "quant" for quantized layers (written as .q_weight/.q_scale), else "plain".
+    kind is "quant" for quantized layers (written as .q_weight/.q_scale, and .q_zero for awq), else "plain".
     """
     out: dict[str, tuple[tuple[int, ...], str]] = {}
     quant_prefixes = set()
@@ -76,7 +76,7 @@ def expected_tensors(model: nn.Module) -> dict[str, tuple[tuple[int, ...], str]]
             quant_prefixes.add(prefix)
     for name, t in model.state_dict().items():
         prefix = name.rsplit(".", 1)[0]
-        if prefix in quant_prefixes and name.rsplit(".", 1)[1] in ("q_weight", "q_scale"):
+        if prefix in quant_prefixes and name.rsplit(".", 1)[1] in ("q_weight", "q_scale", "q_zero"):
             continue
         out[name] = (tuple(t.shape), "plain")
     return out

@@ -32,7 +32,7 @@ NATIVE_GROUP_SIZES = (32, 40)
 
 
 class QuantLinear(nn.Module):
-    """y = x @ dequant(q_weight, q_scale).T + bias."""
+    """y = x @ dequant(q_weight, q_scale[, q_zero]).T + bias."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, mode: QuantMode,
                  dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
@@ -43,6 +43,10 @@ class QuantLinear(nn.Module):
             "q_weight", torch.empty(out_features, n_words, dtype=mode.storage_dtype, device=device))
         self.register_buffer(
             "q_scale", torch.empty(out_features, mode.num_groups(in_features), dtype=dtype, device=device))
+        if mode.zero_points:  # awq: one zero point per scale (integer values in the scale's dtype)
+            self.register_buffer("q_zero", torch.empty_like(self.q_scale))
+        else:
+            self.q_zero = None
         if bias:
             self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device),
                                      requires_grad=False)
@@ -55,11 +59,12 @@ class QuantLinear(nn.Module):
         if self.packed is not None:
             return self.packed.dequantize().to(dtype or torch.float32)
         return dequantize(self.q_weight, self.q_scale, self.mode, self.in_features,
-                          dtype or self.q_scale.dtype)
+                          dtype or self.q_scale.dtype, self.q_zero)
 
     def repack(self) -> None:
-        """Move onto the native kernels (CPU); frees the disk-layout buffers."""
-        if self.packed is None:
+        """Move onto the native kernels (CPU); frees the disk-layout buffers. Layers with zero
+        points (q4f16_awq) have no native kernel and stay as they are."""
+        if self.packed is None and not self.mode.zero_points:
             from edgellm.quantization.kernels import PackedWeight
 
             self.packed = PackedWeight.from_quantized(self.q_weight, self.q_scale, self.mode, self.out_features,
@@ -179,8 +184,9 @@ def repack_model(model: nn.Module, precision: str | None = None) -> int:
         qw = m.q_weight
         if qw is None or qw.device.type != "cpu" or (m.mode.kind == "group" and m.mode.bits > 4):
             continue
-        if m.mode.group_size not in NATIVE_GROUP_SIZES:
-            continue  # other group sizes (--group-size 64/128/0) compute on the reference path
+        if m.mode.group_size not in NATIVE_GROUP_SIZES or m.mode.zero_points:
+            # zero points (q4f16_awq) have no native kernel yet: reference path
+            continue  # as do other group sizes (--group-size 64/128/0)
         m.repack()
     _release_freed_memory()
     return len(layers)

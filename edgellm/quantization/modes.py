@@ -14,7 +14,8 @@ class QuantMode:
     """One quantization mode.
 
     kind: "none" (plain weights), "group" (MLC-style packed group quantization),
-    "int8" (edgellm's symmetric int8 with group scales).
+    "int8" (edgellm's symmetric int8 with group scales), "awq" (4-bit codes packed as in "group",
+    asymmetric: a zero point per group, `w = (q - zero) * scale`, kept from an AWQ checkpoint).
     """
 
     name: str
@@ -23,7 +24,7 @@ class QuantMode:
     bits: int = 16
     group_size: int = 0
     elems_per_word: int = 0  # values packed in one uint32 ("group" kind)
-    max_int: int = 0  # quantized value q stores w/scale + max_int
+    max_int: int = 0  # quantized value q stores w/scale + max_int (awq: per-group zeros instead)
     quantize_embedding: bool = True  # embedding and lm_head too (q4f16_2: no)
     head: QuantMode | None = None  # the embedding's and lm_head's own mode (MNN's lm_quant_bit)
 
@@ -51,7 +52,7 @@ class QuantMode:
 
     def packed_shape(self, n: int, k: int) -> tuple[int, int]:
         """Shape of `q_weight` for an [n, k] weight."""
-        if self.kind == "group":
+        if self.kind in ("group", "awq"):
             return (n, self.padded_k(k) // self.elems_per_word)
         return (n, self.padded_k(k))
 
@@ -76,7 +77,12 @@ class QuantMode:
 
     @property
     def storage_dtype(self) -> torch.dtype:
-        return torch.int32 if self.kind == "group" else torch.int8
+        return torch.int32 if self.kind in ("group", "awq") else torch.int8
+
+    @property
+    def zero_points(self) -> bool:
+        """Whether layers carry `q_zero` [N, groups] (the model dtype, integer values) beside q_scale."""
+        return self.kind == "awq"
 
 
 _F16, _F32, _BF16 = torch.float16, torch.float32, torch.bfloat16
@@ -92,6 +98,9 @@ QUANTIZATION_MODES: dict[str, QuantMode] = {
         QuantMode("q4f16_2", "group", _F16, 4, 32, 8, 7, quantize_embedding=False),
         QuantMode("q3f16_1", "group", _F16, 3, 40, 10, 3),
         QuantMode("q8f16_1", "int8", _F16, 8, 32, 1, 127),
+        # AWQ checkpoints' own codes, scales and zero points (MLC-LLM's q4f16_awq: group 128, the
+        # embedding and lm_head stay float16 as AutoAWQ leaves them)
+        QuantMode("q4f16_awq", "awq", _F16, 4, 128, 8, 0, quantize_embedding=False),
     ]
 }
 

@@ -5,7 +5,8 @@ the offset added before rounding as MLC-LLM does; each step in the model dtype) 
 `scale = max|w| / max_int` per group of consecutive input (K) elements; value j of a word sits
 at bits `bits*j ... bits*j + bits - 1` (lowest first). Words are kept as int32 in memory (the
 same bytes as MLC's uint32). int8 mode: `q = clamp(round(w / scale), -127, 127)`, `scale =
-max|w| / 127` per group of 32.
+max|w| / 127` per group of 32. awq mode: the group kind's words, with a zero point per group
+(`w = (q - zero) * scale`); its codes come from AWQ checkpoints, never from `quantize`.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ def quantize(weight: torch.Tensor, mode: QuantMode) -> tuple[torch.Tensor, torch
     Arithmetic runs in the mode's model dtype (f16 for q4f16_1), as MLC-LLM does, so codes
     match its converter; padding past K gets code 0.
     """
+    if mode.zero_points:
+        raise ValueError(f"{mode.name} keeps an AWQ checkpoint's codes; it does not quantize float weights")
     n, k = weight.shape
     kp, gs = mode.padded_k(k), mode.group_for(weight.shape[1])
     md = mode.model_dtype
@@ -48,10 +51,10 @@ def quantize(weight: torch.Tensor, mode: QuantMode) -> tuple[torch.Tensor, torch
     q = q.view(n, kp)
     if kp != k:
         q[:, k:] = 0
-    return _pack(q, mode), scale
+    return pack_codes(q, mode), scale
 
 
-def _pack(q: torch.Tensor, mode: QuantMode) -> torch.Tensor:
+def pack_codes(q: torch.Tensor, mode: QuantMode) -> torch.Tensor:
     """uint8 codes [N, Kp] -> int32 words [N, Kp / elems_per_word], code r at bits r*bits..."""
     n, kp = q.shape
     if mode.bits == 4 and sys.byteorder == "little":
@@ -82,11 +85,18 @@ def dequantize(
     mode: QuantMode,
     k: int,
     dtype: torch.dtype = torch.float32,
+    q_zero: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """(q_weight, q_scale) -> [N, k] weight in `dtype`; exactly `(q - max_int) * scale`."""
+    """(q_weight, q_scale[, q_zero]) -> [N, k] weight in `dtype`; exactly `(q - max_int) * scale`,
+    or `(q - zero) * scale` with the per-group zero points of an "awq" mode."""
     q = unpack(q_weight, mode)
     n, kp = q.shape
     gs = kp // q_scale.shape[-1]
-    offset = 0 if mode.kind == "int8" else mode.max_int
-    w = (q.to(dtype) - offset).view(n, kp // gs, gs) * q_scale.to(dtype).unsqueeze(-1)
+    if mode.zero_points:
+        if q_zero is None:
+            raise ValueError(f"{mode.name} weights need their zero points")
+        offset = q_zero.to(dtype).unsqueeze(-1)  # [N, G, 1]
+    else:
+        offset = 0 if mode.kind == "int8" else mode.max_int
+    w = (q.to(dtype).view(n, kp // gs, gs) - offset) * q_scale.to(dtype).unsqueeze(-1)
     return w.view(n, kp)[:, :k]

@@ -13,8 +13,9 @@ from edgellm.models.mapping import HFMapper, to_disk_name
 from edgellm.models.registry import get_family
 from edgellm.models.schema import parse_arch
 from edgellm.quantization.layers import QuantEmbedding, QuantLinear
-from edgellm.quantization.modes import QuantMode, get_mode, with_layout
+from edgellm.quantization.modes import GROUP_SIZES, QuantMode, get_mode, with_layout
 from edgellm.quantization.pack import quantize
+from edgellm.weights.gptq_reader import KEPT
 from edgellm.weights.lora import LoraMerger
 from edgellm.weights.source import open_source
 from edgellm.weights.staging import staged_output
@@ -70,7 +71,14 @@ def convert_weight(config: str | Path, quantization: str, output: str | Path, *,
         raise UserError("--lora-split needs --lora-adapter PEFT_DIR (the adapter to write apart)")
     mode = with_layout(get_mode(quantization), group_size, lm_head_bits)
     device = check_device(device)
-    src, hf_cfg = open_source(config, source, source_format)
+    src, hf_cfg = open_source(config, source, source_format, keep_awq=mode.zero_points)
+    if mode.zero_points:  # the layout is the checkpoint's
+        if group_size is not None and group_size != src.group_size:
+            raise UserError(f"--group-size {group_size}: this AWQ checkpoint has groups of {src.group_size}")
+        if src.group_size != mode.group_size:
+            if src.group_size not in GROUP_SIZES or src.group_size == 0:
+                raise UserError(f"AWQ group size {src.group_size} is not supported (32, 64 or 128)")
+            mode = with_layout(mode, src.group_size)
     mt = resolve_model_type(hf_cfg, model_type)
     family = get_family(mt)
     arch = parse_arch(family, hf_cfg, f"{config} config" if str(config).endswith(".gguf") else "config.json")
@@ -94,7 +102,7 @@ def convert_weight(config: str | Path, quantization: str, output: str | Path, *,
                 if lora is not None:
                     tensor = lora.apply(hf_name, tensor)
                 for name, t in mapper.feed(hf_name, tensor):
-                    _write(writer, family, modes.get(name, mode), want, name, t, arch.tie_word_embeddings, device)
+                    name = _write(writer, family, modes, mode, want, name, t, arch.tie_word_embeddings, device)
                     written.add(name)
                 del tensor
         except BaseException:
@@ -105,7 +113,7 @@ def convert_weight(config: str | Path, quantization: str, output: str | Path, *,
         mapper.finish()
         if lora is not None:
             lora.finish()
-        missing = [n for n in want if n not in written]
+        missing = [n for n in want if n not in written and not all(n[:-7] + s in written for s in KEPT)]
         if missing:
             raise UserError(f"the checkpoint lacks {missing[0]} ({len(missing)} tensors missing)")
         if split is not None:
@@ -124,8 +132,24 @@ def _write_split(adapter, stage: Path, family, arch, mode: QuantMode, model_type
     write_split(adapter, stage / "lora" / adapter.path.name, dtype, base_facts(model_type, arch))
 
 
-def _write(writer: ShardWriter, family, mode: QuantMode, want: dict, name: str, t: torch.Tensor,
-           tied: bool, device: str) -> None:
+def _write(writer: ShardWriter, family, modes: dict, mode: QuantMode, want: dict, name: str, t: torch.Tensor,
+           tied: bool, device: str) -> str:
+    """Write one tensor (quantizing it when its layer is quantized); returns the name written."""
+    base, _, leaf = name.rpartition(".")
+    if "." + leaf in KEPT:  # an AWQ linear's own codes, scales or zero points (q4f16_awq)
+        if want.get(base + ".weight", (None, ""))[1] != "quant" or not modes[base + ".weight"].zero_points:
+            raise UserError(f"{name}: the checkpoint quantizes a tensor this model keeps in float")
+        n, k = want[base + ".weight"][0]
+        m = modes[base + ".weight"]
+        need = m.packed_shape(n, k) if leaf == "q_weight" else (n, m.num_groups(k))
+        if tuple(t.shape) != need:
+            raise UserError(f"tensor {name} has shape {list(t.shape)}, the config needs {list(need)}")
+        if leaf == "q_weight":
+            writer.add(to_disk_name(family, name), t, "uint32", logical_numel=n * k)
+        else:
+            writer.add(to_disk_name(family, name), t.to(m.model_dtype), _dtype_str(m.model_dtype), 0)
+        return name
+    mode = modes.get(name, mode)
     if name not in want:
         if tied and name.startswith("lm_head."):
             return  # a copy of the tied embedding some checkpoints carry
@@ -134,6 +158,8 @@ def _write(writer: ShardWriter, family, mode: QuantMode, want: dict, name: str, 
     if tuple(t.shape) != shape:
         raise UserError(f"tensor {name} has shape {list(t.shape)}, the config needs {list(shape)}")
     if kind == "quant":
+        if mode.zero_points:
+            raise UserError(f"{name}: q4f16_awq needs the AWQ checkpoint's codes, but it is a float tensor")
         base = name[: -len(".weight")]
         q, s = quantize_rows(t, mode, device)
         writer.add(to_disk_name(family, base + ".q_weight"), q,
@@ -144,6 +170,7 @@ def _write(writer: ShardWriter, family, mode: QuantMode, want: dict, name: str, 
         keep32 = any(name.endswith(s) for s in getattr(family, "FLOAT32_TENSORS", ()))
         dtype = torch.float32 if keep32 else mode.model_dtype
         writer.add(to_disk_name(family, name), t.to(dtype), _dtype_str(dtype))
+    return name
 
 
 def _dtype_str(dtype: torch.dtype) -> str:

@@ -189,6 +189,9 @@ def export_gguf(model_dir: str | os.PathLike, output: str | os.PathLike, gguf_ty
     cfg = load_chat_config(model_dir)
     family = get_family(cfg.model_type)
     mode = get_mode(cfg.quantization)
+    if mode.zero_points:
+        raise UserError(f"{model_dir} is {mode.name}: export-gguf does not take AWQ zero points yet; convert the "
+                        "AWQ checkpoint with q4f16_1 (requantized) and export that")
     arch = arch_config(cfg, family)
     gguf_type = gguf_type or default_type(mode)
     if gguf_type not in EXPORT_TYPES:

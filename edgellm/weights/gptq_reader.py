@@ -5,6 +5,10 @@ GPTQ: `qweight` int32 [K*bits/32, N] packed along K (value j of a word at bits*j
 original "gptq" checkpoint format stores zero points minus one; "gptq_v2" stores them as is.
 AWQ (GEMM): `qweight` and `qzeros` int32 [K, N/8] / [G, N/8] packed along N with the nibble order
 (0, 2, 4, 6, 1, 3, 5, 7). Both dequantize as w[k, n] = (q - zero) * scale, transposed to HF's [N, K].
+
+With `keep=True` (quantization q4f16_awq) an AWQ linear is not dequantized: it comes out as our
+layout of the same numbers, `<prefix>.q_weight` (int32 [N, K/8], codes along K, lowest nibble
+first), `<prefix>.q_scale` [N, G] and `<prefix>.q_zero` [N, G] (float16, integer values).
 """
 
 from __future__ import annotations
@@ -15,10 +19,13 @@ from pathlib import Path
 import torch
 
 from edgellm.errors import UserError
+from edgellm.quantization.modes import get_mode
+from edgellm.quantization.pack import pack_codes
 from edgellm.weights.hf_reader import SafetensorsSource, TorchBinSource, detect_format
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble i of a word holds column AWQ_ORDER[i]
 PARTS = ("qweight", "qzeros", "scales", "g_idx")
+KEPT = (".q_weight", ".q_scale", ".q_zero")  # what an AWQ linear becomes with keep=True
 
 
 def _unpack_rows(packed: torch.Tensor, bits: int) -> torch.Tensor:
@@ -61,7 +68,7 @@ def dequantize_awq(parts: dict[str, torch.Tensor], bits: int, group_size: int) -
 class PrequantizedSource:
     """Tensors of a GPTQ/AWQ checkpoint; quantized linears come out as float `<prefix>.weight`."""
 
-    def __init__(self, base, hf_cfg: dict, fmt: str):
+    def __init__(self, base, hf_cfg: dict, fmt: str, keep: bool = False):
         qc = hf_cfg.get("quantization_config") or {}
         method = str(qc.get("quant_method", fmt)).lower()
         if method != fmt:
@@ -73,6 +80,10 @@ class PrequantizedSource:
             raise UserError(f"{fmt} checkpoints with {self.bits}-bit weights are not supported")
         if fmt == "awq" and str(qc.get("version", "gemm")).lower() != "gemm":
             raise UserError(f"AWQ version {qc.get('version')!r} is not supported (only GEMM)")
+        if keep and fmt != "awq":
+            raise UserError(f"q4f16_awq keeps an AWQ checkpoint's own codes; this is a {fmt} checkpoint "
+                            "(use q4f16_1, which requantizes it)")
+        self.keep = keep
         self.zero_offset = 0 if str(qc.get("checkpoint_format", "gptq")).lower() == "gptq_v2" else 1
 
     def _prefix(self, name: str) -> tuple[str, str] | None:
@@ -86,7 +97,7 @@ class PrequantizedSource:
             if p is None:
                 out.append(n)
             elif p[1] == "qweight":
-                out.append(p[0] + ".weight")
+                out += [p[0] + s for s in KEPT] if self.keep else [p[0] + ".weight"]
         return out
 
     def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
@@ -102,11 +113,26 @@ class PrequantizedSource:
             if all(k in parts for k in needed) and (self.fmt == "awq" or "g_idx" in parts
                                                     or not self._has_g_idx(p[0])):
                 del pending[p[0]]
-                yield p[0] + ".weight", self._dequantize(parts)
+                yield from self._out(p[0], parts)
         for prefix, parts in pending.items():
             if not all(k in parts for k in needed):
                 raise UserError(f"{prefix}: incomplete {self.fmt} tensors (have {', '.join(sorted(parts))})")
+            yield from self._out(prefix, parts)
+
+    def _out(self, prefix: str, parts: dict[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
+        if not self.keep:
             yield prefix + ".weight", self._dequantize(parts)
+            return
+        q = _unpack_cols(parts["qweight"], self.bits, AWQ_ORDER).t()  # [N, K] codes 0..15
+        n, k = q.shape
+        if k % self.group_size or parts["scales"].shape != (k // self.group_size, n):
+            raise UserError(f"{prefix}: AWQ scales {list(parts['scales'].shape)} do not fit a [{k}, {n}] "
+                            f"weight in groups of {self.group_size}")
+        words = pack_codes(q.to(torch.uint8).contiguous(), get_mode("q4f16_awq"))
+        zeros = _unpack_cols(parts["qzeros"], self.bits, AWQ_ORDER)[:, :n].t()
+        yield prefix + ".q_weight", words
+        yield prefix + ".q_scale", parts["scales"].t().to(torch.float16).contiguous()
+        yield prefix + ".q_zero", zeros.to(torch.float16).contiguous()
 
     def _has_g_idx(self, prefix: str) -> bool:
         if not hasattr(self, "_gidx"):
@@ -119,9 +145,9 @@ class PrequantizedSource:
         return dequantize_gptq(parts, self.bits, self.group_size, self.zero_offset)
 
 
-def open_prequantized(model_dir: Path, hf_cfg: dict, fmt: str) -> PrequantizedSource:
+def open_prequantized(model_dir: Path, hf_cfg: dict, fmt: str, keep: bool = False) -> PrequantizedSource:
     if detect_format(model_dir) == "huggingface-safetensor":
         base = SafetensorsSource(model_dir)
     else:
         base = TorchBinSource(model_dir)
-    return PrequantizedSource(base, hf_cfg, fmt)
+    return PrequantizedSource(base, hf_cfg, fmt, keep)

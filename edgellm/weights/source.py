@@ -45,8 +45,12 @@ def find_gguf(path: Path) -> Path | None:
     return None
 
 
-def open_source(config: str | Path, source: str | Path | None = None, source_format: str = "auto"):
-    """(source, hf_config): a tensor source with `names()` / `iter_tensors()` and the HF config."""
+def open_source(config: str | Path, source: str | Path | None = None, source_format: str = "auto",
+                keep_awq: bool = False):
+    """(source, hf_config): a tensor source with `names()` / `iter_tensors()` and the HF config.
+
+    keep_awq (quantization q4f16_awq): the checkpoint must be AWQ, and its linears come out as
+    their codes, scales and zero points instead of float weights."""
     if source_format not in SOURCE_FORMATS:
         raise UserError(f"unknown source format {source_format!r}; choose from {', '.join(SOURCE_FORMATS)}")
     cfg_path = resolve_config(config)
@@ -57,6 +61,8 @@ def open_source(config: str | Path, source: str | Path | None = None, source_for
     if source_format == "gguf" or (source_format == "auto" and gguf is not None):
         if gguf is None:
             raise UserError(f"{src_path} is not a GGUF file")
+        if keep_awq:
+            raise UserError("q4f16_awq needs an AWQ checkpoint, not a GGUF file: use q4f16_1")
         from edgellm.weights.gguf_reader import GGUFSource
 
         src = GGUFSource(gguf)
@@ -77,7 +83,11 @@ def open_source(config: str | Path, source: str | Path | None = None, source_for
     if source_format in ("awq", "gptq"):
         from edgellm.weights.gptq_reader import open_prequantized
 
-        return open_prequantized(src_path if src_path.is_dir() else src_path.parent, cfg, source_format), cfg
+        return open_prequantized(src_path if src_path.is_dir() else src_path.parent, cfg, source_format,
+                                 keep_awq), cfg
+    if keep_awq:
+        raise UserError(f"q4f16_awq keeps an AWQ checkpoint's own codes and scales; {cfg_path} is not an AWQ "
+                        "checkpoint (no quantization_config with quant_method awq): use q4f16_1")
     if source_format == "auto":
         source_format = detect_format(src_path if src_path.is_dir() else src_path.parent)
     files = [src_path] if src_path.is_file() else None
