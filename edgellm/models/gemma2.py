@@ -152,21 +152,17 @@ class Block(nn.Module):
 class Model(LlamaModel):
     block = Block
 
-    def fused_layers(self) -> list | None:
+    def layer_spec(self, blk: nn.Module):
         """Llama's layer with post norms; soft-capping, the query scale and the embedding scale are
         the model's (EModel.softcap, cfg.scale, `embed`)."""
         from edgellm.models.fused_decode import LayerSpec
 
-        specs = []
-        for blk in self.blocks:
-            if type(blk) is not Block or type(blk.self_attn) is not Attention or type(blk.mlp) is not MLP:
-                return None
-            at = blk.self_attn
-            specs.append(LayerSpec(blk.input_layernorm, blk.pre_feedforward_layernorm, at.qkv_proj, at.o_proj,
-                                   blk.mlp.gate_up_proj, blk.mlp.down_proj, blk.mlp.act, window=at.window,
-                                   post_attn_norm=blk.post_attention_layernorm,
-                                   post_mlp_norm=blk.post_feedforward_layernorm))
-        return specs
+        if type(blk) is not Block or type(blk.self_attn) is not Attention or type(blk.mlp) is not MLP:
+            return None
+        at = blk.self_attn
+        return LayerSpec(blk.input_layernorm, blk.pre_feedforward_layernorm, at.qkv_proj, at.o_proj,
+                         blk.mlp.gate_up_proj, blk.mlp.down_proj, blk.mlp.act, window=at.window,
+                         post_attn_norm=blk.post_attention_layernorm, post_mlp_norm=blk.post_feedforward_layernorm)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         x = self.embedding(ids)

@@ -157,14 +157,17 @@ class Model(CausalLM):
         return make_lm_head(cfg.hidden_size, cfg.vocab_size, mode, dtype)
 
     def fused_layers(self) -> list | None:
+        specs = [self.layer_spec(blk) for blk in self.blocks]
+        return None if any(s is None for s in specs) else specs
+
+    def layer_spec(self, blk: nn.Module):
+        """One block as a `fused_decode.LayerSpec`, or None when it is not this family's own block
+        (a family with another block shape overrides this)."""
         from edgellm.models.fused_decode import LayerSpec
 
-        specs = []
-        for blk in self.blocks:
-            if type(blk) is not Block or type(blk.self_attn) is not Attention or type(blk.mlp) is not MLP:
-                return None
-            at = blk.self_attn
-            specs.append(LayerSpec(blk.input_layernorm, blk.post_attention_layernorm, at.qkv_proj, at.o_proj,
-                                   blk.mlp.gate_up_proj, blk.mlp.down_proj, blk.mlp.act, window=at.window,
-                                   q_norm=getattr(at, "q_norm", None), k_norm=getattr(at, "k_norm", None)))
-        return specs
+        if type(blk) is not Block or type(blk.self_attn) is not Attention or type(blk.mlp) is not MLP:
+            return None
+        at = blk.self_attn
+        return LayerSpec(blk.input_layernorm, blk.post_attention_layernorm, at.qkv_proj, at.o_proj,
+                         blk.mlp.gate_up_proj, blk.mlp.down_proj, blk.mlp.act, window=at.window,
+                         q_norm=getattr(at, "q_norm", None), k_norm=getattr(at, "k_norm", None))
