@@ -158,7 +158,9 @@ class LoraSet:
                 raise UserError(f"LoRA adapter {peft.path} was made for another base model: its {key} is "
                                 f"{want}, this model's is {facts[key]}")
         device = self.model.rope.cos.device
-        weights = {m: (a.to(device), b.to(device))
+        # float32 on a CPU: its half-precision matmuls are many times slower than float32 ones
+        dtype = torch.float32 if device.type == "cpu" else None
+        weights = {m: (a.to(device, dtype), b.to(device, dtype))
                    for m, (a, b) in adapter_weights(peft, self.model, self.family).items()}
         rank = max(a.shape[0] for a, _ in weights.values())
         return LoraAdapter(name, str(peft.path), f"{name}#{next(self._loads)}", rank, weights)
