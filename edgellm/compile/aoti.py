@@ -95,7 +95,9 @@ def compile_pt2(model: nn.Module, out: Path, *, device: str, max_len: int, chunk
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=".edgellm-compile-") as tmp:
         pkg = Path(tmp) / "lib.pt2"
         torch._inductor.aoti_compile_and_package(ep, package_path=str(pkg), inductor_configs=configs)
-        facts = {"compile_seconds": round(time.perf_counter() - t0, 1)}
+        # what the caller's metadata lacks: the format, whether the graph calls the native ops, the time
+        facts = {"format_version": metadata["format_version"], "native_ops": metadata["native_ops"],
+                 "compile_seconds": round(time.perf_counter() - t0, 1)}
         with zipfile.ZipFile(pkg, "a") as z:
             z.writestr(META_ENTRY, json.dumps({**metadata, **facts}, indent=2))
         shutil.move(str(pkg), out)
