@@ -10,9 +10,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from edgellm.engine.build import make_pool
 from edgellm.engine.distributed import Comm, make_group
 from edgellm.engine.options import EngineOptions
+from edgellm.engine.pool_setup import make_pool
 from edgellm.models.base import Step
 from edgellm.models.loader import load_model
 from edgellm.models.sharding import install

@@ -156,7 +156,8 @@ class EngineBase:
             elif model in loaded:
                 picked = model
             elif strict or (self.core.lora is not None and self.core.lora.used):
-                raise UnknownAdapterError(model, loaded, what="model", served=[*sorted(names), *loaded])
+                shown = [n for n in sorted(names) if "/" not in n and "\\" not in n]  # never a local path
+                raise UnknownAdapterError(model, loaded, what="model", served=[*shown, *loaded])
         if lora is not None:
             if picked is not None and picked != lora:
                 raise BadRequestError(f"model names the LoRA adapter {picked!r} but lora names {lora!r}",

@@ -243,8 +243,9 @@ class AOTIRunner(StaticRunner):
 
             apply_sliding_window(fresh, self.meta.get("model_type"), int(window))
         view = _CacheView(fresh.cfg.num_layers)
-        build = getattr(fresh, "native_decoder", None)
-        fused = build(view) if build is not None else None
+        from edgellm.models.fused_decode import native_decoder
+
+        fused = native_decoder(fresh, view)
         if fused is not None:
             self.decoder = (fused, view)
         return native_model(fresh)

@@ -16,6 +16,7 @@ from edgellm.engine.core import EngineCore
 from edgellm.engine.distributed import shard_count
 from edgellm.engine.kv_pool import KVPool, SlotLedger
 from edgellm.engine.options import EngineOptions
+from edgellm.engine.pool_setup import make_pool
 from edgellm.engine.runner import ModelRunner
 from edgellm.engine.sampler import Sampler
 from edgellm.engine.scheduler import Scheduler
@@ -25,7 +26,6 @@ from edgellm.models.loader import arch_config, load_model, runtime_context
 from edgellm.models.lora import LoraSet
 from edgellm.models.registry import get_family
 from edgellm.quantization.layers import DEFAULT_PRECISION
-from edgellm.quantization.modes import get_mode
 
 
 def pick_device(device: str | None) -> str:
@@ -41,11 +41,6 @@ def pick_device(device: str | None) -> str:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError("device cuda requested but CUDA is not available")
     return device
-
-
-def default_kv_budget(context_window: int) -> int:
-    """KV budget in tokens when max_total_seq_length is not given: a few full-length sequences."""
-    return max(context_window, 4 * min(context_window, 4096))
 
 
 def build_engine(model_dir: str | Path, options: EngineOptions, device: str = "cpu",
@@ -111,22 +106,6 @@ def eager_parts(model_dir: Path, cfg: ChatConfig, options: EngineOptions, device
         model = float_model(model)
     pool = make_pool(model.cfg, cfg, options, device, ctx)
     return model, pool, ModelRunner(model, pool, device, opt=options.opt, fused_catch_up=fused_catch_up)
-
-
-def make_pool(arch, cfg: ChatConfig, options: EngineOptions, device: str, ctx: int, cls=KVPool) -> KVPool:
-    """The KV pool for `arch`'s layers and kv heads (a tensor-parallel rank's own heads), within the
-    options' budget (max_total_seq_length, else default_kv_budget) and KV dtype."""
-    windows = [w if options.sliding_window_size is None else options.sliding_window_size for w in arch.windows]
-    budget = options.max_total_seq_length or default_kv_budget(ctx)
-    kv_dtype = options.kv_dtype(get_mode(cfg.quantization).model_dtype)
-    alloc = None
-    if options.kvcache_mmap:  # MNN's kvcache_mmap: the KV cache in memory-mapped files under tmp_path
-        if device != "cpu":
-            raise UserError("kvcache_mmap keeps the KV cache in memory-mapped files: cpu only")
-        from edgellm.engine.kv_pool import mmap_allocator
-
-        alloc = mmap_allocator(options.tmp_path)
-    return cls(arch.num_layers, arch.num_kv_heads, arch.head_dim, windows, budget, kv_dtype, device, alloc=alloc)
 
 
 def _vocab(model_dir: Path) -> dict | None:

@@ -223,7 +223,7 @@ def _await(store: dist.Store, key: str, procs: list, what: str) -> None:
 def shard_parts(model_dir: Path, cfg: ChatConfig, options: EngineOptions, device: str, ctx: int,
                 rank: int, world: int, group: dist.ProcessGroupGloo, link: Link | None = None):
     """(model, pool, runner) of one rank: its shard with the collectives installed."""
-    from edgellm.engine.build import make_pool
+    from edgellm.engine.pool_setup import make_pool
     from edgellm.models.loader import load_model
     from edgellm.models.sharding import install
     from edgellm.quantization.layers import DEFAULT_PRECISION

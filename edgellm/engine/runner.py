@@ -5,7 +5,7 @@ Optimization levels (EngineOptions.opt):
   O1  quantized weights repacked once at load for the native kernels (edgellm.quantization.kernels):
       fused dequantize-and-dot for a few rows (decode), dequantize + float32 GEMM for many (prefill).
   O2  O1, and a step made only of decoding sequences runs as one native call over all layers
-      when the model offers one (`model.native_decoder(pool)`, see edgellm.models.fused_decode and
+      when the model offers one (`fused_decode.native_decoder(model, pool)`, see edgellm.models.fused_decode and
       `edgellm.models.registry.native_decode_families()`): no per-layer Python, no allocation,
       attention over exactly the valid part of each sequence's cache.
   O3  an alias of O2 (MLC-LLM's flag; nothing more is done at O3).
@@ -40,12 +40,12 @@ class ModelRunner:
         # chunks up to this many known tokens also run as native decode rows (a draft model catching up)
         self.fused_catch_up = fused_catch_up
         if opt != "O0" and str(device) == "cpu":
+            from edgellm.models.fused_decode import native_decoder
             from edgellm.quantization.layers import repack_model
 
             repack_model(model)
-            native = getattr(model, "native_decoder", None)
-            if opt in ("O2", "O3") and native is not None:
-                self.fused = native(pool)
+            if opt in ("O2", "O3"):
+                self.fused = native_decoder(model, pool)
 
     def step(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
         """Logits [R, vocab] (float32, on CPU) for the chunks that complete their sequence, in order

@@ -200,13 +200,6 @@ class CausalLM(nn.Module):
         describe its blocks overrides this."""
         return None
 
-    def native_decoder(self, pool):
-        """The decode step as one native call over all layers (models/fused_decode.py), or None where it
-        does not apply (no `fused_layers`, no kernels, a cache or layer the native step does not cover)."""
-        from edgellm.models.fused_decode import FusedDecoder
-
-        return FusedDecoder.build(self, pool, self.fused_layers())
-
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         head = self.output
         emb = getattr(self.embedding, "shard", self.embedding)  # a vocab-parallel embedding's own rows

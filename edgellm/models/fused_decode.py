@@ -2,7 +2,7 @@
 
 A family's Model declares the capability by describing its layers: `fused_layers()` returns one
 `LayerSpec` per layer (which modules are the norms, the projections, the MLP; whether the residual is
-parallel; which activation), or None when a layer is not of that shape. `Model.native_decoder(pool)`
+parallel; which activation), or None when a layer is not of that shape. `native_decoder(model, pool)`
 (models/base.py) hands that to `FusedDecoder.build`, which the engine's runner asks for at O2. The
 native side (ELayer in quantization/csrc/common.h) covers RMSNorm or LayerNorm-with-bias pre-norms,
 optional post norms (Gemma 2), sequential or parallel residuals (GPT-NeoX), gated (silu, gelu) or plain
@@ -194,3 +194,10 @@ class FusedDecoder:
 def _token_at(seq, i: int) -> int:
     n = len(seq.prompt_ids)
     return seq.prompt_ids[i] if i < n else seq.output_ids[i - n]
+
+
+def native_decoder(model: nn.Module, pool):
+    """The decode step of `model` as one native call over all layers, or None where it does not apply
+    (the model declares no `fused_layers`, no kernels, a cache or layer the native step does not cover)."""
+    fused_layers = getattr(model, "fused_layers", None)
+    return None if fused_layers is None else FusedDecoder.build(model, pool, fused_layers())

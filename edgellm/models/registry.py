@@ -4,7 +4,7 @@ A family module provides: `parse_config(hf: dict) -> ArchConfig`, `Model(cfg, mo
 max_positions, dtype)`, `HF_FUSED` (our fused tensor -> its HF parts), `hf_rename(name)`
 (HF name -> ours or None) and `DISK_NAMES` (our names -> MLC-LLM's on-disk names).
 A family's Model may describe its blocks in `fused_layers()` (models/fused_decode.py): its decode step
-then runs as one native call (`native_decoder(pool)`, engine O2).
+then runs as one native call (`fused_decode.native_decoder(model, pool)`, engine O2).
 Its GGUF knowledge (llama.cpp's architecture name, keys and tensor names) sits beside it:
 `GGUF_ARCH`, `gguf_config`, `gguf_tensor_names`, `gguf_metadata`, `gguf_export_names`
 (see models/gguf_hooks.py).
