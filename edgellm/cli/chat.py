@@ -5,20 +5,14 @@ from __future__ import annotations
 import argparse
 import sys
 
+from edgellm.cli.engine_flags import add_engine_flags
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="?", default=None,
                    help="converted directory, HF model directory or .gguf file (default: bundled SmolLM2)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
-    p.add_argument("--model-lib", default=None, help="a compiled model library (.pt2)")
-    p.add_argument("--overrides", default=None,
-                   help='engine options, e.g. "context_window_size=2048;prefill_chunk_size=256;threads=2"')
-    p.add_argument("--speculative-mode", default=None, choices=["disable", "small_draft", "ngram"],
-                   help="speculative decoding: a draft model (--additional-models) or prompt lookup")
-    p.add_argument("--lora", action="append", default=None, metavar="NAME=DIR",
-                   help="a LoRA adapter as NAME (a PEFT or --lora-split directory); repeatable")
-    p.add_argument("--additional-models", nargs="+", default=None, metavar="DIR",
-                   help="models besides the main one; small_draft drafts with the first")
+    add_engine_flags(p, "context_window_size=2048;prefill_chunk_size=256;threads=2")
 
 
 def _interactive(session) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from edgellm.cli.engine_flags import add_engine_flags
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="?", default=None,
@@ -26,15 +28,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="seconds a client has to send its request body (default: 60)")
     p.add_argument("--mode", default="server", choices=["local", "interactive", "server"])
     p.add_argument("--device", default="auto")
-    p.add_argument("--model-lib", default=None, help="a compiled model library (.pt2)")
-    p.add_argument("--overrides", default=None,
-                   help='engine options, e.g. "max_num_sequence=16;max_total_seq_length=16384;prefill_chunk_size=512"')
-    p.add_argument("--speculative-mode", default=None, choices=["disable", "small_draft", "ngram"],
-                   help="speculative decoding: a draft model (--additional-models) or prompt lookup")
-    p.add_argument("--lora", action="append", default=None, metavar="NAME=DIR",
-                   help="a LoRA adapter as NAME (a PEFT or --lora-split directory); repeatable")
-    p.add_argument("--additional-models", nargs="+", default=None, metavar="DIR",
-                   help="models besides the main one; small_draft drafts with the first")
+    add_engine_flags(p, "max_num_sequence=16;max_total_seq_length=16384;prefill_chunk_size=512")
     p.add_argument("--allow-lora-updates", action="store_true",
                    help="add POST /v1/load_lora_adapter and /v1/unload_lora_adapter (they read paths on this machine)")
     p.add_argument("--no-ui", action="store_true", help="do not serve the browser chat page at /")

@@ -154,3 +154,21 @@ class Request:
             "accepted_draft_tokens": accepted,
             "acceptance_rate": accepted / drafted if drafted else 0.0,
         }
+
+
+class TokenView:
+    """A slot and its token ids, read by the runner as it reads a Sequence (a verify chunk's rows, a
+    draft model's copy of a sequence)."""
+
+    def __init__(self, slot: int, ids: list[int] | None = None):
+        self.slot = slot
+        self.prompt_ids: list[int] = [] if ids is None else ids  # all known ids (the runner's name for them)
+        self.output_ids: list[int] = []
+
+    @property
+    def all_ids(self) -> list[int]:
+        return self.prompt_ids
+
+    @property
+    def total_len(self) -> int:
+        return len(self.prompt_ids)

@@ -24,6 +24,7 @@ from torch import nn
 
 from edgellm.engine.kv_pool import KVPool
 from edgellm.engine.options import DEFAULT_OPT
+from edgellm.engine.request import TokenView
 from edgellm.engine.scheduler import ScheduledChunk
 from edgellm.models.base import Step
 
@@ -105,24 +106,9 @@ class ModelRunner:
                 keep.append(len(rows))
                 rows.append(c)
                 continue
-            view = _Tokens(c.seq.slot, c.seq.all_ids[:c.start + c.length - len(c.draft)] + c.draft)
+            view = TokenView(c.seq.slot, c.seq.all_ids[:c.start + c.length - len(c.draft)] + c.draft)
             rows.extend(ScheduledChunk(view, c.start + j, 1) for j in range(c.length))
             keep.extend(range(len(rows) - c.logit_rows, len(rows)))
         with torch.inference_mode():
             logits = self.fused(rows)
         return logits if len(keep) == len(rows) else logits[keep]
-
-
-class _Tokens:
-    """A sequence's slot and token ids as the native decode step reads them."""
-
-    def __init__(self, slot: int, ids: list[int]):
-        self.slot, self.prompt_ids, self.output_ids = slot, ids, []
-
-    @property
-    def all_ids(self) -> list[int]:
-        return self.prompt_ids
-
-    @property
-    def total_len(self) -> int:
-        return len(self.prompt_ids)

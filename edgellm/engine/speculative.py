@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from edgellm.engine.request import SamplingParams, Sequence
+from edgellm.engine.request import SamplingParams, Sequence, TokenView
 from edgellm.engine.sampler import Sampler
 from edgellm.engine.scheduler import ScheduledChunk
 
@@ -37,24 +37,14 @@ def ngram_draft(ids: list[int], k: int, n_max: int = NGRAM_MAX) -> list[int]:
     return []
 
 
-class DraftSeq:
+class DraftSeq(TokenView):
     """The draft model's view of a sequence: its token ids, its slot in the draft's KVPool."""
 
     params = SamplingParams()  # the runner asks (prompt_logprobs); a draft needs none of the extras
 
     def __init__(self, slot: int):
-        self.slot = slot
-        self.prompt_ids: list[int] = []  # all known ids (the runner's name for them)
-        self.output_ids: list[int] = []
+        super().__init__(slot)
         self.num_computed = 0
-
-    @property
-    def all_ids(self) -> list[int]:
-        return self.prompt_ids
-
-    @property
-    def total_len(self) -> int:
-        return len(self.prompt_ids)
 
 
 @dataclass
