@@ -200,8 +200,10 @@ class Speculator:
             st.k, st.fails = min(st.k + 1, self.max_k), 0
         elif accepted == 0:
             st.k, st.fails = max(1, st.k // 2), st.fails + 1
-            if st.fails >= 2:  # drafts keep failing here: pause, longer each time
-                st.cooldown = min(2 ** st.fails, 32)
+            if st.fails >= 2:  # drafts keep failing here: pause, longer each time (a draft model's
+                # attempt also costs its catch-up over the paused tokens, so it pauses longer)
+                base = 2 if self.mode == "ngram" else 4
+                st.cooldown = min(base ** (st.fails - 1), 32 if self.mode == "ngram" else 128)
         else:
             st.k, st.fails = max(1, accepted + 1), 0
 

@@ -193,12 +193,11 @@ void attend_group(const float* q, int rep, const T* K, const T* V, int n, int D,
 }
 
 
-int attn_parts(int B, int nkv, int nthreads, int maxkeys) {
-    int p = (2 * nthreads + B * nkv - 1) / (B * nkv);
-    if (p > 8) p = 8;
-    const int by_len = maxkeys / 64;
-    if (p > by_len) p = by_len;
-    return p < 1 ? 1 : p;
+// Key-range parts of one sequence's attention: a function of its own number of keys only (not of the
+// batch or the thread count), so a row's result is the same whichever rows are decoded with it.
+int attn_parts(int nkeys) {
+    const int p = nkeys / 128;
+    return p < 1 ? 1 : p > ATTN_MAX_PARTS ? ATTN_MAX_PARTS : p;
 }
 
 template void attend_group<float>(const float*, int, const float*, const float*, int, int, float, float, float*, float*,

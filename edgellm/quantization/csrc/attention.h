@@ -100,4 +100,5 @@ template <typename T>
 void attend_group(const float* q, int rep, const T* K, const T* V, int n, int D, float scale, float softcap,
                   float* s, float* acc_out, float* m_out, float* l_out);
 // number of key ranges each (sequence, kv head) is split into, so every thread has work
-int attn_parts(int B, int nkv, int nthreads, int maxkeys);
+#define ATTN_MAX_PARTS 8
+int attn_parts(int nkeys);

@@ -112,7 +112,7 @@ EL_API size_t el_decode_scratch_bytes(const EModel* Mp, int B, int maxkeys, int 
     size_t f = round64((size_t)B * Mo.H) * 2 + round64((size_t)B * QKV) + round64((size_t)B * Mo.nh * Mo.D) +
                round64((size_t)B * 2 * Mo.I) + round64((size_t)B * Mo.I) +
                round64((size_t)nthreads * maxkeys * (Mo.nh / Mo.nkv)) + round64((size_t)B * G) + round64((size_t)B * Mo.H) +
-               round64((size_t)B * Mo.nh * 8 * (Mo.D + 2));
+               round64((size_t)B * Mo.nh * ATTN_MAX_PARTS * (Mo.D + 2));
     return f * 4 + round64((size_t)B * G * 2) * 4 + round64((size_t)B * 2 * Kp) + 256;
 }
 
@@ -140,11 +140,14 @@ static void decode_impl(const EModel* Mp, int B, const int64_t* pos, float* h, T
     f += round64((size_t)B * I);
     float* sc = f;
     f += round64((size_t)nthreads * maxkeys * rep);
-    int nmax = 1;
-    for (int i = 0; i < Mo.L * B; ++i) nmax = widx[i] - kfrom[i] + 1 > nmax ? widx[i] - kfrom[i] + 1 : nmax;
-    const int P = attn_parts(B, nkv, nthreads, nmax);
+    // tasks: (row, KV head, part); a row uses its own attn_parts(keys) of the P slots
+    int P = 1;
+    for (int i = 0; i < Mo.L * B; ++i) {
+        const int p = attn_parts(widx[i] - kfrom[i] + 1);
+        P = p > P ? p : P;
+    }
     float* part = f;  // [B][nkv][P][rep][D + 2]: unnormalized output, m, l
-    f += round64((size_t)B * nh * 8 * (D + 2));
+    f += round64((size_t)B * nh * ATTN_MAX_PARTS * (D + 2));
     EAct A;
     A.gsc = f;
     f += round64((size_t)B * G);
@@ -191,7 +194,9 @@ static void decode_impl(const EModel* Mp, int B, const int64_t* pos, float* h, T
 #pragma omp for schedule(static)
             for (int t = 0; t < B * nkv * P; ++t) {
                 const int b = t / (nkv * P), kh = (t / P) % nkv, pi = t % P, i = l * B + b;
-                const int n = widx[i] - kfrom[i] + 1, k0 = (int)((int64_t)n * pi / P), k1 = (int)((int64_t)n * (pi + 1) / P);
+                const int n = widx[i] - kfrom[i] + 1, np = attn_parts(n);
+                if (pi >= np) continue;
+                const int k0 = (int)((int64_t)n * pi / np), k1 = (int)((int64_t)n * (pi + 1) / np);
                 const size_t base = ((size_t)kh * cap[i] + kfrom[i] + k0) * kv_row<T>(D);
                 float* pr = part + (size_t)t * rep * (D + 2);
                 attend_group(qkv + (size_t)b * QKV + (size_t)kh * rep * D, rep, kc[i] + base, vc[i] + base, k1 - k0, D,
@@ -204,10 +209,11 @@ static void decode_impl(const EModel* Mp, int B, const int64_t* pos, float* h, T
             // merge the key-range parts of every (sequence, query head)
 #pragma omp for schedule(static)
             for (int b = 0; b < B; ++b) {
+                    const int np = attn_parts(widx[l * B + b] - kfrom[l * B + b] + 1);
                     for (int hq = 0; hq < nh; ++hq) {
                         const int kh = hq / rep, r = hq % rep;
                         float M = -INFINITY;
-                        for (int pi = 0; pi < P; ++pi) {
+                        for (int pi = 0; pi < np; ++pi) {
                             const float* pr = part + (size_t)((b * nkv + kh) * P + pi) * rep * (D + 2);
                             const float m = pr[(size_t)rep * D + r];
                             M = m > M ? m : M;
@@ -215,7 +221,7 @@ static void decode_impl(const EModel* Mp, int B, const int64_t* pos, float* h, T
                         float* o = att + (size_t)b * nh * D + (size_t)hq * D;
                         float lsum = 0.f;
                         for (int d = 0; d < D; ++d) o[d] = 0.f;
-                        for (int pi = 0; pi < P; ++pi) {
+                        for (int pi = 0; pi < np; ++pi) {
                             const float* pr = part + (size_t)((b * nkv + kh) * P + pi) * rep * (D + 2);
                             const float w = expf(pr[(size_t)rep * D + r] - M);
                             lsum += w * pr[(size_t)rep * D + rep + r];

@@ -94,81 +94,102 @@ static void block_avx2(const ELinear& L, const EAct& A, int m, int rb, float* y)
     store_rows(L, rb, out, y);
 }
 
-// 8-bit activations, 4-bit weights, MB activation rows at once (the prefill GEMM): each 32-byte
-// load of weight nibbles (8 rows x 4 columns) serves MB rows. Per pair of 8-column steps the four
-// vpmaddubsw results (|each int16| <= 2 * 15 * 127) are summed in 16 bits and widened once by
-// vpmaddwd; with AVX-VNNI, vpdpbusd accumulates in 32 bits directly.
-template <int MB>
-static void block_avx2_i8(const ELinear& L, const EAct& A, int m0, int rb, float* y, int ldy) {
+// 8-bit activations, 4-bit weights, MB activation rows (1..4) at once: each 32-byte load of weight
+// nibbles (8 rows x 4 columns) serves MB rows. A vpmaddubsw product of nibbles and 8-bit activations
+// is at most 2 * 15 * 127 = 3810 in magnitude, so up to 8 of them (one group of 32 columns) are summed
+// in 16 bits and widened once per group by vpmaddwd: the integer dot products are exact, as the
+// 16-bit-activation kernel's. With AVX-VNNI, vpdpbusd accumulates in 32 bits directly. NH = 2 walks
+// both 8-row halves of the block in one pass over its weights (few rows), NH = 1 one half per call.
+template <int MB, int NH>
+static void block_avx2_i8(const ELinear& L, const EAct& A, int m0, int rb, int half0, float* y, int ldy) {
     const int G = L.G, Kp = L.Kp, Q = L.gs / 8;
     const __m256i mask = _mm256_set1_epi8(0x0F);
-    const uint8_t* wb = L.w + (size_t)rb * Kp * 8;
-    for (int half = 0; half < 2; ++half) {
-        __m256 acc[MB];
-        for (int m = 0; m < MB; ++m) acc[m] = _mm256_setzero_ps();
-        const uint8_t* w = wb + 32 * half;
-        for (int g = 0; g < G; ++g) {
-            __m256i s[MB];
-            const int32_t* corr = A.corr + (size_t)m0 * G + g;
-            for (int m = 0; m < MB; ++m) s[m] = _mm256_set1_epi32(corr[(size_t)m * G]);
-            const int8_t* a = A.planes + (size_t)m0 * Kp + g * L.gs;
-            int p = 0;
+    const uint8_t* w = L.w + (size_t)rb * Kp * 8 + 32 * half0;
+    __m256 acc[NH][MB];
+    for (int h = 0; h < NH; ++h)
+        for (int m = 0; m < MB; ++m) acc[h][m] = _mm256_setzero_ps();
+    for (int g = 0; g < G; ++g) {
+        __m256i s[NH][MB];
+        const int32_t* corr = A.corr + (size_t)m0 * G + g;
+        for (int m = 0; m < MB; ++m) s[0][m] = _mm256_set1_epi32(corr[(size_t)m * G]);
+        for (int h = 1; h < NH; ++h)
+            for (int m = 0; m < MB; ++m) s[h][m] = s[0][m];
+        const int8_t* a = A.planes + (size_t)m0 * Kp + g * L.gs;
 #if defined(__AVXVNNI__)
-            for (; p < Q; ++p, w += 64, a += 8) {
-                const __m256i v = _mm256_loadu_si256((const __m256i*)w);
+        for (int p = 0; p < Q; ++p, w += 64, a += 8) {
+#if EL_PF
+            _mm_prefetch((const char*)w + EL_PF, _MM_HINT_T0);
+#endif
+            for (int h = 0; h < NH; ++h) {
+                const __m256i v = _mm256_loadu_si256((const __m256i*)(w + 32 * h));
                 const __m256i lo = _mm256_and_si256(v, mask), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
                 for (int m = 0; m < MB; ++m) {
-                    s[m] = _mm256_dpbusd_avx_epi32(s[m], lo, bc8(a + (size_t)m * Kp));
-                    s[m] = _mm256_dpbusd_avx_epi32(s[m], hi, bc8(a + (size_t)m * Kp + 4));
+                    s[h][m] = _mm256_dpbusd_avx_epi32(s[h][m], lo, bc8(a + (size_t)m * Kp));
+                    s[h][m] = _mm256_dpbusd_avx_epi32(s[h][m], hi, bc8(a + (size_t)m * Kp + 4));
                 }
             }
+        }
 #else
-            const __m256i ones = _mm256_set1_epi16(1);
-            for (; p + 2 <= Q; p += 2, w += 128, a += 16) {
+        const __m256i ones = _mm256_set1_epi16(1);
+        for (int p0 = 0; p0 < Q; p0 += 4) {  // 4 steps of 8 columns: 8 products per 16-bit sum
+            const int p1 = p0 + 4 < Q ? p0 + 4 : Q;
+            __m256i t[NH][MB];
+            for (int h = 0; h < NH; ++h)
+                for (int m = 0; m < MB; ++m) t[h][m] = _mm256_setzero_si256();
+            for (int p = p0; p < p1; ++p, w += 64, a += 8) {
 #if EL_PF
                 _mm_prefetch((const char*)w + EL_PF, _MM_HINT_T0);
-                _mm_prefetch((const char*)w + EL_PF + 64, _MM_HINT_T0);
 #endif
-                const __m256i v0 = _mm256_loadu_si256((const __m256i*)w), v1 = _mm256_loadu_si256((const __m256i*)(w + 64));
-                const __m256i lo0 = _mm256_and_si256(v0, mask), hi0 = _mm256_and_si256(_mm256_srli_epi16(v0, 4), mask);
-                const __m256i lo1 = _mm256_and_si256(v1, mask), hi1 = _mm256_and_si256(_mm256_srli_epi16(v1, 4), mask);
-                for (int m = 0; m < MB; ++m) {
-                    const int8_t* am = a + (size_t)m * Kp;
-                    const __m256i t = _mm256_add_epi16(
-                        _mm256_add_epi16(_mm256_maddubs_epi16(lo0, bc8(am)), _mm256_maddubs_epi16(hi0, bc8(am + 4))),
-                        _mm256_add_epi16(_mm256_maddubs_epi16(lo1, bc8(am + 8)), _mm256_maddubs_epi16(hi1, bc8(am + 12))));
-                    s[m] = _mm256_add_epi32(s[m], _mm256_madd_epi16(t, ones));
+                for (int h = 0; h < NH; ++h) {
+                    const __m256i v = _mm256_loadu_si256((const __m256i*)(w + 32 * h));
+                    const __m256i lo = _mm256_and_si256(v, mask), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+                    for (int m = 0; m < MB; ++m) {
+                        const int8_t* am = a + (size_t)m * Kp;
+                        t[h][m] = _mm256_add_epi16(t[h][m], _mm256_add_epi16(_mm256_maddubs_epi16(lo, bc8(am)),
+                                                                             _mm256_maddubs_epi16(hi, bc8(am + 4))));
+                    }
                 }
             }
-            for (; p < Q; ++p, w += 64, a += 8) {
-                const __m256i v = _mm256_loadu_si256((const __m256i*)w);
-                const __m256i lo = _mm256_and_si256(v, mask), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
-                for (int m = 0; m < MB; ++m) {
-                    const int8_t* am = a + (size_t)m * Kp;
-                    const __m256i t = _mm256_add_epi16(_mm256_maddubs_epi16(lo, bc8(am)), _mm256_maddubs_epi16(hi, bc8(am + 4)));
-                    s[m] = _mm256_add_epi32(s[m], _mm256_madd_epi16(t, ones));
-                }
-            }
+            for (int h = 0; h < NH; ++h)
+                for (int m = 0; m < MB; ++m) s[h][m] = _mm256_add_epi32(s[h][m], _mm256_madd_epi16(t[h][m], ones));
+        }
 #endif
-            const size_t idx = ((size_t)rb * G + g) * 16 + 8 * half;
+        const float* gsc = A.gsc + (size_t)m0 * G + g;
+        for (int h = 0; h < NH; ++h) {
+            const size_t idx = ((size_t)rb * G + g) * 16 + 8 * (half0 + h);
             const __m256 sc = L.half ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)((const uint16_t*)L.scale + idx)))
                                      : _mm256_loadu_ps((const float*)L.scale + idx);
-            const float* gsc = A.gsc + (size_t)m0 * G + g;
             for (int m = 0; m < MB; ++m)
-                acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s[m]), _mm256_mul_ps(sc, _mm256_set1_ps(gsc[(size_t)m * G])),
-                                         acc[m]);
+                acc[h][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s[h][m]),
+                                            _mm256_mul_ps(sc, _mm256_set1_ps(gsc[(size_t)m * G])), acc[h][m]);
         }
-        const int n0 = rb * 16 + 8 * half, cnt = L.N - n0 < 8 ? L.N - n0 : 8;
+    }
+    for (int h = 0; h < NH; ++h) {
+        const int n0 = rb * 16 + 8 * (half0 + h), cnt = L.N - n0 < 8 ? L.N - n0 : 8;
         for (int m = 0; m < MB; ++m) {
             float* o = y + (size_t)(m0 + m) * ldy + n0;
             if (cnt == 8 && !L.bias) {
-                _mm256_storeu_ps(o, acc[m]);
+                _mm256_storeu_ps(o, acc[h][m]);
                 continue;
             }
             alignas(32) float v[8];
-            _mm256_store_ps(v, acc[m]);
+            _mm256_store_ps(v, acc[h][m]);
             for (int r = 0; r < cnt; ++r) o[r] = v[r] + (L.bias ? L.bias[n0 + r] : 0.f);
         }
+    }
+}
+
+// rows m0..m1-1 of the 8-bit activations against row block rb (4-bit weights)
+static void rows_avx2_i8(const ELinear& L, const EAct& A, int m0, int m1, int rb, float* y, int ldy) {
+    int m = m0;
+    for (; m + 4 <= m1; m += 4) {
+        block_avx2_i8<4, 2>(L, A, m, rb, 0, y, ldy);
+    }
+    switch (m1 - m) {
+        case 3: block_avx2_i8<3, 2>(L, A, m, rb, 0, y, ldy); break;
+        case 2: block_avx2_i8<2, 2>(L, A, m, rb, 0, y, ldy); break;
+        case 1: block_avx2_i8<1, 2>(L, A, m, rb, 0, y, ldy); break;
+        default: break;
     }
 }
 
@@ -180,10 +201,10 @@ void gemv_avx2(const ELinear& L, const EAct& A, int M, float* y, int ldy) {
             for (int m = 0; m < M; ++m) block_avx2<2>(L, A, m, rb, y + (size_t)m * ldy);
         return;
     }
-    const bool gemm = L.fmt == 4 && M >= 4;
+    const bool i8 = L.fmt == 4 && L.gs % 8 == 0;
     // rows of activations per pass over the weights: about 128 KB of them stay in L2
     int mt = M;
-    if (gemm) {
+    if (i8) {
         mt = (128 << 10) / (L.Kp > 0 ? L.Kp : 1) / 4 * 4;
         mt = mt < 16 ? 16 : mt;
     }
@@ -191,10 +212,11 @@ void gemv_avx2(const ELinear& L, const EAct& A, int M, float* y, int ldy) {
         const int t1 = t0 + mt < M ? t0 + mt : M;
 #pragma omp for schedule(static)
         for (int rb = 0; rb < Nb; ++rb) {
-            int m = t0;
-            if (gemm)
-                for (; m + 4 <= t1; m += 4) block_avx2_i8<4>(L, A, m, rb, y, ldy);
-            for (; m < t1; ++m) block_avx2<1>(L, A, m, rb, y + (size_t)m * ldy);
+            if (i8) {
+                rows_avx2_i8(L, A, t0, t1, rb, y, ldy);
+                continue;
+            }
+            for (int m = t0; m < t1; ++m) block_avx2<1>(L, A, m, rb, y + (size_t)m * ldy);
         }
     }
 }
