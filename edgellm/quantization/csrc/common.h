@@ -57,6 +57,9 @@
 #ifndef EL_STREAMS
 #define EL_STREAMS 4  // weight streams per thread in single-row products
 #endif
+#ifndef EL_STREAMS_AVX2
+#define EL_STREAMS_AVX2 2  // AVX2 has 16 vector registers: two streams keep the accumulators in them
+#endif
 #ifndef EL_PF
 #define EL_PF 4096  // software prefetch distance in bytes for weight / cache streams (0 = off)
 #endif

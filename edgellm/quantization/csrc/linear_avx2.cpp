@@ -179,6 +179,69 @@ static void block_avx2_i8(const ELinear& L, const EAct& A, int m0, int rb, int h
     }
 }
 
+// One row of 8-bit activations against NB row blocks at once (4-bit weights): NB independent weight
+// streams keep more memory requests in flight than one (single-row decode is bound by bandwidth).
+// Same integer sums and the same float accumulation order as block_avx2_i8<1, 2>.
+template <int NB>
+static void block_avx2_m1s(const ELinear& L, const EAct& A, int m, const int* rbs, float* y) {
+    const int G = L.G, Kp = L.Kp, Q = L.gs / 8;
+    const __m256i mask = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+    const uint8_t* w[NB];
+    __m256 acc[NB][2];
+    for (int i = 0; i < NB; ++i) {
+        w[i] = L.w + (size_t)rbs[i] * Kp * 8;
+        acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+    }
+    const int8_t* a = A.planes + (size_t)m * Kp;
+    for (int g = 0; g < G; ++g) {
+        const __m256i c = _mm256_set1_epi32(A.corr[(size_t)m * G + g]);
+        __m256i s[NB][2];
+        for (int i = 0; i < NB; ++i) s[i][0] = s[i][1] = c;
+        for (int p0 = 0; p0 < Q; p0 += 4) {
+            const int p1 = p0 + 4 < Q ? p0 + 4 : Q;
+            __m256i t[NB][2];
+            for (int i = 0; i < NB; ++i) t[i][0] = t[i][1] = _mm256_setzero_si256();
+            for (int p = p0; p < p1; ++p, a += 8) {
+                const __m256i b = bc8(a), bh = bc8(a + 4);
+                for (int i = 0; i < NB; ++i) {
+#if EL_PF
+                    _mm_prefetch((const char*)w[i] + EL_PF, _MM_HINT_T0);
+#endif
+                    for (int h = 0; h < 2; ++h) {
+                        const __m256i v = _mm256_loadu_si256((const __m256i*)(w[i] + 32 * h));
+                        const __m256i lo = _mm256_and_si256(v, mask), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+#if defined(__AVXVNNI__)
+                        s[i][h] = _mm256_dpbusd_avx_epi32(_mm256_dpbusd_avx_epi32(s[i][h], lo, b), hi, bh);
+#else
+                        t[i][h] = _mm256_add_epi16(t[i][h], _mm256_add_epi16(_mm256_maddubs_epi16(lo, b),
+                                                                             _mm256_maddubs_epi16(hi, bh)));
+#endif
+                    }
+                    w[i] += 64;
+                }
+            }
+#if !defined(__AVXVNNI__)
+            for (int i = 0; i < NB; ++i)
+                for (int h = 0; h < 2; ++h) s[i][h] = _mm256_add_epi32(s[i][h], _mm256_madd_epi16(t[i][h], ones));
+#endif
+        }
+        const __m256 gs = _mm256_set1_ps(A.gsc[(size_t)m * G + g]);
+        for (int i = 0; i < NB; ++i)
+            for (int h = 0; h < 2; ++h) {
+                const size_t idx = ((size_t)rbs[i] * G + g) * 16 + 8 * h;
+                const __m256 sc = L.half ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)((const uint16_t*)L.scale + idx)))
+                                         : _mm256_loadu_ps((const float*)L.scale + idx);
+                acc[i][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s[i][h]), _mm256_mul_ps(sc, gs), acc[i][h]);
+            }
+    }
+    for (int i = 0; i < NB; ++i) {
+        alignas(32) float out[16];
+        _mm256_store_ps(out, acc[i][0]);
+        _mm256_store_ps(out + 8, acc[i][1]);
+        store_rows(L, rbs[i], out, y + (size_t)m * 0);
+    }
+}
+
 // rows m0..m1-1 of the 8-bit activations against row block rb (4-bit weights)
 static void rows_avx2_i8(const ELinear& L, const EAct& A, int m0, int m1, int rb, float* y, int ldy) {
     int m = m0;
@@ -208,6 +271,23 @@ void gemv_avx2(const ELinear& L, const EAct& A, int M, float* y, int ldy) {
         mt = (128 << 10) / (L.Kp > 0 ? L.Kp : 1) / 4 * 4;
         mt = mt < 16 ? 16 : mt;
     }
+#if EL_STREAMS_AVX2 > 1
+    if (i8 && M == 1) {  // EL_STREAMS_AVX2 weight streams per thread: blocks i, i + per, i + 2 per...
+        const int per = (Nb + EL_STREAMS_AVX2 - 1) / EL_STREAMS_AVX2;
+#pragma omp for schedule(static)
+        for (int i = 0; i < per; ++i) {
+            int rbs[EL_STREAMS_AVX2], cnt = 0;
+            for (int k = 0; k < EL_STREAMS_AVX2; ++k)
+                if (i + k * per < Nb) rbs[cnt++] = i + k * per;
+            switch (cnt) {
+                case 1: block_avx2_m1s<1>(L, A, 0, rbs, y); break;
+                case 2: block_avx2_m1s<2>(L, A, 0, rbs, y); break;
+                default: break;
+            }
+        }
+        return;
+    }
+#endif
     for (int t0 = 0; t0 < M; t0 += mt) {
         const int t1 = t0 + mt < M ? t0 + mt : M;
 #pragma omp for schedule(static)
