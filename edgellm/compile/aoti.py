@@ -8,10 +8,13 @@ S = start + T dynamic in 1..context_window_size; k_caches/v_caches are lists of 
 
 Two kinds of step program:
 - cpu with the native kernels (format_version 2, metadata `native_ops: true`): the quantized
-  products and the embedding are calls to the `edgellm::qlinear` / `edgellm::qgather` custom
-  operators (edgellm.compile.native_ops), everything between them (norms, rotary, attention,
-  activations) is inductor's generated code. At load time the converted weights are repacked for the
-  kernels, as the eager engine does, and handed to the program by name (`load_constants`, no copy).
+  products, the embedding and each layer's KV write + attention are calls to the
+  `edgellm::qlinear` / `edgellm::qgather` / `edgellm::attend` custom operators
+  (edgellm.compile.native_ops), everything between them (norms, rotary, activations, residuals) is
+  inductor's generated code (libraries built before `edgellm::attend` existed attend in the graph
+  and still load: same inputs and caches, slower prefill). At load time the converted weights are
+  repacked for the kernels, as the eager engine does, and handed to the program by name
+  (`load_constants`, no copy).
   Loading such a library needs edgellm's kernels (`load_pt2` registers the operators first).
 - otherwise (cuda, mps, or no kernels): the weights are dequantized once to float32 at load
   (lowering.float_model) and the step is plain GEMMs.
@@ -77,8 +80,10 @@ def compile_pt2(model: nn.Module, out: Path, *, device: str, max_len: int, chunk
     from torch.export import Dim
 
     t0 = time.perf_counter()
-    step = ExternalCacheStep(step_model(model, device)).eval()
-    metadata = {**metadata, "format_version": PT2_FORMAT, "native_ops": calls_operators(step.model)}
+    model = step_model(model, device)
+    native = calls_operators(model)
+    step = ExternalCacheStep(model, native).eval()
+    metadata = {**metadata, "format_version": PT2_FORMAT, "native_ops": native}
     chunk = max(2, min(chunk, max_len))
     t, s = min(4, chunk), min(8, max_len)
     t_dim, s_dim = Dim("T", min=1, max=chunk), Dim("S", min=1, max=max_len)
