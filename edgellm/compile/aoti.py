@@ -42,7 +42,8 @@ from edgellm.compile.native_ops import calls_operators, is_native, native_model
 from edgellm.compile.static_cache import ExternalCacheStep
 from edgellm.compile.target import METADATA_NAME
 
-PT2_FORMAT = 2  # 2: caches [KVH, context, D] and, on cpu, the native operators
+PT2_FORMAT = 3  # 2: caches [KVH, context, D] and, on cpu, the native operators; 3: metadata kv_cache_dtype
+OLDEST_PT2_FORMAT = 2  # still loads (its caches are float32)
 META_ENTRY = f"lib/edgellm/{METADATA_NAME}"  # "lib/" is the package's root folder (its temporary name)
 
 # --opt level -> inductor options (O3 also autotunes GEMMs: much slower to build).
@@ -60,18 +61,25 @@ def cache_shape(model: nn.Module, max_len: int) -> tuple[int, int, int]:
     return (a.num_kv_heads, max_len, a.head_dim)
 
 
-def new_caches(model: nn.Module, max_len: int, device: str = "cpu") -> tuple[list, list]:
+def new_caches(model: nn.Module, max_len: int, device: str = "cpu",
+               dtype: torch.dtype = torch.float32) -> tuple[list, list]:
     shape = cache_shape(model, max_len)
     n = model.cfg.num_layers
-    return ([torch.zeros(shape, device=device) for _ in range(n)],
-            [torch.zeros(shape, device=device) for _ in range(n)])
+    return ([torch.zeros(shape, device=device, dtype=dtype) for _ in range(n)],
+            [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n)])
 
 
-def example_inputs(model: nn.Module, max_len: int, t: int, s: int, device: str = "cpu") -> tuple:
+def example_inputs(model: nn.Module, max_len: int, t: int, s: int, device: str = "cpu",
+                   dtype: torch.dtype = torch.float32) -> tuple:
     ids = torch.zeros(t, dtype=torch.long, device=device)
     pos = torch.arange(s - t, s, dtype=torch.long, device=device)
     kp = torch.arange(s, dtype=torch.long, device=device)
-    return (ids, pos, kp, *new_caches(model, max_len, device))
+    return (ids, pos, kp, *new_caches(model, max_len, device, dtype))
+
+
+def kv_dtype_of(meta: dict) -> torch.dtype:
+    """The element type of a library's caches (float32 before format 3)."""
+    return getattr(torch, meta.get("kv_cache_dtype") or "float32")
 
 
 def compile_pt2(model: nn.Module, out: Path, *, device: str, max_len: int, chunk: int, opt: str,
@@ -83,11 +91,18 @@ def compile_pt2(model: nn.Module, out: Path, *, device: str, max_len: int, chunk
     model = step_model(model, device)
     native = calls_operators(model)
     step = ExternalCacheStep(model, native).eval()
-    metadata = {**metadata, "format_version": PT2_FORMAT, "native_ops": native}
+    # a native library keeps its KV as the eager engine's pool does by default (kv_cache_dtype auto:
+    # float16 for models stored in float16): a decode step reads a third less at long contexts
+    kv = "float32"
+    if native:
+        from edgellm.quantization.modes import get_mode
+
+        kv = "float16" if get_mode(metadata["quantization"]).model_dtype == torch.float16 else "float32"
+    metadata = {**metadata, "format_version": PT2_FORMAT, "native_ops": native, "kv_cache_dtype": kv}
     chunk = max(2, min(chunk, max_len))
     t, s = min(4, chunk), min(8, max_len)
     t_dim, s_dim = Dim("T", min=1, max=chunk), Dim("S", min=1, max=max_len)
-    example = example_inputs(step.model, max_len, t, s, device)
+    example = example_inputs(step.model, max_len, t, s, device, getattr(torch, kv))
     static = [None] * model.cfg.num_layers
     with torch.no_grad():
         ep = torch.export.export(step, example, dynamic_shapes=({0: t_dim}, {0: t_dim}, {0: s_dim}, static, static),
@@ -102,6 +117,7 @@ def compile_pt2(model: nn.Module, out: Path, *, device: str, max_len: int, chunk
         torch._inductor.aoti_compile_and_package(ep, package_path=str(pkg), inductor_configs=configs)
         # what the caller's metadata lacks: the format, whether the graph calls the native ops, the time
         facts = {"format_version": metadata["format_version"], "native_ops": metadata["native_ops"],
+                 "kv_cache_dtype": kv,
                  "compile_seconds": round(time.perf_counter() - t0, 1)}
         with zipfile.ZipFile(pkg, "a") as z:
             z.writestr(META_ENTRY, json.dumps({**metadata, **facts}, indent=2))
