@@ -124,7 +124,8 @@ def test_pt2_records_what_it_was_compiled_for(pt2):
     assert meta["context_window_size"] == CTX and meta["prefill_chunk_size"] == CHUNK
     assert meta["overrides"] == {"context_window_size": CTX, "prefill_chunk_size": CHUNK}
     assert meta["edgellm_version"]
-    assert meta["format_version"] == 2 and meta["native_ops"] is True  # calls edgellm::qlinear / qgather
+    assert meta["format_version"] == 3 and meta["native_ops"] is True  # calls edgellm::qlinear / qgather / attend
+    assert meta["kv_cache_dtype"] == "float16"  # as the eager pool keeps a float16 model's KV
 
 
 @pytest.mark.slow  # compiles a library (minutes, once per module)

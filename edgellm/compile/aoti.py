@@ -8,10 +8,13 @@ S = start + T dynamic in 1..context_window_size; k_caches/v_caches are lists of 
 
 Two kinds of step program:
 - cpu with the native kernels (format_version 2, metadata `native_ops: true`): the quantized
-  products and the embedding are calls to the `edgellm::qlinear` / `edgellm::qgather` custom
-  operators (edgellm.compile.native_ops), everything between them (norms, rotary, attention,
-  activations) is inductor's generated code. At load time the converted weights are repacked for the
-  kernels, as the eager engine does, and handed to the program by name (`load_constants`, no copy).
+  products, the embedding and each layer's KV write + attention are calls to the
+  `edgellm::qlinear` / `edgellm::qgather` / `edgellm::attend` custom operators
+  (edgellm.compile.native_ops), everything between them (norms, rotary, activations, residuals) is
+  inductor's generated code (libraries built before `edgellm::attend` existed attend in the graph
+  and still load: same inputs and caches, slower prefill). At load time the converted weights are
+  repacked for the kernels, as the eager engine does, and handed to the program by name
+  (`load_constants`, no copy).
   Loading such a library needs edgellm's kernels (`load_pt2` registers the operators first).
 - otherwise (cuda, mps, or no kernels): the weights are dequantized once to float32 at load
   (lowering.float_model) and the step is plain GEMMs.
@@ -39,7 +42,8 @@ from edgellm.compile.native_ops import calls_operators, is_native, native_model
 from edgellm.compile.static_cache import ExternalCacheStep
 from edgellm.compile.target import METADATA_NAME
 
-PT2_FORMAT = 2  # 2: caches [KVH, context, D] and, on cpu, the native operators
+PT2_FORMAT = 3  # 2: caches [KVH, context, D] and, on cpu, the native operators; 3: metadata kv_cache_dtype
+OLDEST_PT2_FORMAT = 2  # still loads (its caches are float32)
 META_ENTRY = f"lib/edgellm/{METADATA_NAME}"  # "lib/" is the package's root folder (its temporary name)
 
 # --opt level -> inductor options (O3 also autotunes GEMMs: much slower to build).
@@ -57,18 +61,25 @@ def cache_shape(model: nn.Module, max_len: int) -> tuple[int, int, int]:
     return (a.num_kv_heads, max_len, a.head_dim)
 
 
-def new_caches(model: nn.Module, max_len: int, device: str = "cpu") -> tuple[list, list]:
+def new_caches(model: nn.Module, max_len: int, device: str = "cpu",
+               dtype: torch.dtype = torch.float32) -> tuple[list, list]:
     shape = cache_shape(model, max_len)
     n = model.cfg.num_layers
-    return ([torch.zeros(shape, device=device) for _ in range(n)],
-            [torch.zeros(shape, device=device) for _ in range(n)])
+    return ([torch.zeros(shape, device=device, dtype=dtype) for _ in range(n)],
+            [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n)])
 
 
-def example_inputs(model: nn.Module, max_len: int, t: int, s: int, device: str = "cpu") -> tuple:
+def example_inputs(model: nn.Module, max_len: int, t: int, s: int, device: str = "cpu",
+                   dtype: torch.dtype = torch.float32) -> tuple:
     ids = torch.zeros(t, dtype=torch.long, device=device)
     pos = torch.arange(s - t, s, dtype=torch.long, device=device)
     kp = torch.arange(s, dtype=torch.long, device=device)
-    return (ids, pos, kp, *new_caches(model, max_len, device))
+    return (ids, pos, kp, *new_caches(model, max_len, device, dtype))
+
+
+def kv_dtype_of(meta: dict) -> torch.dtype:
+    """The element type of a library's caches (float32 before format 3)."""
+    return getattr(torch, meta.get("kv_cache_dtype") or "float32")
 
 
 def compile_pt2(model: nn.Module, out: Path, *, device: str, max_len: int, chunk: int, opt: str,
@@ -77,12 +88,21 @@ def compile_pt2(model: nn.Module, out: Path, *, device: str, max_len: int, chunk
     from torch.export import Dim
 
     t0 = time.perf_counter()
-    step = ExternalCacheStep(step_model(model, device)).eval()
-    metadata = {**metadata, "format_version": PT2_FORMAT, "native_ops": calls_operators(step.model)}
+    model = step_model(model, device)
+    native = calls_operators(model)
+    step = ExternalCacheStep(model, native).eval()
+    # a native library keeps its KV as the eager engine's pool does by default (kv_cache_dtype auto:
+    # float16 for models stored in float16): a decode step reads a third less at long contexts
+    kv = "float32"
+    if native:
+        from edgellm.quantization.modes import get_mode
+
+        kv = "float16" if get_mode(metadata["quantization"]).model_dtype == torch.float16 else "float32"
+    metadata = {**metadata, "format_version": PT2_FORMAT, "native_ops": native, "kv_cache_dtype": kv}
     chunk = max(2, min(chunk, max_len))
     t, s = min(4, chunk), min(8, max_len)
     t_dim, s_dim = Dim("T", min=1, max=chunk), Dim("S", min=1, max=max_len)
-    example = example_inputs(step.model, max_len, t, s, device)
+    example = example_inputs(step.model, max_len, t, s, device, getattr(torch, kv))
     static = [None] * model.cfg.num_layers
     with torch.no_grad():
         ep = torch.export.export(step, example, dynamic_shapes=({0: t_dim}, {0: t_dim}, {0: s_dim}, static, static),
@@ -97,6 +117,7 @@ def compile_pt2(model: nn.Module, out: Path, *, device: str, max_len: int, chunk
         torch._inductor.aoti_compile_and_package(ep, package_path=str(pkg), inductor_configs=configs)
         # what the caller's metadata lacks: the format, whether the graph calls the native ops, the time
         facts = {"format_version": metadata["format_version"], "native_ops": metadata["native_ops"],
+                 "kv_cache_dtype": kv,
                  "compile_seconds": round(time.perf_counter() - t0, 1)}
         with zipfile.ZipFile(pkg, "a") as z:
             z.writestr(META_ENTRY, json.dumps({**metadata, **facts}, indent=2))

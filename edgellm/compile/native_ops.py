@@ -1,10 +1,12 @@
 """edgellm's native quantized kernels as PyTorch custom operators, for compiled CPU libraries.
 
 `edgellm::qlinear` (x @ W.T + bias with W in the kernels' packed layout) and `edgellm::qgather`
-(embedding rows) run edgellm.quantization.kernels; each has a fake (meta) kernel, so torch.export
-traces them as opaque calls and AOTInductor's generated code calls them by name. A `.pt2` built
-this way needs these operators registered in the process that loads it: importing this module does
-that (`edgellm.compile.aoti.load_pt2` does it before loading).
+(embedding rows) run edgellm.quantization.kernels; `edgellm::attend` is one layer's attention step
+over the library's KV caches, done as the eager engine's KV pool does it (the rows written in place,
+then scaled_dot_product_attention over only the valid keys: causal without a mask for a first chunk).
+Each has a fake (meta) kernel, so torch.export traces them as opaque calls and AOTInductor's generated
+code calls them by name. A `.pt2` built this way needs these operators registered in the process that
+loads it: importing this module does that (`edgellm.compile.aoti.load_pt2` does it before loading).
 
 `native_model(model)` swaps a repacked model's quantized layers for modules calling the operators,
 sharing the packed tensors (no copy): what `edgellm compile --device cpu` exports, and what the
@@ -55,6 +57,28 @@ def qgather(ids: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, meta: l
 @qgather.register_fake
 def _qgather_fake(ids, codes, scale, meta):
     return ids.new_empty((*ids.shape, meta[2]), dtype=torch.float32)
+
+
+@torch.library.custom_op("edgellm::attend", mutates_args=("k_cache", "v_cache"))
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+           positions: torch.Tensor, scale: float, window: int | None, softcap: float | None) -> torch.Tensor:
+    """k, v [T, KVH, D] written at `positions` (consecutive) of one layer's caches [KVH, context, D];
+    q [T, H, D] attends over the keys up to the last of them (within `window`) -> [T, H, D]."""
+    from edgellm.models.base import attention
+
+    # in-graph attention over all positions with a mask cost the library a third of its prefill speed
+    start, end = int(positions[0]), int(positions[-1]) + 1
+    k_cache[:, start:end] = k.transpose(0, 1).to(k_cache.dtype)
+    v_cache[:, start:end] = v.transpose(0, 1).to(v_cache.dtype)
+    k_from = 0 if window is None else max(0, start - window + 1)
+    o = attention(q.transpose(0, 1), k_cache[:, k_from:end].to(q.dtype), v_cache[:, k_from:end].to(q.dtype),
+                  start, k_from, scale=scale, window=window, softcap=softcap)
+    return o.transpose(0, 1).contiguous()
+
+
+@attend.register_fake
+def _attend_fake(q, k, v, k_cache, v_cache, positions, scale, window, softcap):
+    return torch.empty_like(q)
 
 
 def _meta(p) -> list[int]:

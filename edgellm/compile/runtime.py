@@ -193,13 +193,18 @@ class AOTIRunner(StaticRunner):
     def __init__(self, meta: dict, lib: Path, ledger, num_sequences: int, artifact: Path, model_dir: Path,
                  device: str):
         super().__init__(meta, lib, ledger, num_sequences)
-        from edgellm.compile.aoti import PT2_FORMAT, load_pt2
+        from edgellm.compile.aoti import OLDEST_PT2_FORMAT, PT2_FORMAT, kv_dtype_of, load_pt2
         from edgellm.models.loader import load_model
 
-        if int(meta.get("format_version") or 1) < PT2_FORMAT:
+        version = int(meta.get("format_version") or 1)
+        if version < OLDEST_PT2_FORMAT:
             raise UserError(f"model library {lib.name} was compiled by an older edgellm (another KV cache "
                             "layout); compile it again")
+        if version > PT2_FORMAT:
+            raise UserError(f"model library {lib.name} was compiled by a newer edgellm (format {version}); "
+                            "upgrade edgellm or compile it again")
         self.device = device
+        self.kv_dtype = kv_dtype_of(meta)
         self.decoder = None  # (FusedDecoder, its cache view) for single-token steps
         fresh, _ = load_model(model_dir, device=self.device, verify=False)
         if meta.get("native_ops"):
@@ -242,7 +247,7 @@ class AOTIRunner(StaticRunner):
             from edgellm.compile.compiler import apply_sliding_window
 
             apply_sliding_window(fresh, self.meta.get("model_type"), int(window))
-        view = _CacheView(fresh.cfg.num_layers)
+        view = _CacheView(fresh.cfg.num_layers, self.kv_dtype)
         from edgellm.models.fused_decode import native_decoder
 
         fused = native_decoder(fresh, view)
@@ -253,7 +258,7 @@ class AOTIRunner(StaticRunner):
     def _new_handle(self):
         from edgellm.compile.aoti import new_caches
 
-        return new_caches(self.model, self.max_len, self.device)
+        return new_caches(self.model, self.max_len, self.device, self.kv_dtype)
 
     def _forward(self, handle, ids, start):
         t = ids.shape[0]
@@ -282,12 +287,11 @@ class _SeqCache:
 
 
 class _CacheView:
-    """What the native decode step reads of a KV pool, over one library state's caches (float32
-    [KVH, context, D] per layer; slot 0 is whichever state runs)."""
+    """What the native decode step reads of a KV pool, over one library state's caches ([KVH, context, D]
+    per layer, float32 or float16; slot 0 is whichever state runs)."""
 
-    dtype = torch.float32
-
-    def __init__(self, num_layers: int):
+    def __init__(self, num_layers: int, dtype: torch.dtype):
+        self.dtype = dtype
         self.kv = _SeqCache(num_layers)
         self.seqs = {0: self.kv}
 

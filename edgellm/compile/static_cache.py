@@ -10,7 +10,9 @@ Two cache layouts:
 - `ExternalKVCache`: the cache tensors are inputs of the step (one [KVH, max_len, D] tensor per
   layer for keys and for values: the KV pool's layout, so the native decode step reads them too),
   written in place (AOTInductor). Key positions [S] are an input too: S = start + T, so
-  attention reads only the first S cached positions (S is a dynamic dimension).
+  attention reads only the first S cached positions (S is a dynamic dimension). With `native`
+  (a cpu library on edgellm's operators) each layer's write + attention is one `edgellm::attend`
+  call instead (edgellm.compile.native_ops: the eager engine's attention over the valid keys).
 - the ExecuTorch program keeps the cache inside as mutable buffers and attends over all
   `max_len` positions with the mask (static shapes; positions not yet written are masked).
 """
@@ -51,14 +53,19 @@ def masked_attention(q: torch.Tensor, keys: torch.Tensor, vals: torch.Tensor, po
 
 
 class ExternalKVCache:
-    """`attend` over cache tensors passed in by the caller (written in place)."""
+    """`attend` over cache tensors passed in by the caller (written in place); `native`: through the
+    `edgellm::attend` operator."""
 
-    def __init__(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, key_pos: torch.Tensor):
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, key_pos: torch.Tensor,
+                 native: bool = False):
         self.k, self.v, self.positions, self.key_pos = k, v, positions, key_pos
+        self.native = native
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: Step, *,
                scale: float, window: int | None = None, softcap: float | None = None) -> torch.Tensor:
         kc, vc = self.k[layer], self.v[layer]  # [KVH, max_len, D], one tensor per layer
+        if self.native:
+            return torch.ops.edgellm.attend(q, k, v, kc, vc, self.positions, scale, window, softcap)
         # index_copy_ on a graph input is updated in place by inductor (no copy of the cache)
         kc.index_copy_(1, self.positions, k.transpose(0, 1).to(kc.dtype))
         vc.index_copy_(1, self.positions, v.transpose(0, 1).to(vc.dtype))
@@ -97,13 +104,13 @@ class ExternalCacheStep(nn.Module):
     k_caches/v_caches are lists with one [KVH, max_len, D] tensor per layer.
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, native: bool = False):
         super().__init__()
-        self.model = model
+        self.model, self.native = model, native
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, key_pos: torch.Tensor,
                 k_caches: list[torch.Tensor], v_caches: list[torch.Tensor]) -> torch.Tensor:
-        cache = ExternalKVCache(k_caches, v_caches, positions, key_pos)
+        cache = ExternalKVCache(k_caches, v_caches, positions, key_pos, self.native)
         return self.model(ids, _step(positions), cache)
 
 
