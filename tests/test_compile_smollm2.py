@@ -81,7 +81,8 @@ def test_smollm2_pte_gives_the_engines_answer(tmp_path, monkeypatch):
     lib = tmp_path / "SmolLM2-135M-Instruct-q4f16_1-android.tar"
     res = compile_model(model_dir / "mlc-chat-config.json", lib, "android", "O2",
                         "context_window_size=512;prefill_chunk_size=64")
-    assert res.kind == "pte" and res.metadata["weights"] == "exact" and res.metadata["layered"] is True
+    assert res.kind == "tar" and res.metadata["artifact"] == "pte" and res.metadata["weights"] == "exact"
+    assert res.metadata["layered"] is True  # the per-layer XNNPACK programs (compile/pte_layers.py)
     messages = [{"role": "user", "content": "What is the capital of France?"}]
 
     def answer(eng) -> tuple[list[str], str]:

@@ -1,4 +1,4 @@
-"""The .pte step of a llama-shaped model built from three small XNNPACK programs, lowered once.
+"""The .pte step of a llama-shaped model built from small XNNPACK programs, each lowered once.
 
 Lowering the whole model graph to XNNPACK costs time in proportion to its size many times over
 (ExecuTorch re-traces it in every pass: ~13 s a layer, 7 minutes for SmolLM2's 30). Every
@@ -6,14 +6,18 @@ layer computes the same thing with other weights, so each kind of work is export
 once, with the weights as inputs, and the step calls the lowered programs once a layer
 (ExecuTorch's "composite" flow; the program file holds each delegate once):
 
-- `_Pre`: norm1, then the q, k and v products -> q [T, H*D], k, v [T, KVH*D]
+- `_Pre`: norm1, the q, k and v products, qwen3's per-head q/k norms and RoPE (rotate_half as a
+  product with a +-1 matrix, exact) -> q [T, H, D], k and v [KVH, T, D]
 - `_Post`: attention over the cached keys and the new ones, the output product and the residual,
   norm2, the gated MLP and its residual -> the next hidden state
 - `_Head`: the final norm and the output head of the last row -> logits [1, vocab]
+- `_Mid`: `_Post` of one layer and `_Pre` of the next as one program (the step calls it between
+  the first `_Pre` and the last `_Post`): ExecuTorch's passes over the step trace every call of
+  a lowered program again, so fewer calls make a faster export.
 
 Between them, on ExecuTorch's portable kernels: each layer's weights expanded from its own 4-bit
 codes (`embedding_4bit`, exact; the memory plan reuses one layer's buffers for the next), the
-per-head q/k norms (qwen3), RoPE and the KV cache writes. The arithmetic is the model's own
+RoPE table lookup, the mask and the KV cache writes. The arithmetic is the model's own
 (static_cache.BufferKVCache's attention, RMSNorm as base.RMSNorm computes it).
 """
 
@@ -88,6 +92,19 @@ class _Post(nn.Module):
         return x + _mm(self.act(_mm(h, wg, bg)) * _mm(h, wu, bu), wd, bd)
 
 
+class _Mid(nn.Module):
+    """_Post of one layer then _Pre of the next, one program: half the calls the step makes (the
+    cost of ExecuTorch's passes over the step grows with the calls)."""
+
+    def __init__(self, post: _Post, pre: _Pre, n_post: int):
+        super().__init__()
+        self.post_, self.pre_, self.n_post = post, pre, n_post
+
+    def forward(self, *args):
+        x = self.post_(*args[:self.n_post])
+        return (x, *self.pre_(x, *args[self.n_post:]))
+
+
 class _Head(nn.Module):
     def __init__(self, eps: float, softcap: float | None):
         super().__init__()
@@ -134,10 +151,11 @@ class LayeredCacheStep(nn.Module):
     """(tokens [1, T], input_pos [1]) -> logits [1, vocab], the KV cache in the module's buffers
     (static_cache.BufferCacheStep's interface and cache), each layer through the lowered programs."""
 
-    def __init__(self, model: nn.Module, specs: list, max_len: int, pre, post, head):
+    def __init__(self, model: nn.Module, specs: list, max_len: int, pre, mid, post, head):
         super().__init__()
         self.model, self.specs = model, specs
-        self.pre, self.post, self.head = pre, post, head  # lowered programs (LoweredBackendModule)
+        # lowered programs (LoweredBackendModule); mid is None for a one-layer model
+        self.pre, self.mid, self.post, self.head = pre, mid, post, head
         a = model.cfg
         for i in range(a.num_layers):
             self.register_buffer(f"k_cache_{i}", torch.zeros(a.num_kv_heads, max_len, a.head_dim))
@@ -151,22 +169,43 @@ class LayeredCacheStep(nn.Module):
         cache = BufferKVCache(self, positions)
         x = self.model.embed(ids)
         cos, sin = self.model.rope(positions)
-        rep = a.num_heads // a.num_kv_heads
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # [T, 1, D], once for all layers
+        rep = a.num_heads // a.num_kv_heads
+        q, k, v = self.pre(x, *_pre_args(self.specs[0], cos, sin))
+        last = len(self.specs) - 1
         for i, s in enumerate(self.specs):
-            (wq, bq), (wk, bk), (wv, bv) = (_weight(p) for p in s.qkv.parts)
-            qk_norms = () if s.q_norm is None else (_norm_weight(s.q_norm), _norm_weight(s.k_norm))
-            q, k, v = self.pre(x, cos, sin, _norm_weight(s.norm1), wq, wk, wv, *_biases(bq, bk, bv), *qk_norms)
             kc, vc = getattr(self, f"k_cache_{i}"), getattr(self, f"v_cache_{i}")
-            (wo, bo), (wg, bg), (wu, bu), (wd, bd) = (_weight(m) for m in (s.o, *s.up.parts, s.down))
-            x = self.post(x, q, k, v, kc, vc, cache.mask_bias(rep, s.window), wo, _norm_weight(s.norm2),
-                          wg, wu, wd, *_biases(bo, bg, bu, bd))
-            kc[:, positions] = k  # [KVH, T, D]
+            post = _post_args(s, q, k, v, kc, vc, cache.mask_bias(rep, s.window))
+            if i < last:
+                x, q2, k2, v2 = self.mid(x, *post, *_pre_args(self.specs[i + 1], cos, sin))
+            else:
+                x = self.post(x, *post)
+            kc[:, positions] = k  # [KVH, T, D], after the program read the cache as it was
             vc[:, positions] = v
+            if i < last:
+                q, k, v = q2, k2, v2
         emb = self.model.embedding
         head = self.model.output
         w, _ = _weight(emb.head if head is None else head)
         return self.head(x[-1:], _norm_weight(self.model.final_norm), w)
+
+
+def _pre_args(s, cos: torch.Tensor, sin: torch.Tensor) -> tuple:
+    """_Pre's inputs after x for the layer of LayerSpec `s` (its weights expanded from their codes)."""
+    (wq, bq), (wk, bk), (wv, bv) = (_weight(p) for p in s.qkv.parts)
+    qk_norms = () if s.q_norm is None else (_norm_weight(s.q_norm), _norm_weight(s.k_norm))
+    return (cos, sin, _norm_weight(s.norm1), wq, wk, wv, *_biases(bq, bk, bv), *qk_norms)
+
+
+def _post_args(s, q, k, v, kc, vc, bias) -> tuple:
+    """_Post's inputs after x for the layer of LayerSpec `s`."""
+    (wo, bo), (wg, bg), (wu, bu), (wd, bd) = (_weight(m) for m in (s.o, *s.up.parts, s.down))
+    return (q, k, v, kc, vc, bias, wo, _norm_weight(s.norm2), wg, wu, wd, *_biases(bo, bg, bu, bd))
+
+
+def _nest(dyn: list, named: int) -> list:
+    """Dynamic shapes of a forward(named inputs..., *args): the *args part as one list."""
+    return [*dyn[:named], tuple(dyn[named:])] if len(dyn) > named else dyn
 
 
 def _biases(*bs: torch.Tensor | None) -> tuple:
@@ -187,27 +226,32 @@ def lower_layers(mm: nn.Module, specs: list, max_len: int, chunk: int) -> Layere
     t = Dim("T", min=1, max=chunk)
     n = min(4, chunk)
     rep, d = a.num_heads // a.num_kv_heads, a.head_dim
-    (wq, bq), (wk, bk), (wv, bv) = (_weight(p) for p in s0.qkv.parts)
-    (wo, bo), (wg, bg), (wu, bu), (wd, bd) = (_weight(m) for m in (s0.o, *s0.up.parts, s0.down))
-    pre_x = _biases(bq, bk, bv) + (() if s0.q_norm is None else (_norm_weight(s0.q_norm), _norm_weight(s0.k_norm)))
-    post_b = _biases(bo, bg, bu, bd)
     x, kc = torch.zeros(n, a.hidden_size), torch.zeros(a.num_kv_heads, max_len, d)
-    kn = torch.zeros(a.num_kv_heads, n, d)
+    kn, cos = torch.zeros(a.num_kv_heads, n, d), torch.zeros(n, 1, d)
+    pre_a = _pre_args(s0, cos, cos.clone())
+    post_a = _post_args(s0, torch.zeros(n, a.num_heads, d), kn, kn.clone(), kc, kc.clone(),
+                        torch.zeros(rep * n, max_len + n))
+    pre_dyn = [{0: t}, {0: t}] + [None] * (len(pre_a) - 2)
+    post_dyn = [{0: t}, {1: t}, {1: t}, None, None, {0: rep * t, 1: t + max_len}] + [None] * (len(post_a) - 6)
     w_head = _weight(mm.embedding.head if mm.output is None else mm.output)[0]
-    pre = _Pre(s0.norm1.eps, a.num_heads, a.num_kv_heads, d, bool(_biases(bq, bk, bv)),
+    pre = _Pre(s0.norm1.eps, a.num_heads, a.num_kv_heads, d, bool(_biases(*(p.bias for p in s0.qkv.parts))),
                None if s0.q_norm is None else s0.q_norm.eps)
+    post = _Post(s0.norm2.eps, a.scale, a.attn_softcap, s0.act)
+    # the shapes of a forward's *args are one nested list: _Pre has 7 named inputs, _Mid none
     jobs = [
-        (pre, (x, torch.zeros(n, 1, d), torch.zeros(n, 1, d), _norm_weight(s0.norm1), wq, wk, wv, *pre_x),
-         [{0: t}, {0: t}, {0: t}] + [None] * (4 + len(pre_x))),
-        (_Post(s0.norm2.eps, a.scale, a.attn_softcap, s0.act),
-         (x, torch.zeros(n, a.num_heads, d), kn, kn.clone(), kc, kc.clone(), torch.zeros(rep * n, max_len + n),
-          wo, _norm_weight(s0.norm2), wg, wu, wd, *post_b),
-         [{0: t}, {0: t}, {1: t}, {1: t}, None, None, {0: rep * t, 1: t + max_len}] + [None] * (5 + len(post_b))),
+        (pre, (x, *pre_a), _nest([{0: t}, *pre_dyn], 7)),
+        (_Mid(post, pre, 1 + len(post_a)), (x, *post_a, *pre_a), _nest([{0: t}, *post_dyn, *pre_dyn], 0))
+        if len(specs) > 1 else None,
+        (post, (x, *post_a), [{0: t}, *post_dyn]),
         (_Head(mm.final_norm.eps, a.final_softcap), (torch.zeros(1, a.hidden_size), _norm_weight(mm.final_norm),
                                                      w_head), [None] * 3),
     ]
     lowered = []
-    for mod, args, dyn in jobs:
+    for job in jobs:
+        if job is None:
+            lowered.append(None)
+            continue
+        mod, args, dyn = job
         with torch.no_grad():
             ep = torch.export.export(mod.eval(), tuple(x_.detach() for x_ in args), dynamic_shapes=dyn, strict=False)
         edge = to_edge(ep, compile_config=EdgeCompileConfig(_check_ir_validity=False))
