@@ -70,8 +70,8 @@ def test_smollm2_pt2_says_paris(tmp_path, monkeypatch):
 
 
 def test_smollm2_pte_gives_the_engines_answer(tmp_path, monkeypatch):
-    """Issue 17 item 7: the phone program is the PC model (measured: compile ~2.5 min on a shared
-    2-core machine, the three XNNPACK programs lowered once; see docs/benchmarks.md)."""
+    """Issue 17 item 7: the phone program is the PC model (measured on a shared 2-core machine:
+    compile ~2.8 min, the whole test ~3.1 min; see docs/benchmarks.md)."""
     from edgellm.api.engine import Engine
     from edgellm.compile.compiler import compile_model
     from edgellm.prepare import prepare_model

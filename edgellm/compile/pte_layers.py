@@ -192,15 +192,15 @@ class LayeredCacheStep(nn.Module):
 
 def _pre_args(s, cos: torch.Tensor, sin: torch.Tensor) -> tuple:
     """_Pre's inputs after x for the layer of LayerSpec `s` (its weights expanded from their codes)."""
-    (wq, bq), (wk, bk), (wv, bv) = (_weight(p) for p in s.qkv.parts)
+    qkv = [_weight(p) for p in s.qkv.parts]
     qk_norms = () if s.q_norm is None else (_norm_weight(s.q_norm), _norm_weight(s.k_norm))
-    return (cos, sin, _norm_weight(s.norm1), wq, wk, wv, *_biases(bq, bk, bv), *qk_norms)
+    return (cos, sin, _norm_weight(s.norm1), *(w for w, _ in qkv), *_biases(*qkv), *qk_norms)
 
 
 def _post_args(s, q, k, v, kc, vc, bias) -> tuple:
     """_Post's inputs after x for the layer of LayerSpec `s`."""
-    (wo, bo), (wg, bg), (wu, bu), (wd, bd) = (_weight(m) for m in (s.o, *s.up.parts, s.down))
-    return (q, k, v, kc, vc, bias, wo, _norm_weight(s.norm2), wg, wu, wd, *_biases(bo, bg, bu, bd))
+    (wo, bo), (wg, bg), (wu, bu), (wd, bd) = ws = [_weight(m) for m in (s.o, *s.up.parts, s.down)]
+    return (q, k, v, kc, vc, bias, wo, _norm_weight(s.norm2), wg, wu, wd, *_biases(*ws))
 
 
 def _nest(dyn: list, named: int) -> list:
@@ -208,9 +208,12 @@ def _nest(dyn: list, named: int) -> list:
     return [*dyn[:named], tuple(dyn[named:])] if len(dyn) > named else dyn
 
 
-def _biases(*bs: torch.Tensor | None) -> tuple:
-    """The optional bias inputs of a lowered program: all of them or none."""
-    return () if all(b is None for b in bs) else bs
+def _biases(*pairs: tuple[torch.Tensor, torch.Tensor | None]) -> tuple:
+    """The optional bias inputs of a lowered program for (weight, bias) pairs: none when no layer
+    product has one, else one each (zeros where one lacks it: adding 0 changes nothing)."""
+    if all(b is None for _, b in pairs):
+        return ()
+    return tuple(torch.zeros(w.shape[0]) if b is None else b.float() for w, b in pairs)
 
 
 def lower_layers(mm: nn.Module, specs: list, max_len: int, chunk: int) -> LayeredCacheStep:
@@ -234,7 +237,7 @@ def lower_layers(mm: nn.Module, specs: list, max_len: int, chunk: int) -> Layere
     pre_dyn = [{0: t}, {0: t}] + [None] * (len(pre_a) - 2)
     post_dyn = [{0: t}, {1: t}, {1: t}, None, None, {0: rep * t, 1: t + max_len}] + [None] * (len(post_a) - 6)
     w_head = _weight(mm.embedding.head if mm.output is None else mm.output)[0]
-    pre = _Pre(s0.norm1.eps, a.num_heads, a.num_kv_heads, d, bool(_biases(*(p.bias for p in s0.qkv.parts))),
+    pre = _Pre(s0.norm1.eps, a.num_heads, a.num_kv_heads, d, bool(_biases(*(_weight(p) for p in s0.qkv.parts))),
                None if s0.q_norm is None else s0.q_norm.eps)
     post = _Post(s0.norm2.eps, a.scale, a.attn_softcap, s0.act)
     # the shapes of a forward's *args are one nested list: _Pre has 7 named inputs, _Mid none
