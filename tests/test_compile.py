@@ -185,12 +185,14 @@ def test_pte_matches_eager_engine(tiny, android_tar):
         got = [run_method(method, torch.tensor(ids[:n]), 0)]
         got += [run_method(method, torch.tensor([ids[i]]), i) for i in range(n, len(ids) - 1)]
         assert (torch.cat(got) - eager).abs().max() < 1e-4
-    # the program's constants are the converted codes: the first linear's nibbles, unpacked
+    # the program's constants are the converted codes: the first linear's nibbles, unpacked (the
+    # fused qkv product is kept as its q, k and v rows: one product each)
     mm, _ = mobile_model(model)
-    src, exp = model.model.layers[0].self_attn.qkv_proj, mm.model.layers[0].self_attn.qkv_proj
-    nib = torch.stack([exp.packed >> 4, exp.packed & 15], -1).view(exp.packed.shape[0], -1)
+    src, parts = model.model.layers[0].self_attn.qkv_proj, mm.model.layers[0].self_attn.qkv_proj.parts
+    packed, scales = torch.cat([p.packed for p in parts]), torch.cat([p.scales for p in parts])
+    nib = torch.stack([packed >> 4, packed & 15], -1).view(packed.shape[0], -1)
     assert torch.equal(nib.int() - 1, unpack(src.q_weight, src.mode))  # stored as code + 1 (read as u - 8)
-    assert torch.equal(exp.scales, src.q_scale.float())
+    assert torch.equal(scales, src.q_scale.float())
 
 
 def test_awq_model_exports_its_own_zero_points(tmp_path):

@@ -4,7 +4,10 @@ Engine(model_lib=...), and gives the eager engine's greedy tokens on three promp
 only at a near-tie that swaps the same two candidates (within 0.2 nats: with 8-bit activations a
 last-bit difference -- the graph's fused norms sum in another order, the eager pool keeps this
 float16 model's KV in float16 -- can flip an activation's rounding and rightly pick the other one;
-exact equality: tests/test_compile.py)."""
+exact equality: tests/test_compile.py).
+
+Compiled for android (an ExecuTorch .pte holding the model's own 4-bit codes and scales), it gives
+the eager engine's greedy answer to the France question, token for token."""
 
 from __future__ import annotations
 
@@ -72,3 +75,32 @@ def test_smollm2_pt2_says_paris(tmp_path, monkeypatch):
     # library caches the third parted at its first ("There" by 0.15 eager, "Here" by 0.02 library)
     assert sum(compared) >= 6, compared
     assert os.path.getsize(lib) < 50e6  # the library is code: the weights stay in the model directory
+
+
+def test_smollm2_pte_gives_the_engines_answer(tmp_path, monkeypatch):
+    """Issue 17 item 7: the phone program is the PC model (measured on a shared 2-core machine:
+    compile ~2.8 min, the whole test ~3.1 min; see docs/benchmarks.md)."""
+    from edgellm.api.engine import Engine
+    from edgellm.compile.compiler import compile_model
+    from edgellm.prepare import prepare_model
+
+    model_dir = prepare_model(None)
+    monkeypatch.setenv("EDGELLM_HOME", str(tmp_path / "home"))  # where the .tar's program is extracted
+    lib = tmp_path / "SmolLM2-135M-Instruct-q4f16_1-android.tar"
+    res = compile_model(model_dir / "mlc-chat-config.json", lib, "android", "O2",
+                        "context_window_size=512;prefill_chunk_size=64")
+    assert res.kind == "tar" and res.metadata["artifact"] == "pte" and res.metadata["weights"] == "exact"
+    assert res.metadata["layered"] is True  # the per-layer XNNPACK programs (compile/pte_layers.py)
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+
+    def answer(eng) -> tuple[list[str], str]:
+        r = eng.chat.completions.create(messages=messages, max_tokens=16, temperature=0, logprobs=True)
+        return [e.token for e in r.choices[0].logprobs.content], r.choices[0].message.content
+
+    with Engine(str(model_dir), model_lib=str(lib), device="cpu") as eng:
+        assert type(eng.runner).__name__ == "PteRunner"
+        pte_tokens, text = answer(eng)
+    with Engine(str(model_dir), device="cpu") as eng:
+        eager_tokens, _ = answer(eng)
+    assert pte_tokens == eager_tokens, (pte_tokens, eager_tokens)
+    assert "Paris" in text, text

@@ -31,6 +31,7 @@ from torch import nn
 
 from edgellm.compile.lowering import EmbeddingF32, linear_f32
 from edgellm.compile.static_cache import BufferCacheStep
+from edgellm.compile.xnnpack_graph import SplitLinear
 from edgellm.errors import UserError
 from edgellm.quantization.layers import QuantEmbedding, QuantLinear
 from edgellm.quantization.pack import unpack
@@ -94,12 +95,21 @@ class LinearExact(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # W [N, K] @ x.T [K, T] as a batch matmul: XNNPACK runs it with a computed weight (its
-        # linear wants a constant one), and no transposed copy of W is made
-        k = x.shape[-1]
-        y = torch.bmm(self.weight().unsqueeze(0), x.reshape(-1, k).t().unsqueeze(0))[0].t()
+        # linear wants a constant one), and no transposed copy of W is made. Only 3-D views and
+        # permutes around it, T written as -1: all of it stays inside one XNNPACK partition.
+        n, k = self.packed.shape[0], x.shape[-1]
+        xt = x.reshape(1, -1, k).permute(0, 2, 1)  # [1, K, T]
+        y = torch.bmm(self.weight().view(1, n, k), xt).permute(0, 2, 1)  # [1, T, N]
         if self.bias is not None:
             y = y + self.bias
-        return y.reshape(*x.shape[:-1], -1)
+        return y.reshape(*x.shape[:-1], n)
+
+    def row_range(self, start: int, stop: int) -> LinearExact:
+        """The layer of output rows start..stop (the same codes and scales)."""
+        def part(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t[start:stop].clone()
+
+        return LinearExact((part(self.packed), part(self.scales), part(self.zero), self.bits), part(self.bias))
 
 
 class EmbeddingExact(QuantEmbedding):
@@ -182,6 +192,18 @@ class Embedding4bit(QuantEmbedding):
         return self.head(x)
 
 
+def _split_fused(parent: nn.Module, attr: str, lin: LinearExact) -> nn.Module:
+    """A fused projection the model splits (llama-style qkv_proj by `split_sizes`, gate_up_proj by
+    `inter`) as one product per part (see xnnpack_graph.SplitLinear); others as they are."""
+    sizes = {"qkv_proj": getattr(parent, "split_sizes", None),
+             "gate_up_proj": [parent.inter] * 2 if isinstance(getattr(parent, "inter", None), int) else None}
+    sizes = sizes.get(attr)
+    if not sizes or sum(sizes) != lin.packed.shape[0]:
+        return lin
+    bounds = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+    return SplitLinear([lin.row_range(a, b) for a, b in zip(bounds, bounds[1:])])
+
+
 def mobile_model(model: nn.Module, weights: str = "exact") -> tuple[nn.Module, dict[str, int]]:
     """A copy of `model` whose quantized layers are ExecuTorch/XNNPACK-friendly (`weights`: one of
     WEIGHT_FORMS, see the module docstring); counts by kind."""
@@ -205,7 +227,10 @@ def mobile_model(model: nn.Module, weights: str = "exact") -> tuple[nn.Module, d
             new = Embedding4bit(mod, *q4) if q4 else EmbeddingExact(mod, exact) if exact else EmbeddingF32(mod)
         counts[kind] += 1
         parent_name, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, attr, new)
+        parent = model.get_submodule(parent_name) if parent_name else model
+        if isinstance(new, LinearExact):
+            new = _split_fused(parent, attr, new)
+        setattr(parent, attr, new)
     model.requires_grad_(False)
     return model.eval(), {k: v for k, v in counts.items() if v}
 
@@ -220,20 +245,28 @@ def export_pte(model: nn.Module, out: Path, *, max_len: int, chunk: int, metadat
     """
     require_executorch()
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
-    from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
+    from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge, to_edge_transform_and_lower
     from torch.export import Dim
+
+    from edgellm.compile.pte_layers import layered_specs, lower_layers
+    from edgellm.compile.xnnpack_graph import XnnpackFriendlyPass
 
     t0 = time.perf_counter()
     mm, counts = mobile_model(model, weights)
-    step = BufferCacheStep(mm, max_len).eval()
     chunk = max(2, min(chunk, max_len))
+    specs = layered_specs(mm) if weights == "exact" else None
+    if specs is not None:  # three small programs lowered once, called by every layer (pte_layers)
+        step = lower_layers(mm, specs, max_len, chunk).eval()
+        log(f"  lowered the layer programs to XNNPACK ({time.perf_counter() - t0:.1f}s)")
+    else:
+        step = BufferCacheStep(mm, max_len).eval()
     n = min(4, chunk)
     example = (torch.zeros(1, n, dtype=torch.long), torch.tensor([0], dtype=torch.long))
     with torch.no_grad():
         ep = torch.export.export(step, example, dynamic_shapes=({1: Dim("T", min=1, max=chunk)}, {}),
                                  strict=False)
     log(f"  exported the step graph ({time.perf_counter() - t0:.1f}s); lowering to XNNPACK")
-    facts = {"method": "forward", "weights": weights, "layers": counts}
+    facts = {"method": "forward", "weights": weights, "layers": counts, "layered": specs is not None}
     a = model.cfg
     eos = metadata.get("eos_token_ids") or []
     blob = json.dumps({**metadata, **facts}).encode()
@@ -244,9 +277,14 @@ def export_pte(model: nn.Module, out: Path, *, max_len: int, chunk: int, metadat
         "get_bos_id": int(metadata.get("bos_token_id") or 0), "get_eos_ids": [int(e) for e in eos],
         "edgellm_metadata": torch.tensor(list(blob), dtype=torch.uint8),
     }
-    edge = to_edge_transform_and_lower(
-        ep, partitioner=[XnnpackPartitioner()], constant_methods=constants,
-        compile_config=EdgeCompileConfig(_check_ir_validity=False))
+    config = EdgeCompileConfig(_check_ir_validity=False)
+    if specs is not None:  # already lowered: the rest runs on the portable kernels
+        edge = to_edge(ep, constant_methods=constants, compile_config=config)
+    else:
+        edge = to_edge_transform_and_lower(ep, transform_passes=[XnnpackFriendlyPass()],
+                                           partitioner=[XnnpackPartitioner()], constant_methods=constants,
+                                           compile_config=config)
+    log(f"  edge program ready ({time.perf_counter() - t0:.1f}s); writing the ExecuTorch program")
     prog = edge.to_executorch(ExecutorchBackendConfig(extract_delegate_segments=True, run_reinplace_pass=True))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".part")

@@ -14,7 +14,7 @@ Two cache layouts:
   (a cpu library on edgellm's operators) each layer's write + attention is one `edgellm::attend`
   call instead (edgellm.compile.native_ops: the eager engine's attention over the valid keys).
 - the ExecuTorch program keeps the cache inside as mutable buffers and attends over all
-  `max_len` positions with the mask (static shapes; positions not yet written are masked).
+  `max_len` cached positions (those not written before this call masked) and the new rows.
 """
 
 from __future__ import annotations
@@ -77,20 +77,63 @@ class ExternalKVCache:
                                 softcap=softcap)
 
 
+def buffer_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor,
+                     bias: torch.Tensor, *, scale: float, softcap: float | None) -> torch.Tensor:
+    """q [T, H, D] over the cache kc/vc [KVH, max_len, D] followed by the new k/v [T, KVH, D];
+    `bias` [rep*T, max_len + T] (BufferKVCache.mask_bias) -> [T, H, D].
+
+    Shaped for XNNPACK (see xnnpack_graph): reshapes name T as -1, the mask is an added bias.
+    """
+    kn, vn = k.transpose(0, 1).to(kc.dtype), v.transpose(0, 1).to(vc.dtype)  # [KVH, T, D]
+    keys = torch.cat([kc, kn], 1).to(q.dtype)  # [KVH, max_len + T, D]
+    vals = torch.cat([vc, vn], 1).to(q.dtype)
+    h, d = q.shape[1], q.shape[2]
+    kvh = keys.shape[0]
+    rep = h // kvh
+    qg = q.reshape(-1, kvh, rep, d).permute(1, 2, 0, 3).reshape(kvh, -1, d)  # row r*T + i
+    scores = torch.bmm(qg, keys.transpose(1, 2)) * scale  # [KVH, rep*T, max_len + T]
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    probs = torch.softmax(scores.float() + bias, dim=-1).to(q.dtype)
+    o = torch.bmm(probs, vals)  # [KVH, rep*T, D]
+    return o.reshape(kvh, rep, -1, d).permute(2, 0, 1, 3).reshape(-1, h, d)
+
+
 class BufferKVCache:
-    """`attend` over the wrapper's own cache buffers (static length, mask over every position)."""
+    """`attend` over the wrapper's own cache buffers (static length) and the new rows.
+
+    The keys are the cache as it was (the positions before the first new one are valid) followed
+    by the new rows, the mask is an additive bias built once per call from the positions only,
+    and the cache write comes last: no op XNNPACK refuses sits inside the attention.
+    """
 
     def __init__(self, owner: nn.Module, positions: torch.Tensor):
         self.owner, self.positions = owner, positions
+        big = owner.key_pos.shape[0] + positions.shape[0] + 1  # a position no query reaches
+        old = torch.where(owner.key_pos < positions[:1], owner.key_pos, big)
+        self.key_pos = torch.cat([old, positions])  # [max_len + T]
+        self.bias: dict = {}
+
+    def mask_bias(self, rep: int, window: int | None) -> torch.Tensor:
+        """[rep * T, max_len + T]: 0 where a query sees a key, -inf elsewhere (rows as in the scores)."""
+        if (rep, window) not in self.bias:
+            qp, kp = self.positions.unsqueeze(1), self.key_pos.unsqueeze(0)
+            mask = kp <= qp
+            if window is not None:
+                mask = mask & ((qp - kp) < window)
+            bias = torch.zeros(mask.shape, dtype=torch.float32).masked_fill(~mask, float("-inf"))
+            self.bias[(rep, window)] = bias.repeat(rep, 1) if rep > 1 else bias
+        return self.bias[(rep, window)]
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: Step, *,
                scale: float, window: int | None = None, softcap: float | None = None) -> torch.Tensor:
         kc, vc = getattr(self.owner, f"k_cache_{layer}"), getattr(self.owner, f"v_cache_{layer}")
+        rep = q.shape[1] // kc.shape[0]
+        out = buffer_attention(q, k, v, kc, vc, self.mask_bias(rep, window), scale=scale, softcap=softcap)
         # an index_put on a mutable buffer: ExecuTorch's reinplace pass keeps it in place
         kc[:, self.positions] = k.transpose(0, 1).to(kc.dtype)
         vc[:, self.positions] = v.transpose(0, 1).to(vc.dtype)
-        return masked_attention(q, kc.to(q.dtype), vc.to(q.dtype), self.positions, self.owner.key_pos,
-                                scale=scale, window=window, softcap=softcap)
+        return out
 
 
 def _step(positions: torch.Tensor) -> Step:
