@@ -280,6 +280,15 @@ static inline uint16_t float_to_half(float f) {  // round to nearest even, as to
 
 static inline size_t round64(size_t n) { return (n + 63) & ~(size_t)63; }
 
+// The row blocks of single-row task i when each task walks `ns` weight streams over Nb blocks:
+// i, i + per, i + 2 per... (those below Nb) into rbs; returns how many.
+static inline int stream_blocks(int i, int per, int Nb, int ns, int* rbs) {
+    int cnt = 0;
+    for (int k = 0; k < ns; ++k)
+        if (i + k * per < Nb) rbs[cnt++] = i + k * per;
+    return cnt;
+}
+
 // y[n0 .. n0+15] = v + bias for one block of 16 rows (fewer at the end)
 static inline void store_rows(const ELinear& L, int rb, const float* v, float* y) {
     const int n0 = rb * 16, cnt = L.N - n0 < 16 ? L.N - n0 : 16;

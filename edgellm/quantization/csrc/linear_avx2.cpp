@@ -98,13 +98,14 @@ static void block_avx2(const ELinear& L, const EAct& A, int m, int rb, float* y)
 // nibbles (8 rows x 4 columns) serves MB rows. A vpmaddubsw product of nibbles and 8-bit activations
 // is at most 2 * 15 * 127 = 3810 in magnitude, so up to 8 of them (one group of 32 columns) are summed
 // in 16 bits and widened once per group by vpmaddwd: the integer dot products are exact, as the
-// 16-bit-activation kernel's. With AVX-VNNI, vpdpbusd accumulates in 32 bits directly. NH = 2 walks
-// both 8-row halves of the block in one pass over its weights (few rows), NH = 1 one half per call.
-template <int MB, int NH>
-static void block_avx2_i8(const ELinear& L, const EAct& A, int m0, int rb, int half0, float* y, int ldy) {
+// 16-bit-activation kernel's. With AVX-VNNI, vpdpbusd accumulates in 32 bits directly. Both 8-row
+// halves of the block are walked in one pass over its weights.
+template <int MB>
+static void block_avx2_i8(const ELinear& L, const EAct& A, int m0, int rb, float* y, int ldy) {
+    constexpr int NH = 2;
     const int G = L.G, Kp = L.Kp, Q = L.gs / 8;
     const __m256i mask = _mm256_set1_epi8(0x0F);
-    const uint8_t* w = L.w + (size_t)rb * Kp * 8 + 32 * half0;
+    const uint8_t* w = L.w + (size_t)rb * Kp * 8;
     __m256 acc[NH][MB];
     for (int h = 0; h < NH; ++h)
         for (int m = 0; m < MB; ++m) acc[h][m] = _mm256_setzero_ps();
@@ -156,7 +157,7 @@ static void block_avx2_i8(const ELinear& L, const EAct& A, int m0, int rb, int h
 #endif
         const float* gsc = A.gsc + (size_t)m0 * G + g;
         for (int h = 0; h < NH; ++h) {
-            const size_t idx = ((size_t)rb * G + g) * 16 + 8 * (half0 + h);
+            const size_t idx = ((size_t)rb * G + g) * 16 + 8 * h;
             const __m256 sc = L.half ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)((const uint16_t*)L.scale + idx)))
                                      : _mm256_loadu_ps((const float*)L.scale + idx);
             for (int m = 0; m < MB; ++m)
@@ -165,7 +166,7 @@ static void block_avx2_i8(const ELinear& L, const EAct& A, int m0, int rb, int h
         }
     }
     for (int h = 0; h < NH; ++h) {
-        const int n0 = rb * 16 + 8 * (half0 + h), cnt = L.N - n0 < 8 ? L.N - n0 : 8;
+        const int n0 = rb * 16 + 8 * h, cnt = L.N - n0 < 8 ? L.N - n0 : 8;
         for (int m = 0; m < MB; ++m) {
             float* o = y + (size_t)(m0 + m) * ldy + n0;
             if (cnt == 8 && !L.bias) {
@@ -181,9 +182,9 @@ static void block_avx2_i8(const ELinear& L, const EAct& A, int m0, int rb, int h
 
 // One row of 8-bit activations against NB row blocks at once (4-bit weights): NB independent weight
 // streams keep more memory requests in flight than one (single-row decode is bound by bandwidth).
-// Same integer sums and the same float accumulation order as block_avx2_i8<1, 2>.
+// Same integer sums and the same float accumulation order as block_avx2_i8<1>.
 template <int NB>
-static void block_avx2_m1s(const ELinear& L, const EAct& A, int m, const int* rbs, float* y) {
+static void block_avx2_m1s(const ELinear& L, const EAct& A, int m, const int* rbs, float* y) {  // y: row m's output
     const int G = L.G, Kp = L.Kp, Q = L.gs / 8;
     const __m256i mask = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
     const uint8_t* w[NB];
@@ -238,20 +239,18 @@ static void block_avx2_m1s(const ELinear& L, const EAct& A, int m, const int* rb
         alignas(32) float out[16];
         _mm256_store_ps(out, acc[i][0]);
         _mm256_store_ps(out + 8, acc[i][1]);
-        store_rows(L, rbs[i], out, y + (size_t)m * 0);
+        store_rows(L, rbs[i], out, y);
     }
 }
 
 // rows m0..m1-1 of the 8-bit activations against row block rb (4-bit weights)
 static void rows_avx2_i8(const ELinear& L, const EAct& A, int m0, int m1, int rb, float* y, int ldy) {
     int m = m0;
-    for (; m + 4 <= m1; m += 4) {
-        block_avx2_i8<4, 2>(L, A, m, rb, 0, y, ldy);
-    }
+    for (; m + 4 <= m1; m += 4) block_avx2_i8<4>(L, A, m, rb, y, ldy);
     switch (m1 - m) {
-        case 3: block_avx2_i8<3, 2>(L, A, m, rb, 0, y, ldy); break;
-        case 2: block_avx2_i8<2, 2>(L, A, m, rb, 0, y, ldy); break;
-        case 1: block_avx2_i8<1, 2>(L, A, m, rb, 0, y, ldy); break;
+        case 3: block_avx2_i8<3>(L, A, m, rb, y, ldy); break;
+        case 2: block_avx2_i8<2>(L, A, m, rb, y, ldy); break;
+        case 1: block_avx2_i8<1>(L, A, m, rb, y, ldy); break;
         default: break;
     }
 }
@@ -276,10 +275,8 @@ void gemv_avx2(const ELinear& L, const EAct& A, int M, float* y, int ldy) {
         const int per = (Nb + EL_STREAMS_AVX2 - 1) / EL_STREAMS_AVX2;
 #pragma omp for schedule(static)
         for (int i = 0; i < per; ++i) {
-            int rbs[EL_STREAMS_AVX2], cnt = 0;
-            for (int k = 0; k < EL_STREAMS_AVX2; ++k)
-                if (i + k * per < Nb) rbs[cnt++] = i + k * per;
-            switch (cnt) {
+            int rbs[EL_STREAMS_AVX2];
+            switch (stream_blocks(i, per, Nb, EL_STREAMS_AVX2, rbs)) {
                 case 1: block_avx2_m1s<1>(L, A, 0, rbs, y); break;
                 case 2: block_avx2_m1s<2>(L, A, 0, rbs, y); break;
                 default: break;

@@ -174,10 +174,8 @@ static void gemv_planes(const ELinear& L, const EAct& A, int M, float* y, int ld
         const int per = (Nb + EL_STREAMS - 1) / EL_STREAMS;
 #pragma omp for schedule(static)
         for (int i = 0; i < per; ++i) {
-            int rbs[EL_STREAMS], cnt = 0;
-            for (int k = 0; k < EL_STREAMS; ++k)
-                if (i + k * per < Nb) rbs[cnt++] = i + k * per;
-            switch (cnt) {
+            int rbs[EL_STREAMS];
+            switch (stream_blocks(i, per, Nb, EL_STREAMS, rbs)) {
                 case 1: block_m1<1, P>(L, A, 0, rbs, y); break;
                 case 2: block_m1<2, P>(L, A, 0, rbs, y); break;
 #if EL_STREAMS > 2
