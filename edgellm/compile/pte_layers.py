@@ -27,11 +27,7 @@ import torch
 from torch import nn
 
 from edgellm.compile.static_cache import BufferKVCache, buffer_attention
-from edgellm.models.base import RMSNorm
-
-
-def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
+from edgellm.models.base import RMSNorm, rms_norm
 
 
 def _mm(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
@@ -68,13 +64,13 @@ class _Pre(nn.Module):
         # extra: the q, k, v biases (when the layer has them), then the q and k norm weights (qwen3)
         bq, bk, bv = extra[:3] if self.bias else (None, None, None)
         wqn, wkn = extra[-2:] if self.qk_eps is not None else (None, None)
-        h = _rms(x, w_norm, self.eps)
+        h = rms_norm(x, w_norm, self.eps)
         d = self.rot.shape[0]
         q = _mm(h, wq, bq).reshape(-1, self.heads, d)
         k = _mm(h, wk, bk).reshape(-1, self.kv_heads, d)
         v = _mm(h, wv, bv).reshape(-1, self.kv_heads, d)
         if wqn is not None:  # qwen3's per-head norms, before RoPE
-            q, k = _rms(q, wqn, self.qk_eps), _rms(k, wkn, self.qk_eps)
+            q, k = rms_norm(q, wqn, self.qk_eps), rms_norm(k, wkn, self.qk_eps)
         q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
         return q, k.permute(1, 0, 2), v.permute(1, 0, 2)
 
@@ -88,7 +84,7 @@ class _Post(nn.Module):
         o = buffer_attention(q, k.permute(1, 0, 2), v.permute(1, 0, 2), kc, vc, bias, scale=self.scale,
                              softcap=self.softcap)
         x = x + _mm(o.reshape(-1, wo.shape[1]), wo, bo)
-        h = _rms(x, w_norm, self.eps)
+        h = rms_norm(x, w_norm, self.eps)
         return x + _mm(self.act(_mm(h, wg, bg)) * _mm(h, wu, bu), wd, bd)
 
 
@@ -111,7 +107,7 @@ class _Head(nn.Module):
         self.eps, self.softcap = eps, softcap
 
     def forward(self, x, w_norm, w):
-        out = _mm(_rms(x, w_norm, self.eps), w, None)
+        out = _mm(rms_norm(x, w_norm, self.eps), w, None)
         if self.softcap:
             out = torch.tanh(out / self.softcap) * self.softcap
         return out

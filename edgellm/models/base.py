@@ -53,6 +53,11 @@ class KVCacheLike(Protocol):
         ...
 
 
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """x * rsqrt(mean(x^2) + eps) * w over the last dimension (in x's dtype)."""
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
+
+
 class RMSNorm(nn.Module):
     """RMS norm; `offset=1.0` gives Gemma's (1 + w) scaling."""
 
@@ -62,10 +67,8 @@ class RMSNorm(nn.Module):
         self.eps, self.offset = eps, offset
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         w = self.weight.float() + self.offset if self.offset else self.weight.float()
-        return (out * w).to(x.dtype)
+        return rms_norm(x.float(), w, self.eps).to(x.dtype)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
