@@ -95,3 +95,33 @@ def test_engine_option_precision_is_checked_before_loading():
     assert make_options({"precision": "high"}).precision == "high"
     with pytest.raises(UserError, match="unknown precision 'ultra'"):
         make_options({"precision": "ultra"})
+
+
+@pytest.mark.parametrize("precision", ["normal", "high"])
+def test_products_from_two_threads_at_once_equal_one_at_a_time(precision):
+    """Two engines in one process step from their own threads: each call's phases wait on a barrier of
+    its own team, so concurrent products give the bits a lone call gives (and finish)."""
+    import threading
+
+    mode = get_mode("q4f16_1")
+    torch.manual_seed(7)
+    pw = kernels.PackedWeight.from_quantized(*quantize(torch.randn(200, 320), mode), mode, 200, 320,
+                                             precision=precision)
+    xs = [torch.randn(m, 320) for m in (1, 2, 5, 8, 40)]
+    want = [pw.linear(x) for x in xs]
+    bad: list[str] = []
+
+    def worker(seed: int) -> None:
+        torch.set_num_threads(2)
+        for r in range(60):
+            i = (r + seed) % len(xs)
+            if not torch.equal(pw.linear(xs[i]), want[i]):
+                bad.append(f"thread {seed} round {r} rows {xs[i].shape[0]}")
+
+    threads = [threading.Thread(target=worker, args=(s,)) for s in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not any(t.is_alive() for t in threads), "a product never finished"
+    assert not bad, bad

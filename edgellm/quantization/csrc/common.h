@@ -31,11 +31,13 @@
 // Every row is quantized on its own: a row's result never depends on the other rows in the product.
 #pragma once
 
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <omp.h>
+#include <sched.h>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__) && defined(__F16C__)
 #define EL_VNNI 1
@@ -296,6 +298,41 @@ static inline void store_rows(const ELinear& L, int rb, const float* v, float* y
 }
 
 // ------------------------------------------------------------------------------------------
+// The barrier between the phases of a parallel region. libgomp's own barrier spins only ~100
+// times before it sleeps on a futex whenever the process holds more OpenMP threads than CPUs,
+// which is the normal case here: PyTorch's pool on the main thread plus the engine thread's
+// team. A decode step has ~7 barriers a layer; asleep, each cost tens of microseconds (measured:
+// SmolLM2 decode 465 -> 114 tok/s once a second thread held a team). This one spins on a
+// shared phase counter, then yields the CPU (an oversubscribed machine still makes progress).
+// Every thread of the team calls wait(); declare it before the region (shared), zero-initialized.
+struct EBarrier {
+    std::atomic<int> arrived{0};
+    std::atomic<unsigned> phase{0};
+
+    void wait() {
+        const int n = omp_get_num_threads();
+        if (n == 1) return;
+        const unsigned ph = phase.load(std::memory_order_acquire);
+        if (arrived.fetch_add(1, std::memory_order_acq_rel) == n - 1) {
+            arrived.store(0, std::memory_order_relaxed);
+            phase.store(ph + 1, std::memory_order_release);
+            return;
+        }
+        for (int spins = 0; phase.load(std::memory_order_acquire) == ph; ++spins) {
+            if (spins < (1 << 16)) {
+#if defined(__x86_64__) || defined(__i386__)
+                __builtin_ia32_pause();
+#elif defined(__aarch64__)
+                __asm__ __volatile__("yield");
+#endif
+            } else {
+                sched_yield();
+            }
+        }
+    }
+};
+
+// ------------------------------------------------------------------------------------------
 // functions shared between the files
 
 // activation rows m0..m1-1 of x (row stride ldx) quantized into A: row m's planes at
@@ -303,9 +340,9 @@ static inline void store_rows(const ELinear& L, int rb, const float* v, float* y
 // A.corr + m * A.G * act_planes(L) (linear.cpp)
 void quant_act_rows(const ELinear& L, const float* x, int ldx, int m0, int m1, const EAct& A);
 // y [M][N] (row stride ldy) = x @ W^T + bias, work-shared over row blocks: call inside a parallel
-// region, ends with a barrier (linear.cpp)
-void gemv_for(const ELinear& L, const float* x, int ldx, const EAct& A, int M, float* y, int ldy);
-// the quantized product over all row blocks for one ISA (an `omp for`; linear_*.cpp)
+// region with the region's barrier; ends with bar.wait() (linear.cpp)
+void gemv_for(const ELinear& L, const float* x, int ldx, const EAct& A, int M, float* y, int ldy, EBarrier& bar);
+// the quantized product over all row blocks for one ISA (`omp for nowait`: no barrier; linear_*.cpp)
 void gemv_avx512(const ELinear& L, const EAct& A, int M, float* y, int ldy);
 void gemv_avx2(const ELinear& L, const EAct& A, int M, float* y, int ldy);
 void gemv_portable(const ELinear& L, const EAct& A, int M, float* y, int ldy);

@@ -157,6 +157,7 @@ static void decode_impl(const EModel* Mp, int B, const int64_t* pos, float* h, T
     A.planes = (int8_t*)(A.corr + round64((size_t)B * G * 2));
     A.Kp = Kp;
     A.G = G;
+    EBarrier bar;
 
 #pragma omp parallel num_threads(nthreads)
     {
@@ -167,16 +168,17 @@ static void decode_impl(const EModel* Mp, int B, const int64_t* pos, float* h, T
             Aq.Kp = Ly.qkv.Kp;
             Aq.G = Ly.qkv.G;
             // row-wise steps are shared out by row (each row's work is independent of the others)
-#pragma omp for schedule(static)
+#pragma omp for schedule(static) nowait
             for (int b = 0; b < B; ++b) {
                 if (l > 0)  // the previous layer's MLP output
                     add_residual(h + (size_t)b * H, mo + (size_t)b * H, Mo.layers[l - 1].pn2, H, Mo.eps);
                 norm_row(Ly, 0, h + (size_t)b * H, H, Mo.eps, xn + (size_t)b * H);
                 if (Ly.qkv.fmt != 32) quant_act_rows(Ly.qkv, xn, H, b, b + 1, Aq);
             }
-            gemv_for(Ly.qkv, xn, H, Aq, B, qkv, QKV);
+            bar.wait();
+            gemv_for(Ly.qkv, xn, H, Aq, B, qkv, QKV, bar);
             // q/k norms, rotary embedding, cache write
-#pragma omp for schedule(static)
+#pragma omp for schedule(static) nowait
             for (int t = 0; t < B * (nh + nkv); ++t) {
                 const int b = t / (nh + nkv), hd = t % (nh + nkv);
                 float* x = qkv + (size_t)b * QKV + (size_t)hd * D;
@@ -191,7 +193,8 @@ static void decode_impl(const EModel* Mp, int B, const int64_t* pos, float* h, T
                     kv_put(vc[l * B + b] + off, x + (size_t)nkv * D, D);
                 }
             }
-#pragma omp for schedule(static)
+            bar.wait();
+#pragma omp for schedule(static) nowait
             for (int t = 0; t < B * nkv * P; ++t) {
                 const int b = t / (nkv * P), kh = (t / P) % nkv, pi = t % P, i = l * B + b;
                 const int n = widx[i] - kfrom[i] + 1, np = attn_parts(n);
@@ -203,11 +206,12 @@ static void decode_impl(const EModel* Mp, int B, const int64_t* pos, float* h, T
                              Mo.scale, Mo.softcap, sc + (size_t)tid * maxkeys * rep, pr, pr + (size_t)rep * D,
                              pr + (size_t)rep * D + rep);
             }
+            bar.wait();
             EAct Ao = A;
             Ao.Kp = Ly.o.Kp;
             Ao.G = Ly.o.G;
             // merge the key-range parts of every (sequence, query head)
-#pragma omp for schedule(static)
+#pragma omp for schedule(static) nowait
             for (int b = 0; b < B; ++b) {
                     const int np = attn_parts(widx[l * B + b] - kfrom[l * B + b] + 1);
                     for (int hq = 0; hq < nh; ++hq) {
@@ -232,11 +236,12 @@ static void decode_impl(const EModel* Mp, int B, const int64_t* pos, float* h, T
                     }
                 if (Ly.o.fmt != 32) quant_act_rows(Ly.o, att, nh * D, b, b + 1, Ao);
             }
-            gemv_for(Ly.o, att, nh * D, Ao, B, tmp, H);
+            bar.wait();
+            gemv_for(Ly.o, att, nh * D, Ao, B, tmp, H, bar);
             EAct Ag = A;
             Ag.Kp = Ly.gu.Kp;
             Ag.G = Ly.gu.G;
-#pragma omp for schedule(static)
+#pragma omp for schedule(static) nowait
             for (int b = 0; b < B; ++b) {
                 {
                     float* hb = h + (size_t)b * H;
@@ -250,34 +255,38 @@ static void decode_impl(const EModel* Mp, int B, const int64_t* pos, float* h, T
                 }
                 if (Ly.gu.fmt != 32) quant_act_rows(Ly.gu, xn, H, b, b + 1, Ag);
             }
+            bar.wait();
             const int GW = Ly.gated ? 2 * I : I;  // gu row width
-            gemv_for(Ly.gu, xn, H, Ag, B, gu, GW);
+            gemv_for(Ly.gu, xn, H, Ag, B, gu, GW, bar);
             EAct Ad = A;
             Ad.Kp = Ly.down.Kp;
             Ad.G = Ly.down.G;
             if (B >= nthreads) {  // a row per task: its activation, then its quantization (one barrier less)
-#pragma omp for schedule(static)
+#pragma omp for schedule(static) nowait
                 for (int b = 0; b < B; ++b) {
                     const float* g = gu + (size_t)b * GW;
                     act_span(Ly, g, Ly.gated ? g + I : nullptr, act + (size_t)b * I, I);
                     if (Ly.down.fmt != 32) quant_act_rows(Ly.down, act, I, b, b + 1, Ad);
                 }
+                bar.wait();
             } else {
                 const int chunks = (I + 255) / 256;
-#pragma omp for schedule(static)
+#pragma omp for schedule(static) nowait
                 for (int t = 0; t < B * chunks; ++t) {
                     const int b = t / chunks, c0 = (t % chunks) * 256, n = I - c0 < 256 ? I - c0 : 256;
                     const float* g = gu + (size_t)b * GW + c0;
                     act_span(Ly, g, Ly.gated ? g + I : nullptr, act + (size_t)b * I + c0, n);
                 }
+                bar.wait();
                 if (Ly.down.fmt != 32) {
-#pragma omp for schedule(static)
+#pragma omp for schedule(static) nowait
                     for (int b = 0; b < B; ++b) quant_act_rows(Ly.down, act, I, b, b + 1, Ad);
+                    bar.wait();
                 }
             }
-            gemv_for(Ly.down, act, I, Ad, B, mo, H);
+            gemv_for(Ly.down, act, I, Ad, B, mo, H, bar);
         }
-#pragma omp for schedule(static)
+#pragma omp for schedule(static) nowait
         for (int b = 0; b < B; ++b) add_residual(h + (size_t)b * H, mo + (size_t)b * H, Mo.layers[Mo.L - 1].pn2, H, Mo.eps);
     }
 }

@@ -162,20 +162,21 @@ static void block_f32(const ELinear& L, const float* x, int ldx, int M, int rb, 
 }
 
 
-void gemv_for(const ELinear& L, const float* x, int ldx, const EAct& A, int M, float* y, int ldy) {
+void gemv_for(const ELinear& L, const float* x, int ldx, const EAct& A, int M, float* y, int ldy, EBarrier& bar) {
     if (L.fmt == 32) {
         const int Nb = (L.N + 15) / 16;
-#pragma omp for schedule(static)
+#pragma omp for schedule(static) nowait
         for (int rb = 0; rb < Nb; ++rb) block_f32(L, x, ldx, M, rb, y, ldy);
-        return;
-    }
+    } else {
 #if EL_VNNI
-    gemv_avx512(L, A, M, y, ldy);
+        gemv_avx512(L, A, M, y, ldy);
 #elif EL_AVX2
-    gemv_avx2(L, A, M, y, ldy);
+        gemv_avx2(L, A, M, y, ldy);
 #else
-    gemv_portable(L, A, M, y, ldy);
+        gemv_portable(L, A, M, y, ldy);
 #endif
+    }
+    bar.wait();
 }
 
 // ------------------------------------------------------------------------------------------
@@ -214,12 +215,14 @@ EL_API void el_linear(const ELinear* Lp, const float* x, int M, int ldx, float* 
     const ELinear& L = *Lp;
     EAct A = {};
     if (L.fmt != 32) A = act_buffers(M, L.Kp, L.G);
+    EBarrier bar;
 #pragma omp parallel num_threads(nthreads)
     {
         if (L.fmt != 32) {
-#pragma omp for schedule(static)
+#pragma omp for schedule(static) nowait
             for (int m = 0; m < M; ++m) quant_act_rows(L, x, ldx, m, m + 1, A);
+            bar.wait();
         }
-        gemv_for(L, x, ldx, A, M, y, ldy);
+        gemv_for(L, x, ldx, A, M, y, ldy, bar);
     }
 }

@@ -258,7 +258,7 @@ static void rows_avx2_i8(const ELinear& L, const EAct& A, int m0, int m1, int rb
 void gemv_avx2(const ELinear& L, const EAct& A, int M, float* y, int ldy) {
     const int Nb = (L.N + 15) / 16;
     if (act_planes(L) == 2) {
-#pragma omp for schedule(static)
+#pragma omp for schedule(static) nowait
         for (int rb = 0; rb < Nb; ++rb)
             for (int m = 0; m < M; ++m) block_avx2<2>(L, A, m, rb, y + (size_t)m * ldy);
         return;
@@ -273,7 +273,7 @@ void gemv_avx2(const ELinear& L, const EAct& A, int M, float* y, int ldy) {
 #if EL_STREAMS_AVX2 > 1
     if (i8 && M == 1) {  // EL_STREAMS_AVX2 weight streams per thread: blocks i, i + per, i + 2 per...
         const int per = (Nb + EL_STREAMS_AVX2 - 1) / EL_STREAMS_AVX2;
-#pragma omp for schedule(static)
+#pragma omp for schedule(static) nowait
         for (int i = 0; i < per; ++i) {
             int rbs[EL_STREAMS_AVX2];
             switch (stream_blocks(i, per, Nb, EL_STREAMS_AVX2, rbs)) {
@@ -287,7 +287,7 @@ void gemv_avx2(const ELinear& L, const EAct& A, int M, float* y, int ldy) {
 #endif
     for (int t0 = 0; t0 < M; t0 += mt) {
         const int t1 = t0 + mt < M ? t0 + mt : M;
-#pragma omp for schedule(static)
+#pragma omp for schedule(static) nowait
         for (int rb = 0; rb < Nb; ++rb) {
             if (i8) {
                 rows_avx2_i8(L, A, t0, t1, rb, y, ldy);

@@ -32,7 +32,7 @@ static void block_generic(const ELinear& L, const EAct& A, int m, int rb, float*
 
 void gemv_portable(const ELinear& L, const EAct& A, int M, float* y, int ldy) {
     const int Nb = (L.N + 15) / 16;
-#pragma omp for schedule(static)
+#pragma omp for schedule(static) nowait
     for (int rb = 0; rb < Nb; ++rb)
         for (int m = 0; m < M; ++m)
             if (act_planes(L) == 1)
