@@ -98,6 +98,7 @@ class KVPool:
         self.alloc = alloc  # (shape, dtype) -> tensor, e.g. mmap_allocator(); None: torch.empty
         self.num_layers, self.kv_heads, self.head_dim = num_layers, kv_heads, head_dim
         self.windows, self.dtype, self.device = windows, dtype, device
+        self.elem_size = dtype.itemsize  # bytes per cache element (asked on every reserve)
         if dtype == torch.int8 and head_dim % 4:
             raise ValueError(f"an int8 KV cache needs a head size divisible by 4, not {head_dim}")
         self.row = head_dim + (INT8_SCALE_BYTES if dtype == torch.int8 else 0)  # elements per cache row
@@ -113,7 +114,7 @@ class KVPool:
     def fits(self, tokens: int) -> bool:
         """Whether one sequence of `tokens` positions fits the budget when alone (windowed layers hold
         about a window, whatever the length)."""
-        elem = torch.empty(0, dtype=self.dtype).element_size()
+        elem = self.elem_size
         caps = 0
         for window in self.windows:
             need = tokens if window is None else min(tokens, window + GROW)
@@ -173,7 +174,7 @@ class KVPool:
 
     def _plan(self, kv: SeqKV, start: int, end: int, generous: bool) -> tuple[list, int]:
         plans, extra = [], 0
-        elem = torch.empty(0, dtype=self.dtype).element_size()
+        elem = self.elem_size
         for layer in range(self.num_layers):
             window, base = self.windows[layer], kv.base[layer]
             cap = 0 if kv.k[layer] is None else kv.k[layer].shape[1]

@@ -8,6 +8,13 @@ import torch
 from edgellm.engine.request import Sequence
 
 
+def argmax_rows(logits: torch.Tensor) -> list[int]:
+    """The index of each row's largest logit (the first on ties) of logits [R, V]."""
+    # numpy's argmax (first maximum, as torch's): torch's opens an OpenMP region for a [8, 49152]
+    # argmax and took 140-220 us where numpy takes 19 (3 us against 29 for one row)
+    return logits.float().contiguous().numpy().argmax(axis=-1).tolist()
+
+
 class Sampler:
     """Samples one token per row; rows of greedy requests take the argmax."""
 
@@ -15,7 +22,7 @@ class Sampler:
         """logits [R, V] float32 (one row per sequence) -> (token ids, logprob info per row)."""
         if all(s.params.greedy and not (s.params.needs_penalties or s.params.logit_bias or s.params.logprobs
                                          or s.grammar_matcher is not None) for s in seqs):
-            return logits.argmax(dim=-1).tolist(), [None] * len(seqs)  # plain greedy: one argmax, no copies
+            return argmax_rows(logits), [None] * len(seqs)  # plain greedy: one argmax, no copies
         raw = logits
         vocab = logits.shape[-1]
         if any(s.params.needs_penalties or s.params.logit_bias or s.grammar_matcher is not None for s in seqs):
@@ -33,7 +40,7 @@ class Sampler:
         greedy = [r for r, s in enumerate(seqs) if s.params.greedy]
         tokens: list[int] = [0] * len(seqs)
         if greedy:  # one argmax over all greedy rows
-            for r, t in zip(greedy, logits[greedy].argmax(dim=-1).tolist()):
+            for r, t in zip(greedy, argmax_rows(logits[greedy])):
                 tokens[r] = t
         for row, seq in enumerate(seqs):
             if not seq.params.greedy:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from edgellm.engine.request import SamplingParams, Sequence, TokenView
-from edgellm.engine.sampler import Sampler
+from edgellm.engine.sampler import Sampler, argmax_rows
 from edgellm.engine.scheduler import ScheduledChunk
 
 NGRAM_MAX = 3  # prompt lookup tries the last 3, 2, then 1 tokens
@@ -142,7 +142,7 @@ class Speculator:
     @staticmethod
     def _draft_token(row: torch.Tensor, seq: Sequence) -> int:
         if seq.params.greedy:
-            return int(row.argmax())
+            return argmax_rows(row[None])[0]
         q = Sampler.probs(row, seq.params)
         if q is None:  # degenerate: the draft proposes its argmax with certainty
             q = torch.zeros_like(row)
@@ -158,7 +158,7 @@ class Speculator:
         p = seq.params
         out: list[int] = []
         if p.greedy:
-            target = logits.argmax(dim=-1).tolist()
+            target = argmax_rows(logits)
             for d, t in zip(draft, target):
                 if d != t:
                     out.append(t)

@@ -89,6 +89,7 @@ EL_API void el_dequant(const ELinear* L, int n0, int n1, float* out, int ldo, in
 }
 
 EL_API void el_gather(const ELinear* L, const int64_t* ids, int n, float* out, int nthreads) {
-#pragma omp parallel for num_threads(nthreads) schedule(static) if (n > 4)
+    // a decode step's few rows are cheaper than waking the team (its threads may be asleep)
+#pragma omp parallel for num_threads(nthreads) schedule(static) if ((size_t)n * L->K > (1u << 16))
     for (int i = 0; i < n; ++i) dequant_row(*L, (int)ids[i], out + (size_t)i * L->K);
 }
