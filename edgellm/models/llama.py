@@ -113,7 +113,8 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).split(self.inter, dim=-1)
-        return self.down_proj(self.act(gate) * up)
+        # in place: a 512-token prefill of a 1.5B model saves an 18 MB temporary per layer
+        return self.down_proj(self.act(gate).mul_(up))
 
 
 class Block(nn.Module):

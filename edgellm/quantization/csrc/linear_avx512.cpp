@@ -181,8 +181,8 @@ static void block_mb(const ELinear& L, const EAct& A, int m0, int rb, float* y, 
 // 8-bit activations, 4-bit weights: MB rows against two row blocks at once. Each broadcast
 // activation feeds both blocks' vpdpbusd: in block_mb the broadcasts (17 loads per 16 products) and
 // not the products bound the rate. Low and high nibbles sum in separate accumulators (no product
-// waits on another within a step).
-template <int MB>
+// waits on another within a step). GS: the group size when known at compile time (0: L.gs).
+template <int MB, int GS>
 static void block_mb2_i8(const ELinear& L, const EAct& A, int m0, int rb, float* y, int ldy) {
     const int G = L.G, Kp = L.Kp;
     __m512 acc[MB][2];
@@ -196,8 +196,9 @@ static void block_mb2_i8(const ELinear& L, const EAct& A, int m0, int rb, float*
             a[m][0] = a[m][1] = _mm512_set1_epi32(A.corr[(size_t)(m0 + m) * G + g]);
             b[m][0] = b[m][1] = _mm512_setzero_si512();
         }
-        const int8_t* pg = A.planes + (size_t)m0 * Kp + g * L.gs;
-        for (int p = 0; p < L.gs / 8; ++p, w0 += 64, w1 += 64) {
+        const int8_t* pg = A.planes + (size_t)m0 * Kp + g * (GS ? GS : L.gs);
+        const int steps = GS ? GS / 8 : L.gs / 8;
+        for (int p = 0; p < steps; ++p, w0 += 64, w1 += 64) {
 #if EL_PF
             _mm_prefetch((const char*)w0 + EL_PF_MB, _MM_HINT_T0);
             _mm_prefetch((const char*)w1 + EL_PF_MB, _MM_HINT_T0);
@@ -225,6 +226,19 @@ static void block_mb2_i8(const ELinear& L, const EAct& A, int m0, int rb, float*
     for (int m = 0; m < MB; ++m) {
         store_block(L, rb, acc[m][0], y + (size_t)(m0 + m) * ldy);
         store_block(L, rb + 1, acc[m][1], y + (size_t)(m0 + m) * ldy);
+    }
+}
+
+// rows m0..m1-1 against the row blocks rb, rb + 1
+template <int GS>
+static void pair_rows(const ELinear& L, const EAct& A, int m0, int m1, int rb, float* y, int ldy) {
+    int m = m0;
+    for (; m + 4 <= m1; m += 4) block_mb2_i8<4, GS>(L, A, m, rb, y, ldy);
+    switch (m1 - m) {
+        case 3: block_mb2_i8<3, GS>(L, A, m, rb, y, ldy); break;
+        case 2: block_mb2_i8<2, GS>(L, A, m, rb, y, ldy); break;
+        case 1: block_mb2_i8<1, GS>(L, A, m, rb, y, ldy); break;
+        default: break;
     }
 }
 
@@ -268,13 +282,10 @@ static void gemv_planes(const ELinear& L, const EAct& A, int M, float* y, int ld
                     for (; m < t1; ++m) block_mb<1, 1>(L, A, m, rb, y, ldy);
                     continue;
                 }
-                for (; m + 4 <= t1; m += 4) block_mb2_i8<4>(L, A, m, rb, y, ldy);
-                switch (t1 - m) {
-                    case 3: block_mb2_i8<3>(L, A, m, rb, y, ldy); break;
-                    case 2: block_mb2_i8<2>(L, A, m, rb, y, ldy); break;
-                    case 1: block_mb2_i8<1>(L, A, m, rb, y, ldy); break;
-                    default: break;
-                }
+                if (L.gs == 32)
+                    pair_rows<32>(L, A, m, t1, rb, y, ldy);
+                else
+                    pair_rows<0>(L, A, m, t1, rb, y, ldy);
             }
         }
         return;
