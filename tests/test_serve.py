@@ -146,10 +146,22 @@ def test_32_concurrent_streams_match_alone(server, client):
     assert server.metrics()["requests_running"] == 0
 
 
-def test_disconnects_cancel_and_free_kv(server, client):
+@pytest.fixture(scope="module")
+def long_server(tiny_model):
+    # a context long enough that a stream cannot be generated to its end before its hang-up is noticed
+    # (the tiny model decodes thousands of tokens a second)
+    s = Server(tiny_model, "--overrides", "max_num_sequence=8;context_window_size=16384")
+    yield s
+    s.stop()
+
+
+def test_disconnects_cancel_and_free_kv(long_server):
+    server = long_server
+    client = openai.OpenAI(base_url=server.base + "/v1", api_key="unused", max_retries=0)
     mid = model_id(client)
     before = server.metrics()
-    body = {"model": mid, "messages": MSG, "max_tokens": 400, "ignore_eos": True, "stream": True, "temperature": 0}
+    body = {"model": mid, "messages": MSG, "max_tokens": 16000, "ignore_eos": True, "stream": True,
+            "temperature": 0}
     for _ in range(5):
         with httpx.stream("POST", server.base + "/v1/chat/completions", json=body, timeout=60) as r:
             assert r.status_code == 200
