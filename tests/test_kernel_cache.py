@@ -57,3 +57,25 @@ def test_hung_compiler_falls_back_within_the_bound(tiny_model_q4, tmp_path):
     assert took < 120, took
     warnings = [ln for ln in r.stderr.splitlines() if "native kernels unavailable" in ln]
     assert len(warnings) == 1 and "did not finish within 3 s" in warnings[0], r.stderr[-2000:]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("march", ["x86-64-v3", "x86-64"])
+def test_other_instruction_sets_compute_the_same_products(march, tmp_path):
+    """The AVX2 and portable kernels (built with EDGELLM_KERNEL_MARCH on whatever CPU runs CI) pass the
+    int8 GEMM's reference math and the fused decode step's parity: a change to shared code (the barrier,
+    the dispatch) is checked on every instruction set, not only the one this machine picks."""
+    import os
+    import platform
+    import subprocess
+    import sys
+
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        pytest.skip("x86-64 instruction sets")
+    env = {**os.environ, "EDGELLM_KERNEL_MARCH": march, "EDGELLM_HOME": str(tmp_path)}
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+                        "tests/test_int8_gemm.py", "tests/test_speed_paths.py::test_fused_decode_matches_reference"],
+                       env=env, capture_output=True, text=True, timeout=600,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    assert " passed" in r.stdout and "skipped" not in r.stdout.splitlines()[-1], r.stdout[-500:]
