@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import secrets
 import time
 from typing import Any
 
@@ -28,7 +27,7 @@ from edgellm.api.protocol import (
 )
 from edgellm.errors import BadRequestError, EngineTerminatedError, UserError
 from edgellm.models.lora import UnknownAdapterError
-from edgellm.serve.guards import AdmissionLimit, RequestGuard, error_response
+from edgellm.serve.guards import AdmissionLimit, ApiKeyAuth, RequestGuard, error_response
 from edgellm.serve.metrics import render_prometheus
 from edgellm.serve.ui import mount_ui
 
@@ -68,16 +67,7 @@ def create_app(engine, api_key: str | None = None, model_aliases: tuple[str, ...
     engine.model_aliases = tuple(model_aliases)  # "alias:adapter" names an adapter too
     app.add_middleware(AdmissionLimit, limit=engine.options.num_sequences + max_queue)
     guarded = () if public_metrics else ("/metrics", "/openapi.json")
-
-    @app.middleware("http")
-    async def auth(request: Request, call_next):
-        path = request.url.path
-        if api_key and (path.startswith("/v1") or path in guarded):
-            given = request.headers.get("authorization", "")
-            if not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-                return error_response(401, "invalid or missing API key (use 'Authorization: Bearer <key>')",
-                                      type_="authentication_error", code="invalid_api_key")
-        return await call_next(request)
+    app.add_middleware(ApiKeyAuth, api_key=api_key, guarded=guarded)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_request: Request, exc: RequestValidationError):

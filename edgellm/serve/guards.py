@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import secrets
 import time
 
 import pydantic_core
@@ -112,6 +113,27 @@ class RequestGuard:
 
 async def _disconnected():
     return {"type": "http.disconnect"}
+
+
+class ApiKeyAuth:
+    """401 unless 'Authorization: Bearer KEY' on /v1 and the `guarded` paths. Pure ASGI: as an
+    `@app.middleware("http")` function it passed every streamed chunk through an extra task and memory
+    stream (the event loop's share of a streamed token, which the engine thread waits on for the GIL)."""
+
+    def __init__(self, app, api_key: str | None, guarded: tuple[str, ...]):
+        self.app, self.guarded = app, guarded
+        self.want = f"Bearer {api_key}".encode() if api_key else None
+
+    async def __call__(self, scope, receive, send):
+        if self.want is not None and scope["type"] == "http":
+            path = scope["path"]
+            if path.startswith("/v1") or path in self.guarded:
+                given = _header(scope, b"authorization") or b""
+                if not secrets.compare_digest(given, self.want):
+                    return await error_response(
+                        401, "invalid or missing API key (use 'Authorization: Bearer <key>')",
+                        type_="authentication_error", code="invalid_api_key")(scope, receive, send)
+        return await self.app(scope, receive, send)
 
 
 class AdmissionLimit:
