@@ -102,8 +102,7 @@ class KVPool:
         if dtype == torch.int8 and head_dim % 4:
             raise ValueError(f"an int8 KV cache needs a head size divisible by 4, not {head_dim}")
         self.row = head_dim + (INT8_SCALE_BYTES if dtype == torch.int8 else 0)  # elements per cache row
-        elem = torch.empty(0, dtype=dtype).element_size()
-        self.bytes_per_token = 2 * kv_heads * self.row * elem * num_layers
+        self.bytes_per_token = 2 * kv_heads * self.row * self.elem_size * num_layers
         self.budget_tokens = budget_tokens
         self.budget_bytes = budget_tokens * self.bytes_per_token
         self.used_bytes = 0

@@ -116,23 +116,38 @@ EL_API size_t el_decode_scratch_bytes(const EModel* Mp, int B, int maxkeys, int 
     return f * 4 + round64((size_t)B * G * 2) * 4 + round64((size_t)B * 2 * Kp) + 256;
 }
 
-// The first EL_PF bytes of a later attention task's keys and values (attend_group prefetches the rest
-// as it goes): each (sequence, KV head) reads caches of its own, and when the weights streaming through
-// the step have evicted them, waiting for those first lines cost more than the task's arithmetic
-// (batched SmolLM2 steps: attention 0.9 ms of 3.1).
+// Attention task t of layer l: (sequence, KV head, key-range part) -> its sequence/layer index i, the
+// keys k0..k1-1 it reads and their offset in the cache; false for a part the sequence does not use.
+struct AttnTask {
+    int b, kh, i, k0, k1;
+    size_t base;
+};
+
 template <typename T>
-static inline void prefetch_task(int t, int l, int B, int nkv, int P, int D, const int32_t* cap, const int32_t* widx,
-                                 const int32_t* kfrom, T* const* kc, T* const* vc) {
-    const int b = t / (nkv * P), kh = (t / P) % nkv, pi = t % P, i = l * B + b;
-    const int n = widx[i] - kfrom[i] + 1, np = attn_parts(n);
-    if (pi >= np) return;
-    const int k0 = (int)((int64_t)n * pi / np), k1 = (int)((int64_t)n * (pi + 1) / np);
-    const size_t base = ((size_t)kh * cap[i] + kfrom[i] + k0) * kv_row<T>(D);
-    size_t bytes = (size_t)(k1 - k0) * kv_row<T>(D) * sizeof(T);
+static inline bool attn_task(int t, int l, int B, int nkv, int P, int D, const int32_t* cap, const int32_t* widx,
+                             const int32_t* kfrom, AttnTask* a) {
+    a->b = t / (nkv * P);
+    a->kh = (t / P) % nkv;
+    a->i = l * B + a->b;
+    const int pi = t % P, n = widx[a->i] - kfrom[a->i] + 1, np = attn_parts(n);
+    if (pi >= np) return false;
+    a->k0 = (int)((int64_t)n * pi / np);
+    a->k1 = (int)((int64_t)n * (pi + 1) / np);
+    a->base = ((size_t)a->kh * cap[a->i] + kfrom[a->i] + a->k0) * kv_row<T>(D);
+    return true;
+}
+
+// The first EL_PF bytes of a task's keys and values (attend_group prefetches the rest as it goes): each
+// (sequence, KV head) reads caches of its own, and when the weights streaming through the step have
+// evicted them, waiting for those first lines cost more than the task's arithmetic (batched SmolLM2
+// steps: attention 0.9 ms of 3.1).
+template <typename T>
+static inline void prefetch_task(const AttnTask& a, int D, T* const* kc, T* const* vc) {
+    size_t bytes = (size_t)(a.k1 - a.k0) * kv_row<T>(D) * sizeof(T);
     bytes = bytes < (size_t)EL_PF ? bytes : (size_t)EL_PF;
     for (size_t o = 0; o < bytes; o += 64) {
-        __builtin_prefetch((const char*)(kc[i] + base) + o, 0, 3);
-        __builtin_prefetch((const char*)(vc[i] + base) + o, 0, 3);
+        __builtin_prefetch((const char*)(kc[a.i] + a.base) + o, 0, 3);
+        __builtin_prefetch((const char*)(vc[a.i] + a.base) + o, 0, 3);
     }
 }
 
@@ -216,18 +231,17 @@ static void decode_impl(const EModel* Mp, int B, const int64_t* pos, float* h, T
             bar.wait();
 #pragma omp for schedule(static) nowait
             for (int t = 0; t < B * nkv * P; ++t) {
-                const int b = t / (nkv * P), kh = (t / P) % nkv, pi = t % P, i = l * B + b;
-                const int n = widx[i] - kfrom[i] + 1, np = attn_parts(n);
-                if (pi >= np) continue;
-                const int k0 = (int)((int64_t)n * pi / np), k1 = (int)((int64_t)n * (pi + 1) / np);
-                const size_t base = ((size_t)kh * cap[i] + kfrom[i] + k0) * kv_row<T>(D);
+                AttnTask a;
+                if (!attn_task<T>(t, l, B, nkv, P, D, cap, widx, kfrom, &a)) continue;
 #if EL_PF
-                if (t + 1 < B * nkv * P) prefetch_task<T>(t + 1, l, B, nkv, P, D, cap, widx, kfrom, kc, vc);
+                AttnTask next;
+                if (t + 1 < B * nkv * P && attn_task<T>(t + 1, l, B, nkv, P, D, cap, widx, kfrom, &next))
+                    prefetch_task(next, D, kc, vc);
 #endif
                 float* pr = part + (size_t)t * rep * (D + 2);
-                attend_group(qkv + (size_t)b * QKV + (size_t)kh * rep * D, rep, kc[i] + base, vc[i] + base, k1 - k0, D,
-                             Mo.scale, Mo.softcap, sc + (size_t)tid * maxkeys * rep, pr, pr + (size_t)rep * D,
-                             pr + (size_t)rep * D + rep);
+                attend_group(qkv + (size_t)a.b * QKV + (size_t)a.kh * rep * D, rep, kc[a.i] + a.base, vc[a.i] + a.base,
+                             a.k1 - a.k0, D, Mo.scale, Mo.softcap, sc + (size_t)tid * maxkeys * rep, pr,
+                             pr + (size_t)rep * D, pr + (size_t)rep * D + rep);
             }
             bar.wait();
             EAct Ao = A;
