@@ -181,7 +181,8 @@ static void block_mb(const ELinear& L, const EAct& A, int m0, int rb, float* y, 
 // 8-bit activations, 4-bit weights: MB rows against two row blocks at once. Each broadcast
 // activation feeds both blocks' vpdpbusd: in block_mb the broadcasts (17 loads per 16 products) and
 // not the products bound the rate. Low and high nibbles sum in separate accumulators (no product
-// waits on another within a step). GS: the group size when known at compile time (0: L.gs).
+// waits on another within a step). GS: the group size when known at compile time (0: L.gs); the
+// fixed 4-step inner loop of gs 32 made a 512-row SmolLM2 prefill 10-22% faster (alternating runs).
 template <int MB, int GS>
 static void block_mb2_i8(const ELinear& L, const EAct& A, int m0, int rb, float* y, int ldy) {
     const int G = L.G, Kp = L.Kp;
@@ -229,7 +230,21 @@ static void block_mb2_i8(const ELinear& L, const EAct& A, int m0, int rb, float*
     }
 }
 
-// rows m0..m1-1 against the row blocks rb, rb + 1
+// rows m0..m1-1 against row block rb
+template <int P>
+static void rows_mb(const ELinear& L, const EAct& A, int m0, int m1, int rb, float* y, int ldy) {
+    int m = m0;
+    for (; m + 8 <= m1; m += 8) block_mb<8, P>(L, A, m, rb, y, ldy);
+    for (; m + 4 <= m1; m += 4) block_mb<4, P>(L, A, m, rb, y, ldy);
+    switch (m1 - m) {
+        case 3: block_mb<3, P>(L, A, m, rb, y, ldy); break;
+        case 2: block_mb<2, P>(L, A, m, rb, y, ldy); break;
+        case 1: block_mb<1, P>(L, A, m, rb, y, ldy); break;
+        default: break;
+    }
+}
+
+// rows m0..m1-1 against the row blocks rb, rb + 1 (8-bit activations, 4-bit weights)
 template <int GS>
 static void pair_rows(const ELinear& L, const EAct& A, int m0, int m1, int rb, float* y, int ldy) {
     int m = m0;
@@ -275,36 +290,22 @@ static void gemv_planes(const ELinear& L, const EAct& A, int M, float* y, int ld
             const int t1 = t0 + mt < M ? t0 + mt : M;
 #pragma omp for schedule(static) nowait
             for (int i = 0; i < pairs; ++i) {
-                const int rb = 2 * i;
-                int m = t0;
-                if (rb + 1 == Nb) {  // an odd last block
-                    for (; m + 4 <= t1; m += 4) block_mb<4, 1>(L, A, m, rb, y, ldy);
-                    for (; m < t1; ++m) block_mb<1, 1>(L, A, m, rb, y, ldy);
-                    continue;
-                }
-                if (L.gs == 32)
-                    pair_rows<32>(L, A, m, t1, rb, y, ldy);
+                if (2 * i + 1 == Nb)  // an odd last block
+                    rows_mb<1>(L, A, t0, t1, 2 * i, y, ldy);
+                else if (L.gs == 32)
+                    pair_rows<32>(L, A, t0, t1, 2 * i, y, ldy);
                 else
-                    pair_rows<0>(L, A, m, t1, rb, y, ldy);
+                    pair_rows<0>(L, A, t0, t1, 2 * i, y, ldy);
             }
         }
         return;
     }
 #pragma omp for schedule(static) nowait
     for (int rb = 0; rb < Nb; ++rb) {
-        int m = 0;
-        if (M == 1) {
+        if (M == 1)
             block_m1<1, P>(L, A, 0, &rb, y);
-            continue;
-        }
-        for (; m + 8 <= M; m += 8) block_mb<8, P>(L, A, m, rb, y, ldy);
-        for (; m + 4 <= M; m += 4) block_mb<4, P>(L, A, m, rb, y, ldy);
-        switch (M - m) {
-            case 3: block_mb<3, P>(L, A, m, rb, y, ldy); break;
-            case 2: block_mb<2, P>(L, A, m, rb, y, ldy); break;
-            case 1: block_mb<1, P>(L, A, m, rb, y, ldy); break;
-            default: break;
-        }
+        else
+            rows_mb<P>(L, A, 0, M, rb, y, ldy);
     }
 }
 
