@@ -309,20 +309,22 @@ class PackedWeight:
     # ---- construction ------------------------------------------------------------------
     @classmethod
     def from_quantized(cls, q_weight: torch.Tensor, q_scale: torch.Tensor, mode, n: int, k: int,
-                       bias: torch.Tensor | None = None, precision: str = "normal") -> PackedWeight:
+                       bias: torch.Tensor | None = None, precision: str = "normal", arena=None) -> PackedWeight:
+        """`arena` (a quantization.arena.HugePageArena, optional): where the packed codes and scales live."""
         lib = library()
+        empty = torch.empty if arena is None else (lambda n_, dtype: arena.empty(n_, dtype))
         kp, gs = mode.padded_k(k), mode.group_size
         nb = -(-n // ROW_BLOCK)
         qw = q_weight.contiguous()
         if mode.kind == "group":
             if mode.bits > 4:
                 raise ValueError(f"no packed layout for {mode.bits}-bit groups")
-            codes = torch.empty(nb * kp * 8, dtype=torch.uint8)
+            codes = empty(nb * kp * 8, dtype=torch.uint8)
             lib.el_repack_nib(qw.data_ptr(), n, kp, mode.bits, mode.elems_per_word, mode.max_int,
                               codes.data_ptr(), threads())
             fmt, off = 4, mode.max_int
         else:
-            codes = torch.empty(nb * kp * 16, dtype=torch.uint8)
+            codes = empty(nb * kp * 16, dtype=torch.uint8)
             lib.el_repack_q8(qw.data_ptr(), n, kp, codes.data_ptr(), threads())
             fmt, off = 8, 128
         # f16 scales on disk (q4f16_1, q8f16_1...) stay f16 here even when the model upcast them at load:
@@ -332,6 +334,8 @@ class PackedWeight:
         s = torch.zeros(nb * ROW_BLOCK, groups, dtype=sdt)
         s[:n] = q_scale.to(sdt)
         s = s.view(nb, ROW_BLOCK, groups).transpose(1, 2).contiguous()
+        if arena is not None:
+            s = arena.copy(s)
         return cls(fmt, n, k, kp, gs, off, codes, s, bias, precision=precision)
 
     @classmethod

@@ -61,14 +61,16 @@ class QuantLinear(nn.Module):
         return dequantize(self.q_weight, self.q_scale, self.mode, self.in_features,
                           dtype or self.q_scale.dtype, self.q_zero)
 
-    def repack(self) -> None:
+    def repack(self, arena=None) -> None:
         """Move onto the native kernels (CPU); frees the disk-layout buffers. Layers with zero
-        points (q4f16_awq) have no native kernel and stay as they are."""
+        points (q4f16_awq) have no native kernel and stay as they are. `arena`: a HugePageArena for
+        the packed tensors (optional)."""
         if self.packed is None and not self.mode.zero_points:
             from edgellm.quantization.kernels import PackedWeight
 
             self.packed = PackedWeight.from_quantized(self.q_weight, self.q_scale, self.mode, self.out_features,
-                                                      self.in_features, self.bias, precision=self.precision)
+                                                      self.in_features, self.bias, precision=self.precision,
+                                                      arena=arena)
             self.q_weight = None
             self.q_scale = None
 
@@ -98,13 +100,13 @@ class QuantEmbedding(nn.Module):
         self.packed: PackedWeight | None = None
         self.precision = DEFAULT_PRECISION
 
-    def repack(self) -> None:
-        """Move onto the native kernels (CPU); frees the disk-layout buffers."""
+    def repack(self, arena=None) -> None:
+        """Move onto the native kernels (CPU); frees the disk-layout buffers (`arena` as QuantLinear's)."""
         if self.packed is None:
             from edgellm.quantization.kernels import PackedWeight
 
             self.packed = PackedWeight.from_quantized(self.q_weight, self.q_scale, self.mode, self.num_embeddings,
-                                                      self.embedding_dim, precision=self.precision)
+                                                      self.embedding_dim, precision=self.precision, arena=arena)
             self.q_weight = None
             self.q_scale = None
 
@@ -180,6 +182,9 @@ def repack_model(model: nn.Module, precision: str | None = None) -> int:
     layers = [m for m in model.modules() if isinstance(m, (QuantLinear, QuantEmbedding)) and m.packed is None]
     if not layers or not kernels.available():
         return 0
+    from edgellm.quantization.arena import HugePageArena
+
+    arena = HugePageArena()  # the packed weights in huge pages (see arena.py)
     for m in layers:
         qw = m.q_weight
         if qw is None or qw.device.type != "cpu" or (m.mode.kind == "group" and m.mode.bits > 4):
@@ -187,7 +192,7 @@ def repack_model(model: nn.Module, precision: str | None = None) -> int:
         if m.mode.group_size not in NATIVE_GROUP_SIZES or m.mode.zero_points:
             # zero points (q4f16_awq) have no native kernel yet: reference path
             continue  # as do other group sizes (--group-size 64/128/0)
-        m.repack()
+        m.repack(arena)
     _release_freed_memory()
     return len(layers)
 
