@@ -61,6 +61,27 @@ static void pv_heads(const float* s, int n, int sn, const T* V, int D, float* ac
 }
 #endif
 
+// Scores of 16 consecutive keys (rows of R elements) for one query head of DC * 16 dimensions, the
+// head's query held in registers and each key's dot product in two chains (the trip count is known:
+// with D a run-time bound the loop ran one dependent fma per iteration)
+template <typename T, int DC>
+static inline __m512 qk16(const float* qh, const T* K, int R) {
+    __m512 qv[DC];
+    for (int c = 0; c < DC; ++c) qv[c] = _mm512_loadu_ps(qh + 16 * c);
+    __m512 a[16];
+    for (int i = 0; i < 16; ++i) {
+        const T* kr = K + (size_t)(4 * (i & 3) + (i >> 2)) * R;
+        __m512 x0 = _mm512_mul_ps(kv_load(kr, 0xffff), qv[0]);
+        __m512 x1 = DC > 1 ? _mm512_mul_ps(kv_load(kr + 16, 0xffff), qv[1]) : _mm512_setzero_ps();
+        for (int c = 2; c < DC; c += 2) {
+            x0 = _mm512_fmadd_ps(kv_load(kr + 16 * c, 0xffff), qv[c], x0);
+            if (c + 1 < DC) x1 = _mm512_fmadd_ps(kv_load(kr + 16 * c + 16, 0xffff), qv[c + 1], x1);
+        }
+        a[i] = _mm512_add_ps(x0, x1);
+    }
+    return reduce16(a);
+}
+
 template <typename T>
 void attend_group(const float* q, int rep, const T* K, const T* V, int n, int D, float scale, float softcap,
                   float* s, float* acc_out, float* m_out, float* l_out) {
@@ -82,6 +103,14 @@ void attend_group(const float* q, int rep, const T* K, const T* V, int n, int D,
             alignas(64) float ks[16];
             for (int i = 0; i < 16; ++i) ks[i] = kv_scale(K + (size_t)(j + i) * R, D) * scale;
             sc16 = _mm512_load_ps(ks);
+        }
+        if (D == 64 || D == 128) {
+            for (int h = 0; h < rep; ++h) {
+                const __m512 r = D == 64 ? qk16<T, 4>(q + (size_t)h * D, K + (size_t)j * R, R)
+                                         : qk16<T, 8>(q + (size_t)h * D, K + (size_t)j * R, R);
+                _mm512_storeu_ps(s + (size_t)h * n + j, _mm512_mul_ps(r, sc16));
+            }
+            continue;
         }
         for (int h = 0; h < rep; ++h) {
             const float* qh = q + (size_t)h * D;
