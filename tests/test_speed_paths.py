@@ -87,12 +87,13 @@ def test_layers_repack_in_place_and_free_disk_buffers():
 
 
 # ---- tiny models ------------------------------------------------------------------------------------
-def _tiny_family(kind: str, out, seed: int = 1):
+def _tiny_family(kind: str, out, seed: int = 1, **shape):
     import transformers as tf
 
     torch.manual_seed(seed)
     common = dict(vocab_size=384, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=512, bos_token_id=3, eos_token_id=2, pad_token_id=0)
+    common.update(shape)
     if kind == "qwen2":
         model = tf.Qwen2ForCausalLM(tf.Qwen2Config(**common, tie_word_embeddings=True))
     elif kind == "qwen3":
@@ -171,14 +172,15 @@ def test_whole_model_logits_match_reference(quant, tiny_quantized):
         _close(torch.cat(outs), ref)
 
 
-def _fused_matches_reference(model_dir, prompts: list[list[int]], n: int, **kwargs) -> list[torch.Tensor]:
-    """O2 takes the fused step and gives O0's greedy tokens and logits; returns O0's logits."""
+def _fused_matches_reference(model_dir, prompts: list[list[int]], n: int, tol: float = 1e-3,
+                             **kwargs) -> list[torch.Tensor]:
+    """O2 takes the fused step and gives O0's greedy tokens and logits (within `tol`); returns O0's logits."""
     ref_tokens, ref_logits, _, _ = generate(model_dir, prompts, n, "O0", **kwargs)
     tokens, logits, runner, fused = generate(model_dir, prompts, n, "O2", **kwargs)
     assert runner.fused is not None and fused > 0
     assert tokens == ref_tokens
     for a, b in zip(logits, ref_logits):
-        _close(a, b)
+        _close(a, b, tol)
     return ref_logits
 
 
@@ -238,6 +240,22 @@ def test_fused_decode_kv_cache_types(kind, kv_dtype, tiny_quantized, tmp_path):
     # moves the logits by about 0.3% of their largest magnitude (float16: about 0.01%)
     for a, b in zip(ref_logits, f32_logits):
         _close(a, b, 0.02)
+
+
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16, torch.int8])
+@pytest.mark.parametrize("heads", [(4, 2), (4, 4), (2, 1)], ids=["d64-rep2", "d64-rep1", "d128-rep2"])
+def test_fused_decode_real_head_dims(heads, kv_dtype, tmp_path):
+    """Head dims 64 and 128 (real models' sizes) have attention code of their own (attention.cpp: qk16,
+    the keys converted once for all the heads of a group): O2 gives O0's tokens and logits for every cache
+    element type, over prompts longer than a 16-key block."""
+    n_heads, n_kv = heads
+    hf = _tiny_family("llama", tmp_path / "hf", hidden_size=256, num_attention_heads=n_heads,
+                      num_key_value_heads=n_kv)
+    d = convert(hf, tmp_path / "q4", "q4f16_1")
+    # int8 rows: the native step applies a row's scale to its whole dot product, the reference to each
+    # dequantized element; with 128 dimensions the two part by about 1.3e-3 of the largest logit
+    tol = 2e-3 if kv_dtype == torch.int8 else 1e-3
+    _fused_matches_reference(d, [PROMPTS[3], PROMPTS[2], [3, 5]], 6, tol=tol, kv_dtype=kv_dtype)
 
 
 # ---- the real model ---------------------------------------------------------------------------------------

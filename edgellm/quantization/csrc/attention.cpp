@@ -105,6 +105,18 @@ void attend_group(const float* q, int rep, const T* K, const T* V, int n, int D,
             sc16 = _mm512_load_ps(ks);
         }
         if (D == 64 || D == 128) {
+            if (sizeof(T) != 4 && rep > 1) {  // 16-bit / 8-bit keys: converted once for all the heads
+                alignas(64) float kf[16 * 128];
+                for (int i = 0; i < 16; ++i)
+                    for (int d = 0; d < D; d += 16)
+                        _mm512_store_ps(kf + i * D + d, kv_load(K + (size_t)(j + i) * R + d, 0xffff));
+                for (int h = 0; h < rep; ++h) {
+                    const __m512 r = D == 64 ? qk16<float, 4>(q + (size_t)h * D, kf, D)
+                                             : qk16<float, 8>(q + (size_t)h * D, kf, D);
+                    _mm512_storeu_ps(s + (size_t)h * n + j, _mm512_mul_ps(r, sc16));
+                }
+                continue;
+            }
             for (int h = 0; h < rep; ++h) {
                 const __m512 r = D == 64 ? qk16<T, 4>(q + (size_t)h * D, K + (size_t)j * R, R)
                                          : qk16<T, 8>(q + (size_t)h * D, K + (size_t)j * R, R);
