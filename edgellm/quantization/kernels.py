@@ -46,6 +46,7 @@ import torch
 
 from edgellm.errors import UserError
 from edgellm.paths import edgellm_home
+from edgellm.quantization.arena import HugePageArena
 
 log = logging.getLogger("edgellm.kernels")
 
@@ -309,8 +310,9 @@ class PackedWeight:
     # ---- construction ------------------------------------------------------------------
     @classmethod
     def from_quantized(cls, q_weight: torch.Tensor, q_scale: torch.Tensor, mode, n: int, k: int,
-                       bias: torch.Tensor | None = None, precision: str = "normal", arena=None) -> PackedWeight:
-        """`arena` (a quantization.arena.HugePageArena, optional): where the packed codes and scales live."""
+                       bias: torch.Tensor | None = None, precision: str = "normal",
+                       arena: HugePageArena | None = None) -> PackedWeight:
+        """`arena` (optional): where the packed codes and scales live."""
         lib = library()
         empty = torch.empty if arena is None else (lambda n_, dtype: arena.empty(n_, dtype))
         kp, gs = mode.padded_k(k), mode.group_size

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from edgellm.quantization.arena import HugePageArena
 from edgellm.quantization.modes import QuantMode
 from edgellm.quantization.pack import dequantize
 
@@ -61,7 +62,7 @@ class QuantLinear(nn.Module):
         return dequantize(self.q_weight, self.q_scale, self.mode, self.in_features,
                           dtype or self.q_scale.dtype, self.q_zero)
 
-    def repack(self, arena=None) -> None:
+    def repack(self, arena: HugePageArena | None = None) -> None:
         """Move onto the native kernels (CPU); frees the disk-layout buffers. Layers with zero
         points (q4f16_awq) have no native kernel and stay as they are. `arena`: a HugePageArena for
         the packed tensors (optional)."""
@@ -100,7 +101,7 @@ class QuantEmbedding(nn.Module):
         self.packed: PackedWeight | None = None
         self.precision = DEFAULT_PRECISION
 
-    def repack(self, arena=None) -> None:
+    def repack(self, arena: HugePageArena | None = None) -> None:
         """Move onto the native kernels (CPU); frees the disk-layout buffers (`arena` as QuantLinear's)."""
         if self.packed is None:
             from edgellm.quantization.kernels import PackedWeight
@@ -182,8 +183,6 @@ def repack_model(model: nn.Module, precision: str | None = None) -> int:
     layers = [m for m in model.modules() if isinstance(m, (QuantLinear, QuantEmbedding)) and m.packed is None]
     if not layers or not kernels.available():
         return 0
-    from edgellm.quantization.arena import HugePageArena
-
     arena = HugePageArena()  # the packed weights in huge pages (see arena.py)
     for m in layers:
         qw = m.q_weight
