@@ -74,7 +74,8 @@ def test_other_instruction_sets_compute_the_same_products(march, tmp_path):
         pytest.skip("x86-64 instruction sets")
     env = {**os.environ, "EDGELLM_KERNEL_MARCH": march, "EDGELLM_HOME": str(tmp_path)}
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
-                        "tests/test_int8_gemm.py", "tests/test_speed_paths.py::test_fused_decode_matches_reference"],
+                        "tests/test_int8_gemm.py", "tests/test_speed_paths.py::test_fused_decode_matches_reference",
+                        "tests/test_speed_paths.py::test_fused_decode_real_head_dims"],
                        env=env, capture_output=True, text=True, timeout=600,
                        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]

@@ -61,6 +61,7 @@ static void pv_heads(const float* s, int n, int sn, const T* V, int D, float* ac
 }
 #endif
 
+#if EL_VNNI
 // Scores of 16 consecutive keys (rows of R elements) for one query head of DC * 16 dimensions, the
 // head's query held in registers and each key's dot product in two chains (the trip count is known:
 // with D a run-time bound the loop ran one dependent fma per iteration)
@@ -81,6 +82,7 @@ static inline __m512 qk16(const float* qh, const T* K, int R) {
     }
     return reduce16(a);
 }
+#endif
 
 template <typename T>
 void attend_group(const float* q, int rep, const T* K, const T* V, int n, int D, float scale, float softcap,
