@@ -263,7 +263,9 @@ def test_random_bad_config_json(capsys, hf_dir, tmp_path_factory, bad):
 
 CHAT_FIELDS = {"context_window_size": (-1, 1 << 24), "prefill_chunk_size": (1, 1 << 24),
                "max_batch_size": (1, 1 << 16), "vocab_size": (1, 1 << 24)}
-CHAT_NUMBERS = {"temperature": (0.0, 100.0), "top_p": (1e-9, 1.0), "presence_penalty": (-2.0, 2.0),
+# valid ranges; the strategy draws values outside them (below lo, above hi). top_p accepts any positive value
+# up to 1 (a subnormal top_p keeps only the top token), so only values <= 0 are below its range.
+CHAT_NUMBERS = {"temperature": (0.0, 100.0), "top_p": (0.0, 1.0), "presence_penalty": (-2.0, 2.0),
                 "frequency_penalty": (-2.0, 2.0)}
 
 
