@@ -189,6 +189,14 @@ def test_fused_decode_matches_reference(quant, tiny_quantized):
     _fused_matches_reference(tiny_quantized[quant], PROMPTS, 12)
 
 
+@pytest.mark.parametrize("quant", ["q4f16_1", "q8f16_1", "q0f32"])
+def test_fused_step_computes_the_tail(quant, tiny_quantized):
+    """The final norm and the output matrix run inside the native step (its logits are the ones
+    test_fused_decode_matches_reference compares with O0's), for quantized and float heads alike."""
+    _, _, runner, fused = generate(tiny_quantized[quant], PROMPTS[:2], 4, "O2")
+    assert fused > 0 and runner.fused.desc.fn_kind == 0 and runner.fused.head is not None
+
+
 def test_kv_pool_growth_keeps_computed_positions(tiny_quantized):
     """A prompt prefilled in chunks across several cache growths decodes like one whole-prompt prefill."""
     from tests.helpers import greedy

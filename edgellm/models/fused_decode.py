@@ -9,7 +9,9 @@ optional post norms (Gemma 2), sequential or parallel residuals (GPT-NeoX), gate
 (gelu) MLPs, per-head q/k norms (Qwen3), partial rotary, biases, sliding windows, attention soft-capping,
 and float32, float16 or int8 KV caches, with linears that are repacked quantized layers or float32
 nn.Linear. `build` returns None for anything else, and the runner then steps the model's modules.
-Embedding (with any scaling), final norm and logits (with any soft-capping) stay the model's own modules.
+The embedding (with any scaling) stays the model's own module; the final norm and the output matrix run
+in the native step too when they are of its kinds (else, and with logit soft-capping or a
+tensor-parallel head, the model's own modules compute them from the step's hidden states).
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ def _act_code(fn) -> int | None:
 class FusedDecoder:
     """The decode step of a model whose layers are `LayerSpec`s, as one native call (csrc/fused_decode.cpp)."""
 
-    def __init__(self, model: nn.Module, pool, lib, layers, keep, windows, eps: float):
+    def __init__(self, model: nn.Module, pool, lib, layers, keep, windows, eps: float, tail=None):
         from edgellm.quantization import kernels as K
 
         self.model, self.pool, self.lib, self.K = model, pool, lib, K
@@ -80,6 +82,13 @@ class FusedDecoder:
         m.softcap = float(cfg.attn_softcap or 0.0)
         m.cos, m.sin = cos.data_ptr(), sin.data_ptr()
         m.layers = ctypes.cast(layers, ctypes.POINTER(K.ELayer))
+        # the tail (final norm, output matrix) in the native step when the model's are of its kinds
+        m.fn_kind, m.fn_w, m.fn_b = -1, None, None
+        self.head = None  # the output matrix's PackedWeight when the native step computes the logits
+        if tail is not None:
+            (m.fn_kind, m.fn_w, m.fn_b), self.head = tail
+            if self.head is not None:
+                m.head = ctypes.pointer(self.head.desc)
         self.desc = m
         self.ref = ctypes.byref(m)
         self._scratch = torch.empty(0, dtype=torch.uint8)
@@ -150,7 +159,7 @@ class FusedDecoder:
             windows.append(sp.window)
         if len(set(eps)) != 1:  # one epsilon for every norm of the native step
             return None
-        return cls(model, pool, lib, layers, keep, windows, eps[0])
+        return cls(model, pool, lib, layers, keep, windows, eps[0], _tail(model, norm, linear, eps))
 
     def _scratch_for(self, b: int, maxkeys: int, nt: int) -> torch.Tensor:
         key = (b, maxkeys, nt)
@@ -186,9 +195,31 @@ class FusedDecoder:
             kfrom[j::b] = [0 if w is None else max(base, start - w + 1) - base for base, w in zip(kv.base, windows)]
         nt = self.K.threads()
         scratch = self._scratch_for(b, max(starts) + 1, nt)
+        logits = None if self.head is None else torch.empty(b, self.head.n)
         self.lib.el_decode(self.ref, b, pos.data_ptr(), h.data_ptr(), kp, vp, cap, widx, kfrom, scratch.data_ptr(),
-                           self._scratch_key[1], nt, KV_KINDS[pool.dtype])
-        return model.logits(model.final_norm(h)).float()
+                           self._scratch_key[1], nt, KV_KINDS[pool.dtype],
+                           None if logits is None else logits.data_ptr())
+        if logits is not None:
+            return logits
+        return model.logits(h if self.desc.fn_kind >= 0 else model.final_norm(h)).float()
+
+
+def _tail(model: nn.Module, norm, linear, eps: list[float]):
+    """((final norm kind, weight, bias), output PackedWeight or None) for the native step, or None when the
+    model's final norm is of no kind it computes (or has another epsilon than the layers')."""
+    from edgellm.quantization.layers import QuantEmbedding
+
+    fn = norm(model.final_norm, True)
+    if fn is None or eps[-1] != eps[0]:
+        return None
+    head = None
+    if model.tp_gather is None and not model.cfg.final_softcap:  # the logits as they leave model.logits
+        out = model.output
+        if out is not None:
+            head = linear(out)
+        elif isinstance(model.embedding, QuantEmbedding) and model.embedding.packed is not None:
+            head = model.embedding.packed if model.embedding.packed.fmt in (4, 8) else None
+    return fn, head
 
 
 def _token_at(seq, i: int) -> int:

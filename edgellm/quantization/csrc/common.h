@@ -74,7 +74,7 @@
 
 // The C ABI: kernels.py mirrors these structs (ctypes) and refuses a library whose el_abi_version()
 // or el_sizeof() differ from its own. Bump EL_ABI_VERSION on any change of a struct or a signature.
-#define EL_ABI_VERSION 7
+#define EL_ABI_VERSION 8
 
 struct ELinear {
     const uint8_t* w;     // fmt 4 / 8 codes (layout above)
@@ -116,6 +116,11 @@ struct EModel {
     const float* cos;  // [maxpos][rot]: the first rot dims of every head rotate (partial rotary)
     const float* sin;
     const ELayer* layers;
+    // the step's tail, when the model's are of these kinds (else the caller runs its own modules):
+    int32_t fn_kind;       // final norm: 0 RMSNorm, 1 LayerNorm (fn_b may be null), -1 none here
+    const float* fn_w;
+    const float* fn_b;
+    const ELinear* head;   // the output matrix: el_decode writes logits [B][head->N] when given one
 };
 
 static const int ACT_MAX = 127 * 256 + 127;  // the largest value two signed bytes hold

@@ -100,6 +100,10 @@ static int max_kp(const EModel& Mo, int* maxG) {
             if (L->G > g) g = L->G;
         }
     }
+    if (Mo.head) {
+        kp = Mo.head->Kp > kp ? Mo.head->Kp : kp;
+        g = Mo.head->G > g ? Mo.head->G : g;
+    }
     *maxG = g;
     return kp;
 }
@@ -154,7 +158,7 @@ static inline void prefetch_task(const AttnTask& a, int D, T* const* kc, T* cons
 template <typename T>
 static void decode_impl(const EModel* Mp, int B, const int64_t* pos, float* h, T* const* kc, T* const* vc,
                         const int32_t* cap, const int32_t* widx, const int32_t* kfrom, void* scratch, int maxkeys,
-                        int nthreads) {
+                        int nthreads, float* logits) {
     const EModel& Mo = *Mp;
     const int H = Mo.H, D = Mo.D, nh = Mo.nh, nkv = Mo.nkv, I = Mo.I, rot = Mo.rot;
     const int QKV = (nh + 2 * nkv) * D, rep = nh / nkv;
@@ -323,26 +327,46 @@ static void decode_impl(const EModel* Mp, int B, const int64_t* pos, float* h, T
             }
             gemv_for(Ly.down, act, I, Ad, B, mo, H, bar);
         }
+        // the tail: the last residual, the final norm (in place) and the head's activations, row by row
+        const ELinear* head = logits ? Mo.head : nullptr;
+        EAct Ah = A;
+        if (head) {
+            Ah.Kp = head->Kp;
+            Ah.G = head->G;
+        }
 #pragma omp for schedule(static) nowait
-        for (int b = 0; b < B; ++b) add_residual(h + (size_t)b * H, mo + (size_t)b * H, Mo.layers[Mo.L - 1].pn2, H, Mo.eps);
+        for (int b = 0; b < B; ++b) {
+            float* hb = h + (size_t)b * H;
+            add_residual(hb, mo + (size_t)b * H, Mo.layers[Mo.L - 1].pn2, H, Mo.eps);
+            if (Mo.fn_kind == 0)
+                rmsnorm_row(hb, Mo.fn_w, H, Mo.eps, hb);
+            else if (Mo.fn_kind == 1)
+                layernorm_row(hb, Mo.fn_w, Mo.fn_b, H, Mo.eps, hb);
+            if (head && head->fmt != 32) quant_act_rows(*head, h, H, b, b + 1, Ah);
+        }
+        if (head) {
+            bar.wait();
+            gemv_for(*head, h, H, Ah, B, logits, head->N, bar);
+        }
     }
 }
 
-// h [B][H]: hidden states of the B new tokens (in: embeddings, out: before the final norm).
+// h [B][H]: hidden states of the B new tokens (in: embeddings, out: after the final norm when the model
+// has one of fn_kind's kinds, else before it). logits [B][head->N] (or null): the head's products.
 // For layer l and sequence b (index l*B+b): kc/vc point at [nkv][cap][row] caches (kv_kind 0:
 // float32, 1: float16, 2: int8 rows of D codes + a float32 scale), the new key goes to index
 // widx, attention reads indices kfrom..widx.
 EL_API void el_decode(const EModel* Mp, int B, const int64_t* pos, float* h, void* const* kc, void* const* vc,
                       const int32_t* cap, const int32_t* widx, const int32_t* kfrom, void* scratch, int maxkeys,
-                      int nthreads, int kv_kind) {
+                      int nthreads, int kv_kind, float* logits) {
     if (kv_kind == 2)
         decode_impl<int8_t>(Mp, B, pos, h, (int8_t* const*)kc, (int8_t* const*)vc, cap, widx, kfrom, scratch,
-                            maxkeys, nthreads);
+                            maxkeys, nthreads, logits);
     else if (kv_kind == 1)
         decode_impl<uint16_t>(Mp, B, pos, h, (uint16_t* const*)kc, (uint16_t* const*)vc, cap, widx, kfrom, scratch,
-                              maxkeys, nthreads);
+                              maxkeys, nthreads, logits);
     else
         decode_impl<float>(Mp, B, pos, h, (float* const*)kc, (float* const*)vc, cap, widx, kfrom, scratch, maxkeys,
-                           nthreads);
+                           nthreads, logits);
 }
 
