@@ -28,7 +28,6 @@ class HugePageArena:
         self.chunk = chunk
         self._buf: torch.Tensor | None = None  # uint8 view of the current mapping, from its aligned start
         self._used = 0
-        self.mapped = 0  # bytes mapped so far
 
     def _new_mapping(self, nbytes: int) -> None:
         size = -(-max(nbytes, self.chunk) // HUGE_PAGE) * HUGE_PAGE
@@ -45,7 +44,6 @@ class HugePageArena:
             except OSError:
                 pass  # huge pages unavailable: 4 KiB pages, as before
         self._buf, self._used = whole[skip:skip + size], 0
-        self.mapped += size
 
     def empty(self, shape: tuple[int, ...] | int, dtype: torch.dtype) -> torch.Tensor:
         """An uninitialized tensor of `shape` and `dtype` in huge-page memory."""

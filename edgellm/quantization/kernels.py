@@ -315,7 +315,7 @@ class PackedWeight:
                        arena: HugePageArena | None = None) -> PackedWeight:
         """`arena` (optional): where the packed codes and scales live."""
         lib = library()
-        empty = torch.empty if arena is None else (lambda n_, dtype: arena.empty(n_, dtype))
+        empty = torch.empty if arena is None else arena.empty
         kp, gs = mode.padded_k(k), mode.group_size
         nb = -(-n // ROW_BLOCK)
         qw = q_weight.contiguous()

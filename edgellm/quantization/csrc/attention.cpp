@@ -82,6 +82,15 @@ static inline __m512 qk16(const float* qh, const T* K, int R) {
     }
     return reduce16(a);
 }
+
+// scores (times sc) of keys j..j+15 for every one of the rep query heads, D = 64 or 128
+template <typename T>
+static inline void qk16_heads(const float* q, int rep, int D, const T* K, int R, __m512 sc, float* s, int n, int j) {
+    for (int h = 0; h < rep; ++h) {
+        const __m512 r = D == 64 ? qk16<T, 4>(q + (size_t)h * D, K, R) : qk16<T, 8>(q + (size_t)h * D, K, R);
+        _mm512_storeu_ps(s + (size_t)h * n + j, _mm512_mul_ps(r, sc));
+    }
+}
 #endif
 
 template <typename T>
@@ -112,17 +121,9 @@ void attend_group(const float* q, int rep, const T* K, const T* V, int n, int D,
                 for (int i = 0; i < 16; ++i)
                     for (int d = 0; d < D; d += 16)
                         _mm512_store_ps(kf + i * D + d, kv_load(K + (size_t)(j + i) * R + d, 0xffff));
-                for (int h = 0; h < rep; ++h) {
-                    const __m512 r = D == 64 ? qk16<float, 4>(q + (size_t)h * D, kf, D)
-                                             : qk16<float, 8>(q + (size_t)h * D, kf, D);
-                    _mm512_storeu_ps(s + (size_t)h * n + j, _mm512_mul_ps(r, sc16));
-                }
-                continue;
-            }
-            for (int h = 0; h < rep; ++h) {
-                const __m512 r = D == 64 ? qk16<T, 4>(q + (size_t)h * D, K + (size_t)j * R, R)
-                                         : qk16<T, 8>(q + (size_t)h * D, K + (size_t)j * R, R);
-                _mm512_storeu_ps(s + (size_t)h * n + j, _mm512_mul_ps(r, sc16));
+                qk16_heads<float>(q, rep, D, kf, D, sc16, s, n, j);
+            } else {
+                qk16_heads<T>(q, rep, D, K + (size_t)j * R, R, sc16, s, n, j);
             }
             continue;
         }

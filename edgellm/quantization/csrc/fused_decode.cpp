@@ -18,12 +18,16 @@ static void layernorm_row(const float* x, const float* w, const float* b, int n,
     for (int i = 0; i < n; ++i) out[i] = (x[i] - mean) * r * w[i] + (b ? b[i] : 0.f);
 }
 
-static inline void norm_row(const ELayer& Ly, int second, const float* x, int n, float eps, float* out) {
-    const float* w = second ? Ly.ln2 : Ly.ln1;
-    if (Ly.norm == 1)
-        layernorm_row(x, w, second ? Ly.ln2b : Ly.ln1b, n, eps, out);
+// a norm of kind 0 (RMSNorm) or 1 (LayerNorm, bias b optional)
+static inline void norm_kind(int kind, const float* x, const float* w, const float* b, int n, float eps, float* out) {
+    if (kind == 1)
+        layernorm_row(x, w, b, n, eps, out);
     else
         rmsnorm_row(x, w, n, eps, out);
+}
+
+static inline void norm_row(const ELayer& Ly, int second, const float* x, int n, float eps, float* out) {
+    norm_kind(Ly.norm, x, second ? Ly.ln2 : Ly.ln1, second ? Ly.ln2b : Ly.ln1b, n, eps, out);
 }
 
 // h += (post ? rmsnorm(v, post) : v) for one row; v is overwritten by the normed value
@@ -338,10 +342,7 @@ static void decode_impl(const EModel* Mp, int B, const int64_t* pos, float* h, T
         for (int b = 0; b < B; ++b) {
             float* hb = h + (size_t)b * H;
             add_residual(hb, mo + (size_t)b * H, Mo.layers[Mo.L - 1].pn2, H, Mo.eps);
-            if (Mo.fn_kind == 0)
-                rmsnorm_row(hb, Mo.fn_w, H, Mo.eps, hb);
-            else if (Mo.fn_kind == 1)
-                layernorm_row(hb, Mo.fn_w, Mo.fn_b, H, Mo.eps, hb);
+            if (Mo.fn_kind >= 0) norm_kind(Mo.fn_kind, hb, Mo.fn_w, Mo.fn_b, H, Mo.eps, hb);
             if (head && head->fmt != 32) quant_act_rows(*head, h, H, b, b + 1, Ah);
         }
         if (head) {
