@@ -41,7 +41,7 @@ static void block_avx2(const ELinear& L, const EAct& A, int m, int rb, float* y)
             x1 = y1 = P == 2 ? _mm256_set1_epi32(corr[2 * g + 1]) : _mm256_setzero_si256();
             for (int p = 0; p < L.gs / 8; ++p, w += 64, p0 += 8) {
 #if EL_PF
-                _mm_prefetch((const char*)w + EL_PF, _MM_HINT_T0);
+                _mm_prefetch((const char*)w + EL_PF, EL_PF_HINT);
 #endif
                 const __m256i v0 = _mm256_loadu_si256((const __m256i*)w), v1 = _mm256_loadu_si256((const __m256i*)(w + 32));
                 const __m256i lo0 = _mm256_and_si256(v0, mask), hi0 = _mm256_and_si256(_mm256_srli_epi16(v0, 4), mask);
@@ -59,7 +59,7 @@ static void block_avx2(const ELinear& L, const EAct& A, int m, int rb, float* y)
             x0 = x1 = y0 = y1 = _mm256_setzero_si256();
             for (int c = 0; c < L.gs / 4; ++c, w += 64, p0 += 4) {
 #if EL_PF
-                _mm_prefetch((const char*)w + EL_PF, _MM_HINT_T0);
+                _mm_prefetch((const char*)w + EL_PF, EL_PF_HINT);
 #endif
                 const __m256i v0 = _mm256_xor_si256(_mm256_loadu_si256((const __m256i*)w), flip);
                 const __m256i v1 = _mm256_xor_si256(_mm256_loadu_si256((const __m256i*)(w + 32)), flip);
@@ -119,7 +119,7 @@ static void block_avx2_i8(const ELinear& L, const EAct& A, int m0, int rb, float
 #if defined(__AVXVNNI__)
         for (int p = 0; p < Q; ++p, w += 64, a += 8) {
 #if EL_PF
-            _mm_prefetch((const char*)w + EL_PF, _MM_HINT_T0);
+            _mm_prefetch((const char*)w + EL_PF, EL_PF_HINT);
 #endif
             for (int h = 0; h < NH; ++h) {
                 const __m256i v = _mm256_loadu_si256((const __m256i*)(w + 32 * h));
@@ -139,7 +139,7 @@ static void block_avx2_i8(const ELinear& L, const EAct& A, int m0, int rb, float
                 for (int m = 0; m < MB; ++m) t[h][m] = _mm256_setzero_si256();
             for (int p = p0; p < p1; ++p, w += 64, a += 8) {
 #if EL_PF
-                _mm_prefetch((const char*)w + EL_PF, _MM_HINT_T0);
+                _mm_prefetch((const char*)w + EL_PF, EL_PF_HINT);
 #endif
                 for (int h = 0; h < NH; ++h) {
                     const __m256i v = _mm256_loadu_si256((const __m256i*)(w + 32 * h));
@@ -206,7 +206,7 @@ static void block_avx2_m1s(const ELinear& L, const EAct& A, int m, const int* rb
                 const __m256i b = bc8(a), bh = bc8(a + 4);
                 for (int i = 0; i < NB; ++i) {
 #if EL_PF
-                    _mm_prefetch((const char*)w[i] + EL_PF, _MM_HINT_T0);
+                    _mm_prefetch((const char*)w[i] + EL_PF, EL_PF_HINT);
 #endif
                     for (int h = 0; h < 2; ++h) {
                         const __m256i v = _mm256_loadu_si256((const __m256i*)(w[i] + 32 * h));

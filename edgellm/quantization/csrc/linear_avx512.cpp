@@ -58,7 +58,7 @@ static void block_m1(const ELinear& L, const EAct& A, int m, const int* rbs, flo
                 const __m512i y0 = bcast(p0 + 4), y1 = P == 2 ? bcast(p0 + Kp + 4) : y0;
                 for (int i = 0; i < NB; ++i) {
 #if EL_PF
-                    _mm_prefetch((const char*)w[i] + EL_PF, _MM_HINT_T0);
+                    _mm_prefetch((const char*)w[i] + EL_PF, EL_PF_HINT);
 #endif
                     const __m512i v = _mm512_loadu_si512(w[i]);
                     w[i] += 64;
@@ -78,8 +78,8 @@ static void block_m1(const ELinear& L, const EAct& A, int m, const int* rbs, flo
                 const __m512i y0 = bcast(p0 + 4), y1 = P == 2 ? bcast(p0 + Kp + 4) : y0;
                 for (int i = 0; i < NB; ++i) {
 #if EL_PF
-                    _mm_prefetch((const char*)w[i] + EL_PF, _MM_HINT_T0);
-                    _mm_prefetch((const char*)w[i] + EL_PF + 64, _MM_HINT_T0);
+                    _mm_prefetch((const char*)w[i] + EL_PF, EL_PF_HINT);
+                    _mm_prefetch((const char*)w[i] + EL_PF + 64, EL_PF_HINT);
 #endif
                     const __m512i v = _mm512_loadu_si512(w[i]), u = _mm512_loadu_si512(w[i] + 64);
                     w[i] += 128;
@@ -203,8 +203,8 @@ static void block_mb2_i8(const ELinear& L, const EAct& A, int m0, int rb, float*
             // ahead of use; later passes read this pair from L1. (Before: 16 KB ahead on both streams in
             // every pass; 8-row SmolLM2 decode +3.4% in six in-process pairs, prefill unchanged.)
             if (pf_next) {
-                _mm_prefetch((const char*)w0 + 2 * (size_t)Kp * 8, _MM_HINT_T0);
-                _mm_prefetch((const char*)w1 + 2 * (size_t)Kp * 8, _MM_HINT_T0);
+                _mm_prefetch((const char*)w0 + 2 * (size_t)Kp * 8, EL_PF_HINT);
+                _mm_prefetch((const char*)w1 + 2 * (size_t)Kp * 8, EL_PF_HINT);
             }
 #endif
             const __m512i v0 = _mm512_loadu_si512(w0), v1 = _mm512_loadu_si512(w1);
