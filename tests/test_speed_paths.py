@@ -195,6 +195,23 @@ def test_fused_step_computes_the_tail(quant, tiny_quantized):
     test_fused_decode_matches_reference compares with O0's), for quantized and float heads alike."""
     _, _, runner, fused = generate(tiny_quantized[quant], PROMPTS[:2], 4, "O2")
     assert fused > 0 and runner.fused.desc.fn_kind == 0 and runner.fused.head is not None
+    # and the embedding lookup, where it is a repacked table (q0f32 keeps torch's nn.Embedding)
+    assert (runner.fused.embed is not None) == (quant != "q0f32")
+
+
+def test_fused_step_rejects_an_unknown_token(tiny_quantized):
+    """A token id beyond the embedding table fails that step with a clear error (no read out of bounds)."""
+    _, _, runner, _ = generate(tiny_quantized["q4f16_1"], PROMPTS[:1], 2, "O2")
+    n = runner.fused.embed.n
+
+    class Seq:
+        slot, prompt_ids, output_ids = 0, [n + 5], []
+
+    class Chunk:
+        seq, start = Seq(), 0
+
+    with pytest.raises(IndexError, match="out of range"):
+        runner.fused([Chunk()])
 
 
 def test_kv_pool_growth_keeps_computed_positions(tiny_quantized):

@@ -278,12 +278,13 @@ class AOTIRunner(StaticRunner):
 
 
 class _SeqCache:
-    __slots__ = ("k", "v", "base")
+    __slots__ = ("k", "v", "base", "native")
 
     def __init__(self, num_layers: int):
         self.k: list = []
         self.v: list = []
         self.base = [0] * num_layers  # a library's cache holds positions 0.. at index 0
+        self.native = None  # the native step's pointers into k and v (rebuilt when the lists change)
 
 
 class _CacheView:

@@ -62,6 +62,9 @@ class SeqKV:
         self.length = 0  # positions 0..length-1 have been computed
         self.tokens: list[int] = []  # the token ids behind those positions (for prefix reuse)
         self.tag: str | None = None  # what else the KV depends on: the LoRA adapter's key (None: the base)
+        # what a native decode step derived from k and v (their pointers); whoever replaces a layer's
+        # tensor resets it (a replaced list is recognised by identity)
+        self.native = None
 
     @property
     def nbytes(self) -> int:
@@ -215,6 +218,7 @@ class KVPool:
         if old_k is not None:
             self.used_bytes -= (old_k.numel() + old_v.numel()) * old_k.element_size()
         kv.k[layer], kv.v[layer], kv.base[layer] = k, v, keep_from
+        kv.native = None
 
     def set_length(self, slot: int, length: int) -> None:
         """Positions 0..length-1 of `slot` are computed (after a step wrote them)."""

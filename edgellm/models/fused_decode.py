@@ -9,8 +9,9 @@ optional post norms (Gemma 2), sequential or parallel residuals (GPT-NeoX), gate
 (gelu) MLPs, per-head q/k norms (Qwen3), partial rotary, biases, sliding windows, attention soft-capping,
 and float32, float16 or int8 KV caches, with linears that are repacked quantized layers or float32
 nn.Linear. `build` returns None for anything else, and the runner then steps the model's modules.
-The embedding (with any scaling) stays the model's own module; the final norm and the output matrix run
-in the native step too when they are of its kinds (else, and with logit soft-capping or a
+The embedding runs in the native step when it is a plain lookup of a repacked (or float32) table, else
+(Gemma's scaling, a LoRA'd embedding) the model's own module computes it; the final norm and the output
+matrix run in the native step too when they are of its kinds (else, and with logit soft-capping or a
 tensor-parallel head, the model's own modules compute them from the step's hidden states).
 """
 
@@ -25,6 +26,7 @@ from torch import nn
 
 from edgellm.models.base import ACTIVATIONS, RMSNorm
 
+PTR = ctypes.sizeof(ctypes.c_void_p)
 KV_KINDS = {torch.float32: 0, torch.float16: 1, torch.int8: 2}  # cache element types of the native step
 # MLP activations of the native step (ELayer.act): 0 silu, 1 gelu (tanh approximation), 2 gelu (erf)
 ACT_CODES = {"silu": 0, "swish": 0, "gelu_new": 1, "gelu_pytorch_tanh": 1, "gelu_fast": 1, "gelu": 2}
@@ -62,13 +64,14 @@ def _act_code(fn) -> int | None:
 class FusedDecoder:
     """The decode step of a model whose layers are `LayerSpec`s, as one native call (csrc/fused_decode.cpp)."""
 
-    def __init__(self, model: nn.Module, pool, lib, layers, keep, windows, eps: float, tail=None):
+    def __init__(self, model: nn.Module, pool, lib, layers, keep, windows, eps: float, tail=None, embed=None):
         from edgellm.quantization import kernels as K
 
         self.model, self.pool, self.lib, self.K = model, pool, lib, K
         cfg = model.cfg
         self.L = cfg.num_layers
         self.windows = windows
+        self.windowed = any(w is not None for w in windows)
         self._keep = keep  # tensors and descriptors the native side points at
         self._layers = layers
         m = K.EModel()
@@ -89,6 +92,9 @@ class FusedDecoder:
             (m.fn_kind, m.fn_w, m.fn_b), self.head = tail
             if self.head is not None:
                 m.head = ctypes.pointer(self.head.desc)
+        self.embed = embed  # the embedding table's PackedWeight when the native step looks tokens up
+        if embed is not None:
+            m.embed = ctypes.pointer(embed.desc)
         self.desc = m
         self.ref = ctypes.byref(m)
         self._scratch = torch.empty(0, dtype=torch.uint8)
@@ -159,7 +165,7 @@ class FusedDecoder:
             windows.append(sp.window)
         if len(set(eps)) != 1:  # one epsilon for every norm of the native step
             return None
-        return cls(model, pool, lib, layers, keep, windows, eps[0], _tail(model, norm, linear, eps))
+        return cls(model, pool, lib, layers, keep, windows, eps[0], _tail(model, norm, linear, eps), _embed(model))
 
     def _scratch_for(self, b: int, maxkeys: int, nt: int) -> torch.Tensor:
         key = (b, maxkeys, nt)
@@ -178,27 +184,41 @@ class FusedDecoder:
         starts = [c.start for c in chunks]
         if max(starts) >= self.desc.maxpos:
             raise ValueError(f"position {max(starts)} is beyond the model's {self.desc.maxpos} positions")
-        ids = torch.tensor([_token_at(c.seq, c.start) for c in chunks], dtype=torch.long)
+        tokens = [_token_at(c.seq, c.start) for c in chunks]
+        ids = torch.tensor(tokens, dtype=torch.long)
         pos = torch.tensor(starts, dtype=torch.int64)
-        h = model.embed(ids).float().contiguous()
+        if self.embed is not None:
+            if min(tokens) < 0 or max(tokens) >= self.embed.n:
+                raise IndexError(f"token id out of range for an embedding of {self.embed.n} rows")
+            h = torch.empty(b, self.desc.H)
+        else:
+            h = model.embed(ids).float().contiguous()
         n = L * b
-        kp, vp = (ctypes.c_void_p * n)(), (ctypes.c_void_p * n)()
-        cap, widx, kfrom = (ctypes.c_int32 * n)(), (ctypes.c_int32 * n)(), (ctypes.c_int32 * n)()
+        kp, vp, cap = (ctypes.c_void_p * n)(), (ctypes.c_void_p * n)(), (ctypes.c_int32 * n)()
+        widx, kfrom = (ctypes.c_int32 * n)(), (ctypes.c_int32 * n)()
         windows = self.windows
-        for j, c in enumerate(chunks):  # sequence j's entries sit at j, j + b, ... (layer-major)
+        for j, c in enumerate(chunks):  # sequence j's entries sit at j * L .. j * L + L - 1
             kv = pool.seqs[c.seq.slot]
             start = c.start
-            kp[j::b] = [t.data_ptr() for t in kv.k]
-            vp[j::b] = [t.data_ptr() for t in kv.v]
-            cap[j::b] = [t.shape[1] for t in kv.k]
-            widx[j::b] = [start - base for base in kv.base]
-            kfrom[j::b] = [0 if w is None else max(base, start - w + 1) - base for base, w in zip(kv.base, windows)]
+            own = kv.native
+            if own is None or own[0] is not kv.k or own[1] is not kv.v:
+                own = kv.native = (kv.k, kv.v, (ctypes.c_void_p * L)(*[t.data_ptr() for t in kv.k]),
+                                   (ctypes.c_void_p * L)(*[t.data_ptr() for t in kv.v]),
+                                   (ctypes.c_int32 * L)(*[t.shape[1] for t in kv.k]))
+            ctypes.memmove(ctypes.addressof(kp) + j * L * PTR, own[2], L * PTR)
+            ctypes.memmove(ctypes.addressof(vp) + j * L * PTR, own[3], L * PTR)
+            ctypes.memmove(ctypes.addressof(cap) + j * L * 4, own[4], L * 4)
+            widx[j * L:(j + 1) * L] = [start - base for base in kv.base]
+            if self.windowed:
+                kfrom[j * L:(j + 1) * L] = [0 if w is None else max(base, start - w + 1) - base
+                                            for base, w in zip(kv.base, windows)]
         nt = self.K.threads()
         scratch = self._scratch_for(b, max(starts) + 1, nt)
         logits = None if self.head is None else torch.empty(b, self.head.n)
         self.lib.el_decode(self.ref, b, pos.data_ptr(), h.data_ptr(), kp, vp, cap, widx, kfrom, scratch.data_ptr(),
                            self._scratch_key[1], nt, KV_KINDS[pool.dtype],
-                           None if logits is None else logits.data_ptr())
+                           None if logits is None else logits.data_ptr(),
+                           ids.data_ptr() if self.embed is not None else None)
         if logits is not None:
             return logits
         return model.logits(h if self.desc.fn_kind >= 0 else model.final_norm(h)).float()
@@ -220,6 +240,18 @@ def _tail(model: nn.Module, norm, linear, eps: list[float]):
         elif isinstance(model.embedding, QuantEmbedding) and model.embedding.packed is not None:
             head = model.embedding.packed if model.embedding.packed.fmt in (4, 8) else None
     return fn, head
+
+
+def _embed(model: nn.Module):
+    """The PackedWeight of the model's embedding table when its `embed` is a plain lookup of one (the
+    native step then writes the hidden states itself), else None."""
+    from edgellm.models.base import CausalLM
+    from edgellm.quantization.layers import QuantEmbedding
+
+    emb = model.embedding
+    if type(model).embed is not CausalLM.embed or not isinstance(emb, QuantEmbedding) or emb.packed is None:
+        return None
+    return emb.packed if type(emb).forward is QuantEmbedding.forward else None
 
 
 def _token_at(seq, i: int) -> int:

@@ -52,7 +52,7 @@ log = logging.getLogger("edgellm.kernels")
 
 CSRC = Path(__file__).with_name("csrc")
 # The C ABI this module speaks (EL_ABI_VERSION in csrc/common.h); a library that answers otherwise is refused.
-ABI_VERSION = 8
+ABI_VERSION = 9
 # activation precision of quantized products (MNN-LLM's option name): activation bits
 PRECISIONS = {"high": 16, "normal": 8, "low": 8}  # MNN's "low": the fewest bits we offer
 # EDGELLM_KERNEL_MARCH picks another target (e.g. x86-64-v3 to exercise the portable path).
@@ -82,7 +82,7 @@ class EModel(ctypes.Structure):
         ("eps", ctypes.c_float), ("scale", ctypes.c_float), ("softcap", ctypes.c_float),
         ("cos", ctypes.c_void_p), ("sin", ctypes.c_void_p),
         ("layers", ctypes.POINTER(ELayer)), ("fn_kind", ctypes.c_int32), ("fn_w", ctypes.c_void_p),
-        ("fn_b", ctypes.c_void_p), ("head", ctypes.POINTER(ELinear))]
+        ("fn_b", ctypes.c_void_p), ("head", ctypes.POINTER(ELinear)), ("embed", ctypes.POINTER(ELinear))]
 
 
 def _cpu_flags() -> str:
@@ -197,7 +197,7 @@ def _build() -> ctypes.CDLL:
     lib.el_decode_scratch_bytes.restype = ctypes.c_size_t
     lib.el_read.argtypes = [vp, ctypes.c_size_t, i32, i32]
     lib.el_read.restype = ctypes.c_double
-    lib.el_decode.argtypes = [ctypes.POINTER(EModel), i32, vp, vp, vp, vp, vp, vp, vp, vp, i32, i32, i32, vp]
+    lib.el_decode.argtypes = [ctypes.POINTER(EModel), i32, vp, vp, vp, vp, vp, vp, vp, vp, i32, i32, i32, vp, vp]
     return lib
 
 

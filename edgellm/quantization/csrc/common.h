@@ -80,7 +80,7 @@
 
 // The C ABI: kernels.py mirrors these structs (ctypes) and refuses a library whose el_abi_version()
 // or el_sizeof() differ from its own. Bump EL_ABI_VERSION on any change of a struct or a signature.
-#define EL_ABI_VERSION 8
+#define EL_ABI_VERSION 9
 
 struct ELinear {
     const uint8_t* w;     // fmt 4 / 8 codes (layout above)
@@ -127,7 +127,11 @@ struct EModel {
     const float* fn_w;
     const float* fn_b;
     const ELinear* head;   // the output matrix: el_decode writes logits [B][head->N] when given one
+    const ELinear* embed;  // the token embedding (rows dequantized into h when el_decode is given ids) or null
 };
+
+// row n of a quantized (or float) matrix as float32 [K] (repack.cpp)
+void dequant_row(const ELinear& L, int n, float* o);
 
 static const int ACT_MAX = 127 * 256 + 127;  // the largest value two signed bytes hold
 

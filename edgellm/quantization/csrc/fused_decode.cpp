@@ -132,11 +132,11 @@ struct AttnTask {
 };
 
 template <typename T>
-static inline bool attn_task(int t, int l, int B, int nkv, int P, int D, const int32_t* cap, const int32_t* widx,
+static inline bool attn_task(int t, int l, int L, int nkv, int P, int D, const int32_t* cap, const int32_t* widx,
                              const int32_t* kfrom, AttnTask* a) {
     a->b = t / (nkv * P);
     a->kh = (t / P) % nkv;
-    a->i = l * B + a->b;
+    a->i = a->b * L + l;
     const int pi = t % P, n = widx[a->i] - kfrom[a->i] + 1, np = attn_parts(n);
     if (pi >= np) return false;
     a->k0 = (int)((int64_t)n * pi / np);
@@ -162,7 +162,7 @@ static inline void prefetch_task(const AttnTask& a, int D, T* const* kc, T* cons
 template <typename T>
 static void decode_impl(const EModel* Mp, int B, const int64_t* pos, float* h, T* const* kc, T* const* vc,
                         const int32_t* cap, const int32_t* widx, const int32_t* kfrom, void* scratch, int maxkeys,
-                        int nthreads, float* logits) {
+                        int nthreads, float* logits, const int64_t* ids) {
     const EModel& Mo = *Mp;
     const int H = Mo.H, D = Mo.D, nh = Mo.nh, nkv = Mo.nkv, I = Mo.I, rot = Mo.rot;
     const int QKV = (nh + 2 * nkv) * D, rep = nh / nkv;
@@ -205,6 +205,10 @@ static void decode_impl(const EModel* Mp, int B, const int64_t* pos, float* h, T
 #pragma omp parallel num_threads(nthreads)
     {
         const int tid = omp_get_thread_num();
+        if (ids) {  // the new tokens' embeddings (no torch call, no team wake-up of its own before the step)
+#pragma omp for schedule(static)
+            for (int b = 0; b < B; ++b) dequant_row(*Mo.embed, (int)ids[b], h + (size_t)b * H);
+        }
         for (int l = 0; l < Mo.L; ++l) {
             const ELayer& Ly = Mo.layers[l];
             EAct Aq = A;
@@ -231,19 +235,19 @@ static void decode_impl(const EModel* Mp, int B, const int64_t* pos, float* h, T
                 rope_head(x, Mo.cos + p * rot, Mo.sin + p * rot, rot);
                 if (hd >= nh) {
                     const int kh = hd - nh;
-                    const size_t off = ((size_t)kh * cap[l * B + b] + widx[l * B + b]) * kv_row<T>(D);
-                    kv_put(kc[l * B + b] + off, x, D);
-                    kv_put(vc[l * B + b] + off, x + (size_t)nkv * D, D);
+                    const size_t off = ((size_t)kh * cap[b * Mo.L + l] + widx[b * Mo.L + l]) * kv_row<T>(D);
+                    kv_put(kc[b * Mo.L + l] + off, x, D);
+                    kv_put(vc[b * Mo.L + l] + off, x + (size_t)nkv * D, D);
                 }
             }
             bar.wait();
 #pragma omp for schedule(static) nowait
             for (int t = 0; t < B * nkv * P; ++t) {
                 AttnTask a;
-                if (!attn_task<T>(t, l, B, nkv, P, D, cap, widx, kfrom, &a)) continue;
+                if (!attn_task<T>(t, l, Mo.L, nkv, P, D, cap, widx, kfrom, &a)) continue;
 #if EL_PF
                 AttnTask next;
-                if (t + 1 < B * nkv * P && attn_task<T>(t + 1, l, B, nkv, P, D, cap, widx, kfrom, &next))
+                if (t + 1 < B * nkv * P && attn_task<T>(t + 1, l, Mo.L, nkv, P, D, cap, widx, kfrom, &next))
                     prefetch_task(next, D, kc, vc);
 #endif
                 float* pr = part + (size_t)t * rep * (D + 2);
@@ -258,7 +262,7 @@ static void decode_impl(const EModel* Mp, int B, const int64_t* pos, float* h, T
             // merge the key-range parts of every (sequence, query head)
 #pragma omp for schedule(static) nowait
             for (int b = 0; b < B; ++b) {
-                    const int np = attn_parts(widx[l * B + b] - kfrom[l * B + b] + 1);
+                    const int np = attn_parts(widx[b * Mo.L + l] - kfrom[b * Mo.L + l] + 1);
                     for (int hq = 0; hq < nh; ++hq) {
                         const int kh = hq / rep, r = hq % rep;
                         float M = -INFINITY;
@@ -352,22 +356,22 @@ static void decode_impl(const EModel* Mp, int B, const int64_t* pos, float* h, T
     }
 }
 
-// h [B][H]: hidden states of the B new tokens (in: embeddings, out: after the final norm when the model
-// has one of fn_kind's kinds, else before it). logits [B][head->N] (or null): the head's products.
-// For layer l and sequence b (index l*B+b): kc/vc point at [nkv][cap][row] caches (kv_kind 0:
+// h [B][H]: hidden states of the B new tokens (in: embeddings, or written from ids [B] (token ids < embed->N)
+// when given; out: after the final norm when the model has one of fn_kind's kinds, else before it). logits [B][head->N] (or null): the head's products.
+// For layer l and sequence b (index b*L+l): kc/vc point at [nkv][cap][row] caches (kv_kind 0:
 // float32, 1: float16, 2: int8 rows of D codes + a float32 scale), the new key goes to index
 // widx, attention reads indices kfrom..widx.
 EL_API void el_decode(const EModel* Mp, int B, const int64_t* pos, float* h, void* const* kc, void* const* vc,
                       const int32_t* cap, const int32_t* widx, const int32_t* kfrom, void* scratch, int maxkeys,
-                      int nthreads, int kv_kind, float* logits) {
+                      int nthreads, int kv_kind, float* logits, const int64_t* ids) {
     if (kv_kind == 2)
         decode_impl<int8_t>(Mp, B, pos, h, (int8_t* const*)kc, (int8_t* const*)vc, cap, widx, kfrom, scratch,
-                            maxkeys, nthreads, logits);
+                            maxkeys, nthreads, logits, ids);
     else if (kv_kind == 1)
         decode_impl<uint16_t>(Mp, B, pos, h, (uint16_t* const*)kc, (uint16_t* const*)vc, cap, widx, kfrom, scratch,
-                              maxkeys, nthreads, logits);
+                              maxkeys, nthreads, logits, ids);
     else
         decode_impl<float>(Mp, B, pos, h, (float* const*)kc, (float* const*)vc, cap, widx, kfrom, scratch, maxkeys,
-                           nthreads, logits);
+                           nthreads, logits, ids);
 }
 

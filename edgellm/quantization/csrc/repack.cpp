@@ -48,7 +48,7 @@ EL_API void el_repack_q8(const int8_t* q, int N, int Kp, uint8_t* out, int nthre
 // ------------------------------------------------------------------------------------------
 // dequantization: rows n0..n1-1 of the layer as float32 [n1-n0][K] (row stride ldo)
 
-static void dequant_row(const ELinear& L, int n, float* o) {
+void dequant_row(const ELinear& L, int n, float* o) {
     const int rb = n >> 4, r = n & 15, K = L.K, gs = L.gs;
     if (L.fmt == 32) {
         memcpy(o, L.wf + (size_t)n * K, sizeof(float) * K);
