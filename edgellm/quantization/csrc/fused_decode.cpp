@@ -206,8 +206,9 @@ static void decode_impl(const EModel* Mp, int B, const int64_t* pos, float* h, T
     {
         const int tid = omp_get_thread_num();
         if (ids) {  // the new tokens' embeddings (no torch call, no team wake-up of its own before the step)
-#pragma omp for schedule(static)
+#pragma omp for schedule(static) nowait
             for (int b = 0; b < B; ++b) dequant_row(*Mo.embed, (int)ids[b], h + (size_t)b * H);
+            bar.wait();
         }
         for (int l = 0; l < Mo.L; ++l) {
             const ELayer& Ly = Mo.layers[l];
