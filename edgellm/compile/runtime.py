@@ -70,10 +70,19 @@ def inspect_library(path: str | Path) -> tuple[dict, Path, str]:
 
 
 class _State:
-    __slots__ = ("slot", "tokens", "handle")
+    __slots__ = ("slot", "tokens", "handle", "owner")
 
     def __init__(self, slot: int, handle):
         self.slot, self.tokens, self.handle = slot, [], handle
+        self.owner = None  # the sequence whose tokens these are (the last to run in this state)
+
+
+def _ids(seq, i: int, j: int) -> list[int]:
+    """seq.all_ids[i:j] without joining the whole prompt and output (a decode step wants one token)."""
+    n = len(seq.prompt_ids)
+    if i >= n:
+        return seq.output_ids[i - n:j - n]
+    return seq.prompt_ids[i:j] + (seq.output_ids[:j - n] if j > n else [])
 
 
 def _common(a: list[int], b: list[int]) -> int:
@@ -134,6 +143,17 @@ class StaticRunner:
         return _State(slot, victim.handle)
 
     def _state_for(self, seq, start: int, keep: set[int]) -> _State:
+        st = self.states.get(seq.slot)
+        if st is not None and st.owner is seq and len(st.tokens) == start:
+            # the same sequence's next token (a decode step): its tokens so far are the state's, as
+            # they were computed (a sequence's tokens below what it computed never change)
+            self.states.move_to_end(seq.slot)
+            return st
+        st = self._prefix_state(seq, start, keep)
+        st.owner = seq
+        return st
+
+    def _prefix_state(self, seq, start: int, keep: set[int]) -> _State:
         ids = seq.all_ids
         st = self.states.get(seq.slot)
         if st is not None and len(st.tokens) >= start and st.tokens[:start] == ids[:start]:
@@ -173,12 +193,12 @@ class StaticRunner:
         keep = {c.seq.slot for c in chunks}
         for c in chunks:
             st = self._state_for(c.seq, c.start, keep)
-            logits = self._run(st, c.seq.all_ids[c.start:c.start + c.length], c.start)
+            logits = self._run(st, _ids(c.seq, c.start, c.start + c.length), c.start)
             if c.completes:
                 rows.append(logits.reshape(1, -1).float().cpu())
         if not rows:
             return torch.empty(0, self.vocab)
-        return torch.cat(rows)
+        return rows[0] if len(rows) == 1 else torch.cat(rows)
 
 
 class AOTIRunner(StaticRunner):
