@@ -9,10 +9,11 @@ optional post norms (Gemma 2), sequential or parallel residuals (GPT-NeoX), gate
 (gelu) MLPs, per-head q/k norms (Qwen3), partial rotary, biases, sliding windows, attention soft-capping,
 and float32, float16 or int8 KV caches, with linears that are repacked quantized layers or float32
 nn.Linear. `build` returns None for anything else, and the runner then steps the model's modules.
-The embedding runs in the native step when it is a plain lookup of a repacked (or float32) table, else
-(Gemma's scaling, a LoRA'd embedding) the model's own module computes it; the final norm and the output
-matrix run in the native step too when they are of its kinds (else, and with logit soft-capping or a
-tensor-parallel head, the model's own modules compute them from the step's hidden states).
+The embedding runs in the native step when it is a plain lookup of a repacked quantized table, else (a
+float table, Gemma's scaling, a tensor-parallel shard) the model's own module computes it; the final norm
+and the output matrix run in the native step too when they are of its kinds (else, and with logit
+soft-capping or a tensor-parallel head, the model's own modules compute them from the step's hidden
+states).
 """
 
 from __future__ import annotations
