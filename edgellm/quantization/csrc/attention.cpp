@@ -19,44 +19,42 @@ static inline __m512 reduce16(const __m512* a) {
 #endif
 
 #if EL_VNNI
+// out[h][0 .. 16 NV) = sum_j s[h][j] V[j][...] for HN heads over one chunk of at most 64 dimensions (the
+// last vector masked by `last`). Every index into acc is a compile-time constant: with a run-time one GCC
+// kept the array in memory and stored all of it after every key (the PV loop ran at a third of its speed).
+template <typename T, int HN, int NV>
+static inline void pv_chunk(const float* s, int n, int sn, const T* vr, int R, __mmask16 last, float* out, int D) {
+    __m512 acc[HN][NV];
+    for (int h = 0; h < HN; ++h)
+        for (int c = 0; c < NV; ++c) acc[h][c] = _mm512_setzero_ps();
+    for (int j = 0; j < n; ++j, vr += R) {
+#if EL_PF
+        for (size_t b = 0; b < 16 * NV * sizeof(T); b += 64) _mm_prefetch((const char*)vr + EL_PF + b, _MM_HINT_T0);
+#endif
+        __m512 v[NV];
+        for (int c = 0; c < NV; ++c) v[c] = kv_load(vr + 16 * c, c == NV - 1 ? last : (__mmask16)0xffff);
+        for (int h = 0; h < HN; ++h) {
+            const __m512 p = _mm512_set1_ps(s[(size_t)h * sn + j]);
+            for (int c = 0; c < NV; ++c) acc[h][c] = _mm512_fmadd_ps(p, v[c], acc[h][c]);
+        }
+    }
+    for (int h = 0; h < HN; ++h)
+        for (int c = 0; c < NV; ++c)
+            _mm512_mask_storeu_ps(out + (size_t)h * D + 16 * c, c == NV - 1 ? last : (__mmask16)0xffff, acc[h][c]);
+}
+
 template <typename T, int HN>
 static void pv_heads(const float* s, int n, int sn, const T* V, int D, float* acc_out) {
     const int R = kv_row<T>(D);
     for (int d0 = 0; d0 < D; d0 += 64) {
-        const int w = D - d0 < 64 ? D - d0 : 64, nv = (w + 15) / 16;
+        const int w = D - d0 < 64 ? D - d0 : 64;
         const __mmask16 last = (__mmask16)((w & 15) ? ((1u << (w & 15)) - 1) : 0xffff);
-        __m512 acc[HN][4];
-        for (int h = 0; h < HN; ++h)
-            for (int c = 0; c < 4; ++c) acc[h][c] = _mm512_setzero_ps();
-        const T* vr = V + d0;
-        if (nv == 4 && last == 0xffff) {
-            for (int j = 0; j < n; ++j, vr += R) {
-#if EL_PF
-                for (size_t b = 0; b < 64 * sizeof(T); b += 64) _mm_prefetch((const char*)vr + EL_PF + b, _MM_HINT_T0);
-#endif
-                const __m512 v0 = kv_load(vr, 0xffff), v1 = kv_load(vr + 16, 0xffff), v2 = kv_load(vr + 32, 0xffff),
-                             v3 = kv_load(vr + 48, 0xffff);
-                for (int h = 0; h < HN; ++h) {
-                    const __m512 p = _mm512_set1_ps(s[(size_t)h * sn + j]);
-                    acc[h][0] = _mm512_fmadd_ps(p, v0, acc[h][0]);
-                    acc[h][1] = _mm512_fmadd_ps(p, v1, acc[h][1]);
-                    acc[h][2] = _mm512_fmadd_ps(p, v2, acc[h][2]);
-                    acc[h][3] = _mm512_fmadd_ps(p, v3, acc[h][3]);
-                }
-            }
-        } else {
-            for (int j = 0; j < n; ++j, vr += R) {
-                __m512 v[4];
-                for (int c = 0; c < nv; ++c) v[c] = kv_load(vr + 16 * c, c == nv - 1 ? last : 0xffff);
-                for (int h = 0; h < HN; ++h) {
-                    const __m512 p = _mm512_set1_ps(s[(size_t)h * sn + j]);
-                    for (int c = 0; c < nv; ++c) acc[h][c] = _mm512_fmadd_ps(p, v[c], acc[h][c]);
-                }
-            }
+        switch ((w + 15) / 16) {
+            case 4: pv_chunk<T, HN, 4>(s, n, sn, V + d0, R, last, acc_out + d0, D); break;
+            case 3: pv_chunk<T, HN, 3>(s, n, sn, V + d0, R, last, acc_out + d0, D); break;
+            case 2: pv_chunk<T, HN, 2>(s, n, sn, V + d0, R, last, acc_out + d0, D); break;
+            default: pv_chunk<T, HN, 1>(s, n, sn, V + d0, R, last, acc_out + d0, D); break;
         }
-        for (int h = 0; h < HN; ++h)
-            for (int c = 0; c < nv; ++c)
-                _mm512_mask_storeu_ps(acc_out + (size_t)h * D + d0 + 16 * c, c == nv - 1 ? last : 0xffff, acc[h][c]);
     }
 }
 #endif
