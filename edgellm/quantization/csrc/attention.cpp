@@ -20,25 +20,33 @@ static inline __m512 reduce16(const __m512* a) {
 
 #if EL_VNNI
 // out[h][0 .. 16 NV) = sum_j s[h][j] V[j][...] for HN heads over one chunk of at most 64 dimensions (the
-// last vector masked by `last`). Every index into acc is a compile-time constant: with a run-time one GCC
-// kept the array in memory and stored all of it after every key (the PV loop ran at a third of its speed).
+// last vector masked by `last`). Every index into acc is a compile-time constant and every loop over it is
+// unrolled (the pragmas: GCC left some instances rolled): otherwise GCC keeps the array in memory and
+// stores all of it after every key (the PV loop ran at a third of its speed).
 template <typename T, int HN, int NV>
 static inline void pv_chunk(const float* s, int n, int sn, const T* vr, int R, __mmask16 last, float* out, int D) {
     __m512 acc[HN][NV];
+#pragma GCC unroll 8
     for (int h = 0; h < HN; ++h)
+#pragma GCC unroll 4
         for (int c = 0; c < NV; ++c) acc[h][c] = _mm512_setzero_ps();
     for (int j = 0; j < n; ++j, vr += R) {
 #if EL_PF
         for (size_t b = 0; b < 16 * NV * sizeof(T); b += 64) _mm_prefetch((const char*)vr + EL_PF + b, _MM_HINT_T0);
 #endif
         __m512 v[NV];
+#pragma GCC unroll 4
         for (int c = 0; c < NV; ++c) v[c] = kv_load(vr + 16 * c, c == NV - 1 ? last : (__mmask16)0xffff);
-        for (int h = 0; h < HN; ++h) {
+    #pragma GCC unroll 8
+    for (int h = 0; h < HN; ++h) {
             const __m512 p = _mm512_set1_ps(s[(size_t)h * sn + j]);
-            for (int c = 0; c < NV; ++c) acc[h][c] = _mm512_fmadd_ps(p, v[c], acc[h][c]);
+    #pragma GCC unroll 4
+        for (int c = 0; c < NV; ++c) acc[h][c] = _mm512_fmadd_ps(p, v[c], acc[h][c]);
         }
     }
+#pragma GCC unroll 8
     for (int h = 0; h < HN; ++h)
+#pragma GCC unroll 4
         for (int c = 0; c < NV; ++c)
             _mm512_mask_storeu_ps(out + (size_t)h * D + 16 * c, c == NV - 1 ? last : (__mmask16)0xffff, acc[h][c]);
 }
