@@ -149,13 +149,13 @@ class StaticRunner:
             # they were computed (a sequence's tokens below what it computed never change)
             self.states.move_to_end(seq.slot)
             return st
-        st = self._prefix_state(seq, start, keep)
+        st = self._prefix_state(seq, st, start, keep)
         st.owner = seq
         return st
 
-    def _prefix_state(self, seq, start: int, keep: set[int]) -> _State:
+    def _prefix_state(self, seq, st: _State | None, start: int, keep: set[int]) -> _State:
+        """The state of `seq` (st: its slot's current one, if any) holding its first `start` tokens."""
         ids = seq.all_ids
-        st = self.states.get(seq.slot)
         if st is not None and len(st.tokens) >= start and st.tokens[:start] == ids[:start]:
             del st.tokens[start:]
             self.states.move_to_end(seq.slot)

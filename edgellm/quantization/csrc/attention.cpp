@@ -37,11 +37,11 @@ static inline void pv_chunk(const float* s, int n, int sn, const T* vr, int R, _
         __m512 v[NV];
 #pragma GCC unroll 4
         for (int c = 0; c < NV; ++c) v[c] = kv_load(vr + 16 * c, c == NV - 1 ? last : (__mmask16)0xffff);
-    #pragma GCC unroll 8
-    for (int h = 0; h < HN; ++h) {
+#pragma GCC unroll 8
+        for (int h = 0; h < HN; ++h) {
             const __m512 p = _mm512_set1_ps(s[(size_t)h * sn + j]);
-    #pragma GCC unroll 4
-        for (int c = 0; c < NV; ++c) acc[h][c] = _mm512_fmadd_ps(p, v[c], acc[h][c]);
+#pragma GCC unroll 4
+            for (int c = 0; c < NV; ++c) acc[h][c] = _mm512_fmadd_ps(p, v[c], acc[h][c]);
         }
     }
 #pragma GCC unroll 8
