@@ -140,6 +140,13 @@ struct EAct {
     float* gsc;
     int32_t* corr;
     int Kp, G;
+    // 8-bit activations of rows 0..M8-1 also in tiles of 8 rows, group-interleaved (null: none): planes8
+    // [M8 / 8][G][8][gs], corr8 / gsc8 [M8 / 8][G][8]. The 8-row product (linear_avx512.cpp) reads a
+    // group of all 8 rows from one base pointer.
+    int8_t* planes8 = nullptr;
+    int32_t* corr8 = nullptr;
+    float* gsc8 = nullptr;
+    int M8 = 0;
 };
 
 // ------------------------------------------------------------------------------------------

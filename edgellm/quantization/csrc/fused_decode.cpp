@@ -119,7 +119,7 @@ EL_API size_t el_decode_scratch_bytes(const EModel* Mp, int B, int maxkeys, int 
     const int QKV = (Mo.nh + 2 * Mo.nkv) * Mo.D;
     size_t f = round64((size_t)B * Mo.H) * 2 + round64((size_t)B * QKV) + round64((size_t)B * Mo.nh * Mo.D) +
                round64((size_t)B * 2 * Mo.I) + round64((size_t)B * Mo.I) +
-               round64((size_t)nthreads * maxkeys * (Mo.nh / Mo.nkv)) + round64((size_t)B * G) + round64((size_t)B * Mo.H) +
+               round64((size_t)nthreads * maxkeys * (Mo.nh / Mo.nkv)) + 2 * round64((size_t)B * G) + round64((size_t)B * Mo.H) +
                round64((size_t)B * Mo.nh * ATTN_MAX_PARTS * (Mo.D + 2));
     return f * 4 + round64((size_t)B * G * 2) * 4 + round64((size_t)B * 2 * Kp) + 256;
 }
@@ -196,8 +196,18 @@ static void decode_impl(const EModel* Mp, int B, const int64_t* pos, float* h, T
     f += round64((size_t)B * G);
     float* mo = f;  // [B][H] the MLP's output
     f += round64((size_t)B * H);
+    float* gsc8 = f;
+    f += round64((size_t)B * G);
     A.corr = (int32_t*)f;
     A.planes = (int8_t*)(A.corr + round64((size_t)B * G * 2));
+#if EL_VNNI
+    if (B >= 8) {  // 8-bit rows in tiles of 8 too (EAct): the planes' and corrections' second halves
+        A.planes8 = A.planes + (size_t)B * Kp;
+        A.corr8 = A.corr + (size_t)B * G;
+        A.gsc8 = gsc8;
+        A.M8 = B / 8 * 8;
+    }
+#endif
     A.Kp = Kp;
     A.G = G;
     EBarrier bar;

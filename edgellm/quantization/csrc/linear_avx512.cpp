@@ -248,6 +248,71 @@ static void block_mb2_i8(const ELinear& L, const EAct& A, int m0, int rb, float*
     }
 }
 
+
+// 8-bit activations, 4-bit weights: 8 rows against two row blocks in one pass over the weights, the
+// rows' activations read from their 8-row tile (EAct.planes8: one base pointer for all rows; with
+// eight row pointers the compiler ran out of general registers). Each (row, block) sums its low- and
+// high-nibble products in one accumulator (16 independent chains hide vpdpbusd's latency) and the
+// float sums stay in memory (the 16 integer sums and the unpacked weights fill the registers).
+// Against two passes of block_mb2_i8<4> (one core, same results): equal on L1-resident weights, +7%
+// from L3, +22% from DRAM, where an 8-stream decode step reads its weights.
+template <int GS>
+static void block_mb2_i8_8(const ELinear& L, const EAct& A, int m0, int rb, float* y, int ldy, bool pf_next) {
+    constexpr int MB = 8;
+    const int G = L.G, Kp = L.Kp, gs = GS ? GS : L.gs;
+    alignas(64) float acc[MB][2][16];
+    memset(acc, 0, sizeof(acc));
+    const __m512i mask = _mm512_set1_epi8(0x0F);
+    const uint8_t* w0 = L.w + (size_t)rb * Kp * 8;
+    const uint8_t* w1 = w0 + (size_t)Kp * 8;
+    const size_t t = (size_t)(m0 / 8) * G * 8;
+    const int8_t* pg = A.planes8 + t * gs;
+    const int32_t* cg = A.corr8 + t;
+    const float* sg = A.gsc8 + t;
+    for (int g = 0; g < G; ++g, pg += 8 * gs, cg += 8, sg += 8) {
+        __m512i a[MB][2];
+#pragma GCC unroll 8
+        for (int m = 0; m < MB; ++m) {
+            a[m][0] = _mm512_set1_epi32(cg[m]);
+            a[m][1] = _mm512_set1_epi32(cg[m]);
+        }
+#pragma GCC unroll 4
+        for (int p = 0; p < gs / 8; ++p, w0 += 64, w1 += 64) {
+#if EL_PF
+            if (pf_next) {
+                _mm_prefetch((const char*)w0 + 2 * (size_t)Kp * 8, EL_PF_HINT);
+                _mm_prefetch((const char*)w1 + 2 * (size_t)Kp * 8, EL_PF_HINT);
+            }
+#endif
+            const __m512i v0 = _mm512_loadu_si512(w0), v1 = _mm512_loadu_si512(w1);
+            const __m512i lo0 = _mm512_and_si512(v0, mask), hi0 = _mm512_and_si512(_mm512_srli_epi16(v0, 4), mask);
+            const __m512i lo1 = _mm512_and_si512(v1, mask), hi1 = _mm512_and_si512(_mm512_srli_epi16(v1, 4), mask);
+#pragma GCC unroll 8
+            for (int m = 0; m < MB; ++m) {
+                const __m512i x = bcast(pg + m * gs + 8 * p), z = bcast(pg + m * gs + 8 * p + 4);
+                a[m][0] = _mm512_dpbusd_epi32(a[m][0], lo0, x);
+                a[m][1] = _mm512_dpbusd_epi32(a[m][1], lo1, x);
+                a[m][0] = _mm512_dpbusd_epi32(a[m][0], hi0, z);
+                a[m][1] = _mm512_dpbusd_epi32(a[m][1], hi1, z);
+            }
+        }
+        const __m512 s0 = load_scales(L, rb, g), s1 = load_scales(L, rb + 1, g);
+#pragma GCC unroll 8
+        for (int m = 0; m < MB; ++m) {
+            const __m512 sa = _mm512_set1_ps(sg[m]);
+            _mm512_store_ps(acc[m][0], _mm512_fmadd_ps(_mm512_cvtepi32_ps(a[m][0]), _mm512_mul_ps(s0, sa),
+                                                       _mm512_load_ps(acc[m][0])));
+            _mm512_store_ps(acc[m][1], _mm512_fmadd_ps(_mm512_cvtepi32_ps(a[m][1]), _mm512_mul_ps(s1, sa),
+                                                       _mm512_load_ps(acc[m][1])));
+        }
+    }
+#pragma GCC unroll 8
+    for (int m = 0; m < MB; ++m) {
+        store_block(L, rb, _mm512_load_ps(acc[m][0]), y + (size_t)(m0 + m) * ldy);
+        store_block(L, rb + 1, _mm512_load_ps(acc[m][1]), y + (size_t)(m0 + m) * ldy);
+    }
+}
+
 // rows m0..m1-1 against row block rb
 template <int P>
 static void rows_mb(const ELinear& L, const EAct& A, int m0, int m1, int rb, float* y, int ldy) {
@@ -266,6 +331,8 @@ static void rows_mb(const ELinear& L, const EAct& A, int m0, int m1, int rb, flo
 template <int GS>
 static void pair_rows(const ELinear& L, const EAct& A, int m0, int m1, int rb, float* y, int ldy) {
     int m = m0;
+    if (A.planes8)  // m0 starts a tile (gemv_planes' row tiles are multiples of 8)
+        for (; m + 8 <= m1 && m + 8 <= A.M8; m += 8) block_mb2_i8_8<GS>(L, A, m, rb, y, ldy, m == m0);
     for (; m + 4 <= m1; m += 4) block_mb2_i8<4, GS>(L, A, m, rb, y, ldy, m == m0);
     switch (m1 - m) {
         case 3: block_mb2_i8<3, GS>(L, A, m, rb, y, ldy, m == m0); break;
@@ -301,7 +368,7 @@ static void gemv_planes(const ELinear& L, const EAct& A, int M, float* y, int ld
 #endif
     if (P == 1 && L.fmt == 4 && M > 1) {
         // row blocks in pairs (block_mb2_i8); rows in tiles whose activations (~256 KB) stay in L2
-        int mt = (256 << 10) / (L.Kp > 0 ? L.Kp : 1) / 4 * 4;
+        int mt = (256 << 10) / (L.Kp > 0 ? L.Kp : 1) / 8 * 8;
         mt = mt < 16 ? 16 : mt;
         const int pairs = (Nb + 1) / 2;
         for (int t0 = 0; t0 < M; t0 += mt) {
