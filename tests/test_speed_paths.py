@@ -371,3 +371,18 @@ def test_every_family_o2_equals_o0(family, quant, tmp_path):
                 hf = hf_model(torch.tensor([prompt + toks[:-1]])).logits[0, len(prompt) - 1:].float()
             assert hf.argmax(-1).tolist() == toks
             _close(ours, hf, tol)
+
+
+def test_native_argmax_is_numpys():
+    """The decode step's own argmax (greedy tokens) picks what numpy's does: the first of equal maxima,
+    the first NaN of a row that has one, index 0 of a row of -inf; any row length."""
+    torch.manual_seed(0)
+    for n in (1, 5, 16, 17, 33, 49152):
+        x = torch.randn(6, n)
+        x[1] = 0.5  # all equal: index 0
+        x[2, n // 3:] = x[2].max() + 1  # ties after the first maximum
+        x[3] = float("-inf")
+        x[4, n // 2] = float("nan")
+        x[4, n - 1] = float("nan")
+        x[5, n - 1] = float("inf")
+        assert kernels.argmax_rows(x) == x.numpy().argmax(axis=-1).tolist(), n

@@ -81,8 +81,12 @@ class EngineCore:
                 seqs = [s for s, _ in plain]
                 rows = [r for _, r in plain]
                 # every row in order (a plain decode step): sample the logits as they are, no gathered copy
-                picked = logits if rows == list(range(logits.shape[0])) else logits[rows]
-                tokens, infos = self.sampler(picked, seqs)
+                whole = rows == list(range(logits.shape[0]))
+                picked = logits if whole else logits[rows]
+                argmax = getattr(self.runner, "argmax", None)  # the native step's own argmax of each row
+                if argmax is not None and not whole:
+                    argmax = [argmax[r] for r in rows]
+                tokens, infos = self.sampler(picked, seqs, argmax=argmax)
                 t = time.perf_counter()
                 for seq, tok, info in zip(seqs, tokens, infos):
                     emit(seq.request, [self._append(seq, [tok], [info], t)])

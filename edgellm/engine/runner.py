@@ -38,6 +38,7 @@ class ModelRunner:
         self.lora = lora  # the model's LoraSet (run-time adapters), or None
         self.fused = None  # the model's native decode step, when it offers one (O2)
         self.prompt_logits: list = []  # the last step's [(chunk, logits [n, vocab])] for prompt_logprobs
+        self.argmax: list[int] | None = None  # the last step's argmax of each returned row, when the step knew it
         # chunks up to this many known tokens also run as native decode rows (a draft model catching up)
         self.fused_catch_up = fused_catch_up
         if opt != "O0" and str(device) == "cpu":
@@ -52,6 +53,7 @@ class ModelRunner:
         """Logits [R, vocab] (float32, on CPU) for the chunks that complete their sequence, in order
         (1 + len(draft) rows for a chunk that verifies drafted tokens)."""
         self.prompt_logits = []
+        self.argmax = None
         adapters = [c.seq.request.lora for c in chunks] if self.lora is not None else []
         with_lora = any(a is not None for a in adapters)
         if self.fused is not None and not with_lora and all(
@@ -111,4 +113,9 @@ class ModelRunner:
             keep.extend(range(len(rows) - c.logit_rows, len(rows)))
         with torch.inference_mode():
             logits = self.fused(rows)
-        return logits if len(keep) == len(rows) else logits[keep]
+        argmax = getattr(self.fused, "last_argmax", None)
+        if len(keep) == len(rows):
+            self.argmax = argmax
+            return logits
+        self.argmax = None if argmax is None else [argmax[i] for i in keep]
+        return logits[keep]

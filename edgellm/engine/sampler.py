@@ -18,11 +18,14 @@ def argmax_rows(logits: torch.Tensor) -> list[int]:
 class Sampler:
     """Samples one token per row; rows of greedy requests take the argmax."""
 
-    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[dict | None]]:
-        """logits [R, V] float32 (one row per sequence) -> (token ids, logprob info per row)."""
+    def __call__(self, logits: torch.Tensor, seqs: list[Sequence],
+                 argmax: list[int] | None = None) -> tuple[list[int], list[dict | None]]:
+        """logits [R, V] float32 (one row per sequence) -> (token ids, logprob info per row). `argmax`: each
+        row's argmax when the step already found it (the native decode step does, numpy's semantics)."""
         if all(s.params.greedy and not (s.params.needs_penalties or s.params.logit_bias or s.params.logprobs
                                          or s.grammar_matcher is not None) for s in seqs):
-            return argmax_rows(logits), [None] * len(seqs)  # plain greedy: one argmax, no copies
+            # plain greedy: one argmax, no copies
+            return (argmax if argmax is not None else argmax_rows(logits)), [None] * len(seqs)
         raw = logits
         vocab = logits.shape[-1]
         if any(s.params.needs_penalties or s.params.logit_bias or s.grammar_matcher is not None for s in seqs):

@@ -100,6 +100,7 @@ class FusedDecoder:
         self.ref = ctypes.byref(m)
         self._scratch = torch.empty(0, dtype=torch.uint8)
         self._scratch_key = (0, 0, 0)
+        self.last_argmax: list[int] | None = None  # the last step's argmax of each row's logits (the native head)
 
     @classmethod
     def build(cls, model: nn.Module, pool, specs: list[LayerSpec] | None) -> FusedDecoder | None:
@@ -216,10 +217,12 @@ class FusedDecoder:
         nt = self.K.threads()
         scratch = self._scratch_for(b, max(starts) + 1, nt)
         logits = None if self.head is None else torch.empty(b, self.head.n)
+        argmax = None if logits is None else (ctypes.c_int32 * b)()
         self.lib.el_decode(self.ref, b, pos.data_ptr(), h.data_ptr(), kp, vp, cap, widx, kfrom, scratch.data_ptr(),
                            self._scratch_key[1], nt, KV_KINDS[pool.dtype],
                            None if logits is None else logits.data_ptr(),
-                           ids.data_ptr() if self.embed is not None else None)
+                           ids.data_ptr() if self.embed is not None else None, argmax)
+        self.last_argmax = None if argmax is None else list(argmax)
         if logits is not None:
             return logits
         return model.logits(h if self.desc.fn_kind >= 0 else model.final_norm(h)).float()

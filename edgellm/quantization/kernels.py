@@ -52,7 +52,7 @@ log = logging.getLogger("edgellm.kernels")
 
 CSRC = Path(__file__).with_name("csrc")
 # The C ABI this module speaks (EL_ABI_VERSION in csrc/common.h); a library that answers otherwise is refused.
-ABI_VERSION = 9
+ABI_VERSION = 10
 # activation precision of quantized products (MNN-LLM's option name): activation bits
 PRECISIONS = {"high": 16, "normal": 8, "low": 8}  # MNN's "low": the fewest bits we offer
 # EDGELLM_KERNEL_MARCH picks another target (e.g. x86-64-v3 to exercise the portable path).
@@ -197,7 +197,8 @@ def _build() -> ctypes.CDLL:
     lib.el_decode_scratch_bytes.restype = ctypes.c_size_t
     lib.el_read.argtypes = [vp, ctypes.c_size_t, i32, i32]
     lib.el_read.restype = ctypes.c_double
-    lib.el_decode.argtypes = [ctypes.POINTER(EModel), i32, vp, vp, vp, vp, vp, vp, vp, vp, i32, i32, i32, vp, vp]
+    lib.el_decode.argtypes = [ctypes.POINTER(EModel), i32, vp, vp, vp, vp, vp, vp, vp, vp, i32, i32, i32, vp, vp, vp]
+    lib.el_argmax_rows.argtypes = [vp, i32, i32, vp, i32]
     return lib
 
 
@@ -267,6 +268,15 @@ def threads() -> int:
 
 def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
+
+
+def argmax_rows(x: torch.Tensor) -> list[int]:
+    """Each row's argmax of x [B, N] (float32) by the native kernel the decode step uses (numpy's
+    semantics: the first maximum; the first NaN if a row has one)."""
+    x = x.float().contiguous()
+    out = (ctypes.c_int32 * x.shape[0])()
+    library().el_argmax_rows(x.data_ptr(), x.shape[0], x.shape[1], out, threads())
+    return list(out)
 
 
 class PackedWeight:

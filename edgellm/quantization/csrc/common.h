@@ -80,7 +80,7 @@
 
 // The C ABI: kernels.py mirrors these structs (ctypes) and refuses a library whose el_abi_version()
 // or el_sizeof() differ from its own. Bump EL_ABI_VERSION on any change of a struct or a signature.
-#define EL_ABI_VERSION 9
+#define EL_ABI_VERSION 10
 
 struct ELinear {
     const uint8_t* w;     // fmt 4 / 8 codes (layout above)
@@ -363,6 +363,8 @@ struct EBarrier {
 // ------------------------------------------------------------------------------------------
 // functions shared between the files
 
+// the index of the largest of x[0..n) (the first on ties; the first NaN if any, as numpy's argmax)
+int32_t argmax_row(const float* x, int n);
 // activation rows m0..m1-1 of x (row stride ldx) quantized into A: row m's planes at
 // A.planes + m * act_planes(L) * A.Kp, its group scales at A.gsc + m * A.G, its corrections at
 // A.corr + m * A.G * act_planes(L) (linear.cpp)

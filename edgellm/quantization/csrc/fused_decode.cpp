@@ -162,7 +162,7 @@ static inline void prefetch_task(const AttnTask& a, int D, T* const* kc, T* cons
 template <typename T>
 static void decode_impl(const EModel* Mp, int B, const int64_t* pos, float* h, T* const* kc, T* const* vc,
                         const int32_t* cap, const int32_t* widx, const int32_t* kfrom, void* scratch, int maxkeys,
-                        int nthreads, float* logits, const int64_t* ids) {
+                        int nthreads, float* logits, const int64_t* ids, int32_t* argmax) {
     const EModel& Mo = *Mp;
     const int H = Mo.H, D = Mo.D, nh = Mo.nh, nkv = Mo.nkv, I = Mo.I, rot = Mo.rot;
     const int QKV = (nh + 2 * nkv) * D, rep = nh / nkv;
@@ -363,6 +363,10 @@ static void decode_impl(const EModel* Mp, int B, const int64_t* pos, float* h, T
         if (head) {
             bar.wait();
             gemv_for(*head, h, H, Ah, B, logits, head->N, bar);
+            if (argmax) {  // greedy rows' tokens while the logits are still in this step's caches
+#pragma omp for schedule(static) nowait
+                for (int b = 0; b < B; ++b) argmax[b] = argmax_row(logits + (size_t)b * head->N, head->N);
+            }
         }
     }
 }
@@ -371,18 +375,18 @@ static void decode_impl(const EModel* Mp, int B, const int64_t* pos, float* h, T
 // when given; out: after the final norm when the model has one of fn_kind's kinds, else before it). logits [B][head->N] (or null): the head's products.
 // For layer l and sequence b (index b*L+l): kc/vc point at [nkv][cap][row] caches (kv_kind 0:
 // float32, 1: float16, 2: int8 rows of D codes + a float32 scale), the new key goes to index
-// widx, attention reads indices kfrom..widx.
+// widx, attention reads indices kfrom..widx. argmax [B] (or null; needs logits): each row's argmax_row.
 EL_API void el_decode(const EModel* Mp, int B, const int64_t* pos, float* h, void* const* kc, void* const* vc,
                       const int32_t* cap, const int32_t* widx, const int32_t* kfrom, void* scratch, int maxkeys,
-                      int nthreads, int kv_kind, float* logits, const int64_t* ids) {
+                      int nthreads, int kv_kind, float* logits, const int64_t* ids, int32_t* argmax) {
     if (kv_kind == 2)
         decode_impl<int8_t>(Mp, B, pos, h, (int8_t* const*)kc, (int8_t* const*)vc, cap, widx, kfrom, scratch,
-                            maxkeys, nthreads, logits, ids);
+                            maxkeys, nthreads, logits, ids, argmax);
     else if (kv_kind == 1)
         decode_impl<uint16_t>(Mp, B, pos, h, (uint16_t* const*)kc, (uint16_t* const*)vc, cap, widx, kfrom, scratch,
-                              maxkeys, nthreads, logits, ids);
+                              maxkeys, nthreads, logits, ids, argmax);
     else
         decode_impl<float>(Mp, B, pos, h, (float* const*)kc, (float* const*)vc, cap, widx, kfrom, scratch, maxkeys,
-                           nthreads, logits, ids);
+                           nthreads, logits, ids, argmax);
 }
 

@@ -254,3 +254,60 @@ EL_API void el_linear(const ELinear* Lp, const float* x, int M, int ldx, float* 
         gemv_for(L, x, ldx, A, M, y, ldy, bar);
     }
 }
+
+// ------------------------------------------------------------------------------------------
+// greedy sampling's argmax (numpy's semantics: the first maximum; the first NaN wins over everything)
+
+int32_t argmax_row(const float* x, int n) {
+    int i = 0;
+    float best = -INFINITY;
+    int32_t at = 0;
+#if EL_VNNI
+    if (n >= 16) {
+        // per lane: the largest value seen and its index (strictly greater replaces: the first on ties)
+        __m512 bv = _mm512_loadu_ps(x);
+        __m512i bi = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+        __m512i idx = bi;
+        const __m512i step = _mm512_set1_epi32(16);
+        __mmask16 nan = _mm512_cmp_ps_mask(bv, bv, _CMP_UNORD_Q);
+        for (i = 16; i + 16 <= n; i += 16) {
+            idx = _mm512_add_epi32(idx, step);
+            const __m512 v = _mm512_loadu_ps(x + i);
+            nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+            const __mmask16 gt = _mm512_cmp_ps_mask(v, bv, _CMP_GT_OQ);
+            bv = _mm512_mask_mov_ps(bv, gt, v);
+            bi = _mm512_mask_mov_epi32(bi, gt, idx);
+        }
+        if (nan) {  // rare: the scalar scan below finds the first NaN
+            i = 0;
+        } else {
+            alignas(64) float v[16];
+            alignas(64) int32_t k[16];
+            _mm512_store_ps(v, bv);
+            _mm512_store_epi32(k, bi);
+            best = v[0];
+            at = k[0];
+            for (int l = 1; l < 16; ++l)
+                if (v[l] > best || (v[l] == best && k[l] < at)) {
+                    best = v[l];
+                    at = k[l];
+                }
+        }
+    }
+#endif
+    for (; i < n; ++i) {
+        const float v = x[i];
+        if (v != v) return i;
+        if (v > best || (i == 0 && !(best > v))) {
+            best = v;
+            at = i;
+        }
+    }
+    return at;
+}
+
+// out[b] = argmax of row b of x [B][n]
+EL_API void el_argmax_rows(const float* x, int B, int n, int32_t* out, int nthreads) {
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (B > 1)
+    for (int b = 0; b < B; ++b) out[b] = argmax_row(x + (size_t)b * n, n);
+}
