@@ -317,3 +317,34 @@ def test_kv_cache_dtype_follows_the_model_and_int8_works(tiny_model, tiny_model_
     assert per_token[torch.int8] < per_token[torch.float32] / 3
     with pytest.raises(UserError, match="kv_cache_dtype"):
         Engine(str(tiny_model_q4), kv_cache_dtype="int4")
+
+
+@pytest.mark.parametrize("windows", [[None, None, None], [None, 6, None]])
+def test_kv_growth_keeps_what_was_computed_and_its_budget(windows):
+    """A sequence's KV regions grow (all layers in one tensor without windows, layer by layer with them):
+    the computed positions survive every growth, the pool's byte count follows, and freeing returns it."""
+    from edgellm.engine.kv_pool import KVPool
+
+    pool = KVPool(3, 2, 4, windows, 4096, torch.float32)
+    slot = pool.new_slot()
+    kv = pool.seqs[slot]
+    written = 0
+    for end in (5, 17, 18, 40, 41, 100, 300):
+        assert pool.reserve(slot, written, end)
+        for layer in range(3):
+            keys = torch.arange(written, end, dtype=torch.float32)[None, :, None].expand(2, -1, 4)
+            i0 = written - kv.base[layer]
+            kv.k[layer][:, i0:i0 + end - written] = keys
+            kv.v[layer][:, i0:i0 + end - written] = -keys
+        written = end
+        pool.set_length(slot, end)
+        for layer in range(3):
+            first = kv.base[layer]  # a windowed layer keeps only its last positions
+            assert first == 0 or windows[layer] is not None
+            got = kv.k[layer][0, :end - first, 0]
+            assert torch.equal(got, torch.arange(first, end, dtype=torch.float32)), (end, layer)
+            assert torch.equal(kv.v[layer][1, :end - first, 3], -got)
+        assert pool.used_bytes == kv.nbytes
+        assert (kv.k_all is not None) == all(w is None for w in windows)
+    pool.free(slot)
+    assert pool.used_bytes == 0
