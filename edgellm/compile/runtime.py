@@ -103,6 +103,8 @@ class StaticRunner:
     """Per-slot states over a one-sequence step program; subclasses run the program."""
 
     fused = None  # ModelRunner's attribute (a fused native decode step); none here
+    argmax: list[int] | None = None  # each returned row's argmax when the native step gave it (ModelRunner's)
+    _argmax: int | None = None  # the last _forward's argmax, if it knew it
 
     def __init__(self, meta: dict, lib: Path, ledger, num_sequences: int):
         self.meta, self.lib = meta, lib
@@ -189,13 +191,17 @@ class StaticRunner:
         return logits
 
     def step(self, chunks) -> torch.Tensor:
-        rows = []
+        rows, argmax = [], []
         keep = {c.seq.slot for c in chunks}
         for c in chunks:
             st = self._state_for(c.seq, c.start, keep)
+            self._argmax = None
             logits = self._run(st, _ids(c.seq, c.start, c.start + c.length), c.start)
             if c.completes:
                 rows.append(logits.reshape(1, -1).float().cpu())
+                argmax.append(self._argmax)
+        # greedy tokens: the native decode step's own argmax, when every row came from it
+        self.argmax = None if None in argmax else argmax
         if not rows:
             return torch.empty(0, self.vocab)
         return rows[0] if len(rows) == 1 else torch.cat(rows)
@@ -283,11 +289,14 @@ class AOTIRunner(StaticRunner):
     def _forward(self, handle, ids, start):
         t = ids.shape[0]
         k, v = handle
+        self._argmax = None
         with torch.inference_mode():
             if t == 1 and self.decoder is not None:
                 fused, view = self.decoder
                 view.kv.k, view.kv.v = k, v
-                return fused([_Row(start, int(ids[0]))])
+                logits = fused([_Row(start, int(ids[0]))])
+                self._argmax = None if fused.last_argmax is None else fused.last_argmax[0]
+                return logits
             return self.program(ids.to(self.device), self.positions[start:start + t],
                                 self.positions[:start + t], k, v)
 
