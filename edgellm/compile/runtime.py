@@ -178,6 +178,10 @@ class StaticRunner:
         self.states.move_to_end(seq.slot)
         return st
 
+    def _one(self, st: _State, seq, start: int) -> torch.Tensor:
+        """Logits [1, vocab] of the token of `seq` at `start` (a decode step)."""
+        return self._run(st, _ids(seq, start, start + 1), start)
+
     def _run(self, st: _State, ids: list[int], start: int) -> torch.Tensor:
         end = start + len(ids)
         if end > self.max_len:
@@ -196,7 +200,10 @@ class StaticRunner:
         for c in chunks:
             st = self._state_for(c.seq, c.start, keep)
             self._argmax = None
-            logits = self._run(st, _ids(c.seq, c.start, c.start + c.length), c.start)
+            if c.length == 1:
+                logits = self._one(st, c.seq, c.start)
+            else:
+                logits = self._run(st, _ids(c.seq, c.start, c.start + c.length), c.start)
             if c.completes:
                 rows.append(logits.reshape(1, -1).float().cpu())
                 argmax.append(self._argmax)
@@ -285,6 +292,21 @@ class AOTIRunner(StaticRunner):
         from edgellm.compile.aoti import new_caches
 
         return new_caches(self.model, self.max_len, self.device, self.kv_dtype)
+
+    def _one(self, st: _State, seq, start: int) -> torch.Tensor:
+        # a decode step straight into the native step (no tensor of ids, no chunk loop): the compiled
+        # runtime's Python per token was 90 us against the eager runner's 35
+        if self.decoder is None or start + 1 > self.max_len:
+            return super()._one(st, seq, start)
+        n = len(seq.prompt_ids)
+        token = seq.prompt_ids[start] if start < n else seq.output_ids[start - n]
+        fused, view = self.decoder
+        view.kv.k, view.kv.v = st.handle
+        with torch.inference_mode():
+            logits = fused([_Row(start, token)])
+        self._argmax = None if fused.last_argmax is None else fused.last_argmax[0]
+        st.tokens.append(token)
+        return logits
 
     def _forward(self, handle, ids, start):
         t = ids.shape[0]
