@@ -198,3 +198,31 @@ def test_request_preparation_is_bounded(hostile_template_model):
             assert results[3] == calm
 
     asyncio.run(main())
+
+
+def test_a_failing_decode_step_fails_only_its_request(tiny_model):
+    """A batched native decode step that one sequence breaks (a token past the embedding in its output,
+    put there below the engine) is rerun request by request: the others keep their greedy tokens."""
+    opts = make_options({"max_num_sequence": 8, "reuse_kv": False})
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    prompts = [[3, 17, 99, 5], [3, 200, 201, 9, 11], list(range(5, 40))]
+
+    def run(break_one: bool):
+        core = build_engine(tiny_model, opts, "cpu")
+        assert core.runner.fused is not None  # the native decode step is what is under test
+        reqs = [Request(str(i), p, params) for i, p in enumerate(prompts)]
+        for r in reqs:
+            core.add(r)
+        steps = 0
+        while core.has_work:
+            core.step()
+            steps += 1
+            if break_one and steps == 3:
+                reqs[1].sequences[0].output_ids[-1] = 10**6
+        return reqs
+
+    alone = [r.sequences[0].output_ids for r in run(False)]
+    reqs = run(True)
+    assert reqs[1].error is not None and reqs[1].sequences[0].finish_reason == "abort"
+    assert [r.error for r in (reqs[0], reqs[2])] == [None, None]
+    assert [reqs[0].sequences[0].output_ids, reqs[2].sequences[0].output_ids] == [alone[0], alone[2]]

@@ -129,15 +129,18 @@ class EngineCore:
                 emit(requests[0], self.abort(requests[0], error=e))
                 return [], None
         log.warning("a batched step failed; running its %d requests one by one", len(requests))
-        kept, rows = [], []
+        kept, rows, argmax = [], [], []
         for req in requests:
             own = [c for c in chunks if c.seq.request is req]
             try:
                 rows.append(self._runner_step(own))
                 kept += own
+                argmax.append(getattr(self.runner, "argmax", None))
             except Exception as e:
                 log.warning("request %s failed: %s", req.request_id, e)
                 emit(req, self.abort(req, error=e))
+        if hasattr(self.runner, "argmax"):  # the concatenated rows' argmax (or none if any call lacked it)
+            self.runner.argmax = None if None in argmax else [a for part in argmax for a in part]
         return kept, (torch.cat(rows) if rows else None)
 
     def _runner_step(self, chunks: list):
