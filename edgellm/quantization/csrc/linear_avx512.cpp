@@ -192,6 +192,29 @@ static void block_mb(const ELinear& L, const EAct& A, int m0, int rb, float* y, 
     for (int m = 0; m < MB; ++m) store_block(L, rb, acc[m], y + (size_t)(m0 + m) * ldy);
 }
 
+// One 8-column step of a pair of row blocks (w0, w1): each block's 64 code bytes, low and high nibbles
+// apart. pf: the first pass over the pair's rows also fetches the next pair's bytes at this offset, one
+// pair ahead of use; later passes read this pair from L1. (Before: 16 KB ahead on both streams in every
+// pass; 8-row SmolLM2 decode +3.4% in six in-process pairs, prefill unchanged.)
+static inline __attribute__((always_inline)) void pair_step(const uint8_t* w0, const uint8_t* w1, size_t next,
+                                                            bool pf, __m512i mask, __m512i& lo0, __m512i& hi0,
+                                                            __m512i& lo1, __m512i& hi1) {
+#if EL_PF
+    if (pf) {
+        _mm_prefetch((const char*)w0 + next, EL_PF_HINT);
+        _mm_prefetch((const char*)w1 + next, EL_PF_HINT);
+    }
+#else
+    (void)next;
+    (void)pf;
+#endif
+    const __m512i v0 = _mm512_loadu_si512(w0), v1 = _mm512_loadu_si512(w1);
+    lo0 = _mm512_and_si512(v0, mask);
+    hi0 = _mm512_and_si512(_mm512_srli_epi16(v0, 4), mask);
+    lo1 = _mm512_and_si512(v1, mask);
+    hi1 = _mm512_and_si512(_mm512_srli_epi16(v1, 4), mask);
+}
+
 // 8-bit activations, 4-bit weights: MB rows against two row blocks at once. Each broadcast
 // activation feeds both blocks' vpdpbusd: in block_mb the broadcasts (17 loads per 16 products) and
 // not the products bound the rate. Low and high nibbles sum in separate accumulators (no product
@@ -217,18 +240,8 @@ static void block_mb2_i8(const ELinear& L, const EAct& A, int m0, int rb, float*
         const int8_t* pg = A.planes + (size_t)m0 * Kp + g * (GS ? GS : L.gs);
         const int steps = GS ? GS / 8 : L.gs / 8;
         for (int p = 0; p < steps; ++p, w0 += 64, w1 += 64) {
-#if EL_PF
-            // the first pass over a pair's rows fetches the next pair's two blocks at this offset, one pair
-            // ahead of use; later passes read this pair from L1. (Before: 16 KB ahead on both streams in
-            // every pass; 8-row SmolLM2 decode +3.4% in six in-process pairs, prefill unchanged.)
-            if (pf_next) {
-                _mm_prefetch((const char*)w0 + 2 * (size_t)Kp * 8, EL_PF_HINT);
-                _mm_prefetch((const char*)w1 + 2 * (size_t)Kp * 8, EL_PF_HINT);
-            }
-#endif
-            const __m512i v0 = _mm512_loadu_si512(w0), v1 = _mm512_loadu_si512(w1);
-            const __m512i lo0 = _mm512_and_si512(v0, mask), hi0 = _mm512_and_si512(_mm512_srli_epi16(v0, 4), mask);
-            const __m512i lo1 = _mm512_and_si512(v1, mask), hi1 = _mm512_and_si512(_mm512_srli_epi16(v1, 4), mask);
+            __m512i lo0, hi0, lo1, hi1;
+            pair_step(w0, w1, 2 * (size_t)Kp * 8, pf_next, mask, lo0, hi0, lo1, hi1);
 #pragma GCC unroll 8
             for (int m = 0; m < MB; ++m) {
                 const __m512i x = bcast(pg + (size_t)m * Kp + 8 * p), z = bcast(pg + (size_t)m * Kp + 8 * p + 4);
@@ -285,15 +298,8 @@ static void block_mb2_i8_8(const ELinear& L, const EAct& A, int m0, int rb, floa
         }
 #pragma GCC unroll 4
         for (int p = 0; p < gs / 8; ++p, w0 += 64, w1 += 64) {
-#if EL_PF
-            if (pf_next) {
-                _mm_prefetch((const char*)w0 + 2 * (size_t)Kp * 8, EL_PF_HINT);
-                _mm_prefetch((const char*)w1 + 2 * (size_t)Kp * 8, EL_PF_HINT);
-            }
-#endif
-            const __m512i v0 = _mm512_loadu_si512(w0), v1 = _mm512_loadu_si512(w1);
-            const __m512i lo0 = _mm512_and_si512(v0, mask), hi0 = _mm512_and_si512(_mm512_srli_epi16(v0, 4), mask);
-            const __m512i lo1 = _mm512_and_si512(v1, mask), hi1 = _mm512_and_si512(_mm512_srli_epi16(v1, 4), mask);
+            __m512i lo0, hi0, lo1, hi1;
+            pair_step(w0, w1, 2 * (size_t)Kp * 8, pf_next, mask, lo0, hi0, lo1, hi1);
 #pragma GCC unroll 8
             for (int m = 0; m < MB; ++m) {
                 const __m512i x = bcast(pg + m * gs + 8 * p), z = bcast(pg + m * gs + 8 * p + 4);
