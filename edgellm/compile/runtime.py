@@ -24,6 +24,7 @@ import torch
 
 from edgellm.compile import target as T
 from edgellm.errors import UserError
+from edgellm.models.fused_decode import _token_at
 
 
 def sniff(path: Path) -> str:
@@ -298,27 +299,27 @@ class AOTIRunner(StaticRunner):
         # runtime's Python per token was 90 us against the eager runner's 35
         if self.decoder is None or start + 1 > self.max_len:
             return super()._one(st, seq, start)
-        n = len(seq.prompt_ids)
-        token = seq.prompt_ids[start] if start < n else seq.output_ids[start - n]
+        token = _token_at(seq, start)
+        logits = self._decode(st.handle, token, start)
+        st.tokens.append(token)
+        return logits
+
+    def _decode(self, handle, token: int, start: int) -> torch.Tensor:
+        """The native decode step for `token` at `start` of the handle's caches (and its argmax)."""
         fused, view = self.decoder
-        view.kv.k, view.kv.v = st.handle
+        view.kv.k, view.kv.v = handle
         with torch.inference_mode():
             logits = fused([_Row(start, token)])
         self._argmax = None if fused.last_argmax is None else fused.last_argmax[0]
-        st.tokens.append(token)
         return logits
 
     def _forward(self, handle, ids, start):
         t = ids.shape[0]
-        k, v = handle
         self._argmax = None
+        if t == 1 and self.decoder is not None:
+            return self._decode(handle, int(ids[0]), start)
+        k, v = handle
         with torch.inference_mode():
-            if t == 1 and self.decoder is not None:
-                fused, view = self.decoder
-                view.kv.k, view.kv.v = k, v
-                logits = fused([_Row(start, int(ids[0]))])
-                self._argmax = None if fused.last_argmax is None else fused.last_argmax[0]
-                return logits
             return self.program(ids.to(self.device), self.positions[start:start + t],
                                 self.positions[:start + t], k, v)
 
