@@ -134,6 +134,43 @@ def test_slow_trickle_headers_and_body_are_cut_off(guarded):
     assert got.startswith(b"HTTP/1.1 408") and time.monotonic() - t0 < 6, got[:200]
 
 
+@pytest.mark.parametrize("base", ["HeaderTimeoutProtocol", "HeaderTimeoutHttpToolsProtocol"])
+def test_header_timeout_in_both_http_protocols(base):
+    """`edgellm serve` runs httptools' parser where installed and h11 where not: both cut off a client
+    whose headers never end, on a new connection and on a kept-alive one after a response."""
+    import threading
+
+    import uvicorn
+
+    from edgellm.serve import guards
+
+    async def app(scope, receive, send):
+        if scope["type"] == "http":
+            await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+            await send({"type": "http.response.body", "body": b"ok"})
+
+    protocol = type("P", (getattr(guards, base),), {"header_timeout": 1.0})
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, http=protocol, log_level="error",
+                                           lifespan="off"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.02)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        for first in (b"", b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"):
+            t0 = time.monotonic()
+            with socket.create_connection(("127.0.0.1", port)) as s:
+                s.sendall(first + b"GET / HTTP/1.1\r\nHost: x\r\n")  # a request whose headers never end
+                closed, got = _closed_within(s, 8)
+            assert closed and time.monotonic() - t0 < 5
+            assert got.count(b"200 OK") == (1 if first else 0), got
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
 def test_server_log_has_no_traceback(guarded):
     guarded.stop()
     log = guarded.proc.stdout.read()

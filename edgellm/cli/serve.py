@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     from edgellm.errors import UserError
     from edgellm.prepare import prepare_model
     from edgellm.serve.app import create_app
-    from edgellm.serve.guards import HeaderTimeoutProtocol, is_loopback
+    from edgellm.serve.guards import header_timeout_protocol, is_loopback
 
     if not 0 < args.port < 65536:
         raise UserError(f"--port must be in 1..65535, got {args.port}")
@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
                      body_timeout=args.body_timeout, max_tokens_limit=args.max_tokens_limit,
                      max_queue=args.max_queue, ui=not args.no_ui, allowed_origins=origins,
                      allow_lora_updates=args.allow_lora_updates)
-    protocol = type("Protocol", (HeaderTimeoutProtocol,), {"header_timeout": args.header_timeout})
+    protocol = header_timeout_protocol(args.header_timeout)
     print(f"Serving {engine.model_id} on http://{args.host}:{args.port}/v1 "
           f"({engine.options.num_sequences} concurrent sequences, context {engine.context_window})",
           file=sys.stderr, flush=True)
