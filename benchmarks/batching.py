@@ -1,18 +1,22 @@
 """Aggregate decode tokens/s with 8 concurrent sequences versus 1 (continuous batching).
 
-    python benchmarks/batching.py [MODEL] [--concurrency 8] [--gen-len 128] [--threads 2]
+    python benchmarks/batching.py [MODEL] [--concurrency 8] [--gen-len 128] [--threads 2] [--api async]
 
-MODEL defaults to the bundled SmolLM2-135M-Instruct converted to q4f16_1.
+MODEL defaults to the bundled SmolLM2-135M-Instruct converted to q4f16_1. `--api sync` (the default)
+reads each stream in a thread of its own through `Engine`; `--api async` reads them as coroutines of one
+event loop through `AsyncEngine`, as `edgellm serve` does.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import threading
 import time
 
 from edgellm import Engine
+from edgellm.api.async_engine import AsyncEngine
 
 PROMPTS = ["Write a short story about a robot.", "Explain photosynthesis.", "List ten fruits.",
            "Describe Paris in spring.", "What is a black hole?", "Give me a recipe for pancakes.",
@@ -29,23 +33,11 @@ def run(engine: Engine, n: int, gen_len: int) -> dict:
     """
     stamps: list[list[float]] = [[] for _ in range(n)]
     counts = [0] * n
-
-    def one(i: int) -> None:
-        stream = engine.chat.completions.create(
-            messages=[{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}], max_tokens=gen_len,
-            temperature=0, ignore_eos=True, stream=True, stream_options={"include_usage": True})
-        for chunk in stream:
-            if chunk.usage is not None:
-                counts[i] = chunk.usage.completion_tokens
-            else:
-                stamps[i].append(time.perf_counter())
-
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
     t0 = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    if isinstance(engine, AsyncEngine):
+        asyncio.run(_run_async(engine, n, gen_len, stamps, counts))
+    else:
+        _run_threads(engine, n, gen_len, stamps, counts)
     wall = time.perf_counter() - t0
     w0, w1 = max(s[0] for s in stamps), min(s[-1] for s in stamps)
     # a chunk may carry two tokens (a token without text of its own): scale by each stream's ratio
@@ -54,6 +46,37 @@ def run(engine: Engine, n: int, gen_len: int) -> dict:
     return {"concurrency": n, "tokens": sum(counts), "chunks": sum(len(s) for s in stamps), "wall_s": wall,
             "steady_window_s": w1 - w0, "steady_decode_tokens_per_s": in_window / (w1 - w0),
             "end_to_end_decode_tokens_per_s": sum(c - 1 for c in counts) / (last - first)}
+
+
+def _request(i: int, gen_len: int) -> dict:
+    return {"messages": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}], "max_tokens": gen_len,
+            "temperature": 0, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+
+
+async def _run_async(engine: AsyncEngine, n: int, gen_len: int, stamps, counts) -> None:
+    async def one(i: int) -> None:
+        async for chunk in await engine.chat.completions.create(**_request(i, gen_len)):
+            if chunk.usage is not None:
+                counts[i] = chunk.usage.completion_tokens
+            else:
+                stamps[i].append(time.perf_counter())
+
+    await asyncio.gather(*(one(i) for i in range(n)))
+
+
+def _run_threads(engine: Engine, n: int, gen_len: int, stamps, counts) -> None:
+    def one(i: int) -> None:
+        for chunk in engine.chat.completions.create(**_request(i, gen_len)):
+            if chunk.usage is not None:
+                counts[i] = chunk.usage.completion_tokens
+            else:
+                stamps[i].append(time.perf_counter())
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
 
 
 def main() -> None:
@@ -65,18 +88,24 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3,
                     help="alternate single and concurrent runs this many times and keep the best of each "
                          "(a shared or throttled CPU drifts between runs)")
+    ap.add_argument("--api", choices=("sync", "async"), default="sync",
+                    help="read the streams from threads (Engine) or from one event loop (AsyncEngine)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     key = "steady_decode_tokens_per_s"
     single = multi = None
-    with Engine(args.model, max_num_sequence=args.concurrency, threads=args.threads) as engine:
+    cls = AsyncEngine if args.api == "async" else Engine
+    engine = cls(args.model, max_num_sequence=args.concurrency, threads=args.threads)
+    try:
         run(engine, 1, 8)  # warm-up
         for _ in range(args.rounds):
             s, m = run(engine, 1, args.gen_len), run(engine, args.concurrency, args.gen_len)
             single = s if single is None or s[key] > single[key] else single
             multi = m if multi is None or m[key] > multi[key] else multi
+    finally:
+        engine.terminate()
     ratio = multi[key] / single[key]
-    result = {"model": str(engine.model_dir), "single": single, "concurrent": multi, "speedup": ratio}
+    result = {"model": str(engine.model_dir), "api": args.api, "single": single, "concurrent": multi, "speedup": ratio}
     if args.json:
         print(json.dumps(result, indent=2))
         return
