@@ -268,13 +268,15 @@ def test_fused_decode_kv_cache_types(kind, kv_dtype, tiny_quantized, tmp_path):
 
 
 @pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16, torch.int8])
-@pytest.mark.parametrize("heads", [(4, 2), (4, 4), (2, 1)], ids=["d64-rep2", "d64-rep1", "d128-rep2"])
+@pytest.mark.parametrize("heads", [(4, 2), (4, 4), (2, 1), (6, 2), (4, 1)],
+                         ids=["d64-rep2", "d64-rep1", "d128-rep2", "d64-rep3", "d64-rep4"])
 def test_fused_decode_real_head_dims(heads, kv_dtype, tmp_path):
-    """Head dims 64 and 128 (real models' sizes) have attention code of their own (attention.cpp: qk16,
-    the keys converted once for all the heads of a group): O2 gives O0's tokens and logits for every cache
-    element type, over prompts longer than a 16-key block."""
+    """Head dims 64 and 128 (real models' sizes) have attention code of their own (attention.cpp: qk16 and
+    qk8_heads, the keys converted once for all the heads of a group, values summed for up to 3 or 6 heads
+    at once): O2 gives O0's tokens and logits for every cache element type, over prompts longer than a
+    16-key block."""
     n_heads, n_kv = heads
-    hf = _tiny_family("llama", tmp_path / "hf", hidden_size=256, num_attention_heads=n_heads,
+    hf = _tiny_family("llama", tmp_path / "hf", hidden_size=max(256, 64 * n_heads), num_attention_heads=n_heads,
                       num_key_value_heads=n_kv)
     d = convert(hf, tmp_path / "q4", "q4f16_1")
     # int8 rows: the native step applies a row's scale to its whole dot product, the reference to each
