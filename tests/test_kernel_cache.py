@@ -60,11 +60,12 @@ def test_hung_compiler_falls_back_within_the_bound(tiny_model_q4, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("march", ["x86-64-v3", "x86-64"])
+@pytest.mark.parametrize("march", ["x86-64-v3", "alderlake", "x86-64"])
 def test_other_instruction_sets_compute_the_same_products(march, tmp_path):
-    """The AVX2 and portable kernels (built with EDGELLM_KERNEL_MARCH on whatever CPU runs CI) pass the
-    int8 GEMM's reference math and the fused decode step's parity: a change to shared code (the barrier,
-    the dispatch) is checked on every instruction set, not only the one this machine picks."""
+    """The AVX2, AVX2 + AVX-VNNI (alderlake: most laptops' CPUs, no AVX-512) and portable kernels (built
+    with EDGELLM_KERNEL_MARCH on whatever CPU runs CI) pass the int8 GEMM's reference math and the fused
+    decode step's parity: a change to shared code (the barrier, the dispatch) is checked on every
+    instruction set, not only the one this machine picks."""
     import os
     import platform
     import subprocess
@@ -72,6 +73,10 @@ def test_other_instruction_sets_compute_the_same_products(march, tmp_path):
 
     if platform.machine().lower() not in ("x86_64", "amd64"):
         pytest.skip("x86-64 instruction sets")
+    if march == "alderlake":
+        with open("/proc/cpuinfo") as f:
+            if " avx_vnni" not in f.read():
+                pytest.skip("this CPU has no AVX-VNNI")
     env = {**os.environ, "EDGELLM_KERNEL_MARCH": march, "EDGELLM_HOME": str(tmp_path)}
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
                         "tests/test_int8_gemm.py", "tests/test_speed_paths.py::test_fused_decode_matches_reference",
