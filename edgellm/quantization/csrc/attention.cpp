@@ -173,6 +173,21 @@ static void pv8_heads(const float* s, int n, int sn, const T* V, int D, float* a
 }
 #endif
 
+#if EL_PF && (EL_VNNI || EL_AVX2)
+// prefetch `count` key rows (R elements each), EL_PF bytes ahead of `rows`
+template <typename T>
+static inline void prefetch_rows(const T* rows, int count, int R) {
+    const char* pf = (const char*)rows + EL_PF;
+    for (size_t b = 0; b < (size_t)count * R * sizeof(T); b += 64) _mm_prefetch(pf + b, _MM_HINT_T0);
+}
+#endif
+
+// ks[i] = scale times key row i's own scale (int8 rows), for `count` rows from `rows`
+template <typename T>
+static inline void key_scales(const T* rows, int count, int R, int D, float scale, float* ks) {
+    for (int i = 0; i < count; ++i) ks[i] = kv_scale(rows + (size_t)i * R, D) * scale;
+}
+
 template <typename T>
 void attend_group(const float* q, int rep, const T* K, const T* V, int n, int D, float scale, float softcap,
                   float* s, float* acc_out, float* m_out, float* l_out) {
@@ -184,15 +199,12 @@ void attend_group(const float* q, int rep, const T* K, const T* V, int n, int D,
     const int Dfull = D & ~15;
     for (; j + 16 <= n; j += 16) {
 #if EL_PF
-        {
-            const char* pf = (const char*)(K + (size_t)j * R) + EL_PF;
-            for (size_t b = 0; b < 16 * (size_t)R * sizeof(T); b += 64) _mm_prefetch(pf + b, _MM_HINT_T0);
-        }
+        prefetch_rows(K + (size_t)j * R, 16, R);
 #endif
         __m512 sc16 = _mm512_set1_ps(scale);
         if (scaled) {
             alignas(64) float ks[16];
-            for (int i = 0; i < 16; ++i) ks[i] = kv_scale(K + (size_t)(j + i) * R, D) * scale;
+            key_scales(K + (size_t)j * R, 16, R, D, scale, ks);
             sc16 = _mm512_load_ps(ks);
         }
         if (D == 64 || D == 128) {
@@ -239,15 +251,12 @@ void attend_group(const float* q, int rep, const T* K, const T* V, int n, int D,
         alignas(32) float kf[8 * 256];
         for (; j + 8 <= n; j += 8) {
 #if EL_PF
-            {
-                const char* pf = (const char*)(K + (size_t)j * R) + EL_PF;
-                for (size_t b = 0; b < 8 * (size_t)R * sizeof(T); b += 64) _mm_prefetch(pf + b, _MM_HINT_T0);
-            }
+            prefetch_rows(K + (size_t)j * R, 8, R);
 #endif
             __m256 sc8 = _mm256_set1_ps(scale);
             if (scaled) {
                 alignas(32) float ks[8];
-                for (int i = 0; i < 8; ++i) ks[i] = kv_scale(K + (size_t)(j + i) * R, D) * scale;
+                key_scales(K + (size_t)j * R, 8, R, D, scale, ks);
                 sc8 = _mm256_load_ps(ks);
             }
             if (sizeof(T) == 4) {  // float32 rows are read in place
