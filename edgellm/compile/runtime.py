@@ -301,11 +301,8 @@ class AOTIRunner(StaticRunner):
         # eager runner's
         if len(chunks) == 1 and self.decoder is not None:
             c = chunks[0]
-            if c.length == 1 and not c.draft and c.completes and c.start + 1 <= self.max_len:
-                st = self._state_for(c.seq, c.start, (c.seq.slot,))
-                token = _token_at(c.seq, c.start)
-                logits = self._decode(st.handle, token, c.start)
-                st.tokens.append(token)
+            if c.length == 1 and c.completes and c.start + 1 <= self.max_len:
+                logits = self._one(self._state_for(c.seq, c.start, (c.seq.slot,)), c.seq, c.start)
                 self.argmax = None if self._argmax is None else [self._argmax]
                 return logits
         return super().step(chunks)
