@@ -214,6 +214,28 @@ def test_fused_step_rejects_an_unknown_token(tiny_quantized):
         runner.fused([Chunk()])
 
 
+def test_fused_step_logits_stay_the_callers(tiny_quantized):
+    """The logits a native step returns are not overwritten by the next step (the engine's fallback that
+    runs a failed batch's requests one by one concatenates several steps' logits)."""
+    _, _, runner, fused = generate(tiny_quantized["q4f16_1"], PROMPTS[:2], 2, "O2")
+    assert fused > 0
+
+    class Seq:
+        slot, prompt_ids, output_ids = 0, [5, 9, 11], []
+
+    class Chunk:
+        seq, start = Seq(), 2
+
+    slot = runner.pool.new_slot()
+    Seq.slot = slot
+    assert runner.pool.reserve(slot, 0, 3)
+    first = runner.fused([Chunk()])
+    kept = first.clone()
+    Seq.prompt_ids = [5, 9, 200]
+    second = runner.fused([Chunk()])
+    assert torch.equal(first, kept) and not torch.equal(first, second)
+
+
 def test_kv_pool_growth_keeps_computed_positions(tiny_quantized):
     """A prompt prefilled in chunks across several cache growths decodes like one whole-prompt prefill."""
     from tests.helpers import greedy

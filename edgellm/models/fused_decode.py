@@ -101,6 +101,8 @@ class FusedDecoder:
         self._scratch = torch.empty(0, dtype=torch.uint8)
         self._scratch_key = (0, 0, 0)
         self.last_argmax: list[int] | None = None  # the last step's argmax of each row's logits (the native head)
+        self._io: _StepIO | None = None
+        self._logits: torch.Tensor | None = None  # the next step's logits, allocated after the last step
 
     @classmethod
     def build(cls, model: nn.Module, pool, specs: list[LayerSpec] | None) -> FusedDecoder | None:
@@ -179,53 +181,84 @@ class FusedDecoder:
             self._scratch_key = key
         return self._scratch
 
+    def _io_for(self, b: int) -> _StepIO:
+        io = self._io
+        if io is None or io.cap < b:
+            io = self._io = _StepIO(max(b, 8), self.desc.H)
+        return io
+
     def __call__(self, chunks) -> torch.Tensor:
         """Logits [B, vocab] of one decode step: `chunks` are the engine's, one new token per sequence."""
+        # Up to the native call this makes no torch or ctypes function call (each releases the GIL): a
+        # stream's reader woken by the last step would take it there and run on this step's critical path,
+        # where the other core idles; in the native call it runs beside the step instead.
         model, pool, L = self.model, self.pool, self.L
         b = len(chunks)
         starts = [c.start for c in chunks]
         if max(starts) >= self.desc.maxpos:
             raise ValueError(f"position {max(starts)} is beyond the model's {self.desc.maxpos} positions")
         tokens = [_token_at(c.seq, c.start) for c in chunks]
-        ids = torch.tensor(tokens, dtype=torch.long)
-        pos = torch.tensor(starts, dtype=torch.int64)
+        io = self._io_for(b)
+        io.pos_v[:b] = starts
+        io.ids_v[:b] = tokens
         if self.embed is not None:
             if min(tokens) < 0 or max(tokens) >= self.embed.n:
                 raise IndexError(f"token id out of range for an embedding of {self.embed.n} rows")
-            h = torch.empty(b, self.desc.H)
+            h = io.h
         else:
-            h = model.embed(ids).float().contiguous()
-        n = L * b
-        kp, vp, cap = (ctypes.c_void_p * n)(), (ctypes.c_void_p * n)(), (ctypes.c_int32 * n)()
-        widx, kfrom = (ctypes.c_int32 * n)(), (ctypes.c_int32 * n)()
+            h = model.embed(io.ids[:b]).float().contiguous()
+        keys, values, caps, widx = [], [], [], []
         windows = self.windows
+        kfrom = (ctypes.c_int32 * (L * b))()
         for j, c in enumerate(chunks):  # sequence j's entries sit at j * L .. j * L + L - 1
             kv = pool.seqs[c.seq.slot]
-            start = c.start
             own = kv.native
             if own is None or own[0] is not kv.k or own[1] is not kv.v:
-                own = kv.native = (kv.k, kv.v, (ctypes.c_void_p * L)(*[t.data_ptr() for t in kv.k]),
-                                   (ctypes.c_void_p * L)(*[t.data_ptr() for t in kv.v]),
-                                   (ctypes.c_int32 * L)(*[t.shape[1] for t in kv.k]))
-            ctypes.memmove(ctypes.addressof(kp) + j * L * PTR, own[2], L * PTR)
-            ctypes.memmove(ctypes.addressof(vp) + j * L * PTR, own[3], L * PTR)
-            ctypes.memmove(ctypes.addressof(cap) + j * L * 4, own[4], L * 4)
-            widx[j * L:(j + 1) * L] = [start - base for base in kv.base]
+                own = kv.native = (kv.k, kv.v, bytes((ctypes.c_void_p * L)(*[t.data_ptr() for t in kv.k])),
+                                   bytes((ctypes.c_void_p * L)(*[t.data_ptr() for t in kv.v])),
+                                   bytes((ctypes.c_int32 * L)(*[t.shape[1] for t in kv.k])))
+            keys.append(own[2])
+            values.append(own[3])
+            caps.append(own[4])
+            start = c.start
+            widx += [start - base for base in kv.base]
             if self.windowed:
                 kfrom[j * L:(j + 1) * L] = [0 if w is None else max(base, start - w + 1) - base
                                             for base, w in zip(kv.base, windows)]
+        n = L * b
+        kp = (ctypes.c_void_p * n).from_buffer_copy(b"".join(keys))
+        vp = (ctypes.c_void_p * n).from_buffer_copy(b"".join(values))
+        cap = (ctypes.c_int32 * n).from_buffer_copy(b"".join(caps))
+        widx = (ctypes.c_int32 * n)(*widx)
         nt = self.K.threads()
         scratch = self._scratch_for(b, max(starts) + 1, nt)
-        logits = None if self.head is None else torch.empty(b, self.head.n)
+        logits = None
+        if self.head is not None:  # allocated at the end of the last step when it had as many rows
+            logits = self._logits if self._logits is not None and self._logits.shape[0] == b else \
+                torch.empty(b, self.head.n)
         argmax = None if logits is None else (ctypes.c_int32 * b)()
-        self.lib.el_decode(self.ref, b, pos.data_ptr(), h.data_ptr(), kp, vp, cap, widx, kfrom, scratch.data_ptr(),
+        self.lib.el_decode(self.ref, b, io.pos_ptr, h.data_ptr(), kp, vp, cap, widx, kfrom, scratch.data_ptr(),
                            self._scratch_key[1], nt, KV_KINDS[pool.dtype],
                            None if logits is None else logits.data_ptr(),
-                           ids.data_ptr() if self.embed is not None else None, argmax)
+                           io.ids_ptr if self.embed is not None else None, argmax)
         self.last_argmax = None if argmax is None else list(argmax)
         if logits is not None:
+            self._logits = torch.empty(b, self.head.n)  # the next step's (the caller owns this one)
             return logits
-        return model.logits(h if self.desc.fn_kind >= 0 else model.final_norm(h)).float()
+        return model.logits(h[:b] if self.desc.fn_kind >= 0 else model.final_norm(h[:b])).float()
+
+
+class _StepIO:
+    """A decode step's inputs for up to `cap` rows, written through ctypes views (no torch call)."""
+
+    def __init__(self, cap: int, hidden: int):
+        self.cap = cap
+        self.ids = torch.zeros(cap, dtype=torch.int64)
+        self.pos = torch.zeros(cap, dtype=torch.int64)
+        self.h = torch.empty(cap, hidden)  # the hidden states when the native step embeds the tokens
+        self.ids_ptr, self.pos_ptr = self.ids.data_ptr(), self.pos.data_ptr()
+        self.ids_v = (ctypes.c_int64 * cap).from_address(self.ids_ptr)
+        self.pos_v = (ctypes.c_int64 * cap).from_address(self.pos_ptr)
 
 
 def _tail(model: nn.Module, norm, linear, eps: list[float]):
