@@ -348,3 +348,27 @@ def test_kv_growth_keeps_what_was_computed_and_its_budget(windows):
         assert (kv.k_all is not None) == all(w is None for w in windows)
     pool.free(slot)
     assert pool.used_bytes == 0
+
+
+def test_kv_room_grows_toward_the_expected_length_within_the_budget():
+    """A sequence that may reach `expect` positions (prompt + max_tokens) gets that room at once when the
+    budget holds it (a decode then never stops to copy its cache), never more than 4x what it needs, and
+    just what it needs when the budget is tight."""
+    from edgellm.engine.kv_pool import KVPool
+
+    pool = KVPool(3, 2, 4, [None] * 3, 4096, torch.float32)
+    slot = pool.new_slot()
+    assert pool.reserve(slot, 0, 50, expect=50 + 128)
+    cap = pool.seqs[slot].k[0].shape[1]
+    assert cap >= 178
+    for end in range(51, 179):  # decoding to the expected length: no regrowth
+        assert pool.reserve(slot, end - 1, end, expect=178)
+        assert pool.seqs[slot].k[0].shape[1] == cap
+    other = pool.new_slot()
+    assert pool.reserve(other, 0, 40, expect=40 + 100_000)
+    assert 160 <= pool.seqs[other].k[0].shape[1] <= 4 * 40 + 16
+    tight = KVPool(3, 2, 4, [None] * 3, 48, torch.float32)
+    slot = tight.new_slot()
+    assert tight.reserve(slot, 0, 40, expect=168)
+    assert 40 <= tight.seqs[slot].k[0].shape[1] <= 48
+    assert not tight.reserve(slot, 40, 60, expect=168)

@@ -149,18 +149,20 @@ class KVPool:
             self._drop(self.prefix_cache.popitem(last=False)[1])
         return self.used_bytes + nbytes <= self.budget_bytes
 
-    def reserve(self, slot: int, start: int, end: int) -> bool:
+    def reserve(self, slot: int, start: int, end: int, expect: int | None = None) -> bool:
         """Make room to write positions start..end-1 of `slot`; False if over budget.
 
         Positions before `start` are computed (the scheduler reserves from a sequence's
-        num_computed), so a region that grows or slides keeps exactly those.
+        num_computed), so a region that grows or slides keeps exactly those. `expect`: the length the
+        sequence may reach (prompt + max_tokens); room grows toward it when the budget allows, since
+        every regrowth copies the cache into memory the kernel must first fault in (1-4 ms a time).
         """
         kv = self.seqs[slot]
         kv.length = start
         if end <= kv.fits_until:
             return True
-        for generous in (True, False):  # grow by 1.5x when it fits, else just enough
-            plans, extra = self._plan(kv, start, end, generous)
+        for generous in (True, False):  # grow 2x (up to what is expected) when it fits, else just enough
+            plans, extra = self._plan(kv, start, end, generous, expect)
             if not extra or self._evict_for(extra):
                 if self.shared and len(plans) == self.num_layers and len({c for _, _, c in plans}) == 1:
                     self._regrow(kv, plans[0][2])
@@ -171,7 +173,7 @@ class KVPool:
                 return True
         return False
 
-    def _plan(self, kv: SeqKV, start: int, end: int, generous: bool) -> tuple[list, int]:
+    def _plan(self, kv: SeqKV, start: int, end: int, generous: bool, expect: int | None = None) -> tuple[list, int]:
         plans, extra = [], 0
         elem = self.elem_size
         for layer in range(self.num_layers):
@@ -184,7 +186,10 @@ class KVPool:
             if need <= cap:
                 plans.append((layer, keep_from, cap))  # shift the window only
                 continue
-            new_cap = -(-(max(need, int(cap * 1.5)) if generous else need) // self.grow) * self.grow
+            room = need
+            if generous:  # twice the room, or what the sequence is expected to reach (at most 4x what it needs)
+                room = max(need, 2 * cap, min((expect or 0) - keep_from, 4 * need))
+            new_cap = -(-room // self.grow) * self.grow
             if window is not None:
                 new_cap = min(new_cap, -(-(need + GROW) // GROW) * GROW)
             plans.append((layer, keep_from, new_cap))

@@ -155,7 +155,8 @@ class Scheduler:
                 n = min(n, budget)
                 budget -= n
             start = seq.num_computed
-            while not self.pool.reserve(seq.slot, start, start + n):
+            expect = len(seq.prompt_ids) + seq.params.max_tokens if seq.params.max_tokens else None
+            while not self.pool.reserve(seq.slot, start, start + n, expect):
                 if self.running == [seq]:  # alone and still over the budget: it can never grow
                     self.finish(seq, "length")
                     self.out_of_memory.append(seq)
