@@ -53,13 +53,20 @@ def _request(i: int, gen_len: int) -> dict:
             "temperature": 0, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
 
 
+def _record(chunk, i: int, stamps, counts) -> None:
+    """A chunk's arrival time when it carries generated text: not the first chunk (the assistant role,
+    sent before the prompt is prefilled, so it would put every stream's prefill into the window), nor
+    the last (the finish reason)."""
+    if chunk.usage is not None:
+        counts[i] = chunk.usage.completion_tokens
+    elif chunk.choices and chunk.choices[0].delta.content:
+        stamps[i].append(time.perf_counter())
+
+
 async def _run_async(engine: AsyncEngine, n: int, gen_len: int, stamps, counts) -> None:
     async def one(i: int) -> None:
         async for chunk in await engine.chat.completions.create(**_request(i, gen_len)):
-            if chunk.usage is not None:
-                counts[i] = chunk.usage.completion_tokens
-            else:
-                stamps[i].append(time.perf_counter())
+            _record(chunk, i, stamps, counts)
 
     await asyncio.gather(*(one(i) for i in range(n)))
 
@@ -67,10 +74,7 @@ async def _run_async(engine: AsyncEngine, n: int, gen_len: int, stamps, counts) 
 def _run_threads(engine: Engine, n: int, gen_len: int, stamps, counts) -> None:
     def one(i: int) -> None:
         for chunk in engine.chat.completions.create(**_request(i, gen_len)):
-            if chunk.usage is not None:
-                counts[i] = chunk.usage.completion_tokens
-            else:
-                stamps[i].append(time.perf_counter())
+            _record(chunk, i, stamps, counts)
 
     threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
     for t in threads:
