@@ -357,7 +357,7 @@ class SlotLedger:
     def fits(self, tokens: int) -> bool:
         return True  # the library's states are as long as its context window
 
-    def reserve(self, slot: int, start: int, end: int) -> bool:
+    def reserve(self, slot: int, start: int, end: int, expect: int | None = None) -> bool:
         self.seqs[slot].length = start
         return True
 
