@@ -124,41 +124,6 @@ EL_API size_t el_decode_scratch_bytes(const EModel* Mp, int B, int maxkeys, int 
     return f * 4 + round64((size_t)B * G * 2) * 4 + round64((size_t)B * 2 * Kp) + 256;
 }
 
-// Attention task t of layer l: (sequence, KV head, key-range part) -> its sequence/layer index i, the
-// keys k0..k1-1 it reads and their offset in the cache; false for a part the sequence does not use.
-struct AttnTask {
-    int b, kh, i, k0, k1;
-    size_t base;
-};
-
-template <typename T>
-static inline bool attn_task(int t, int l, int L, int nkv, int P, int D, const int32_t* cap, const int32_t* widx,
-                             const int32_t* kfrom, AttnTask* a) {
-    a->b = t / (nkv * P);
-    a->kh = (t / P) % nkv;
-    a->i = a->b * L + l;
-    const int pi = t % P, n = widx[a->i] - kfrom[a->i] + 1, np = attn_parts(n);
-    if (pi >= np) return false;
-    a->k0 = (int)((int64_t)n * pi / np);
-    a->k1 = (int)((int64_t)n * (pi + 1) / np);
-    a->base = ((size_t)a->kh * cap[a->i] + kfrom[a->i] + a->k0) * kv_row<T>(D);
-    return true;
-}
-
-// The first EL_PF bytes of a task's keys and values (attend_group prefetches the rest as it goes): each
-// (sequence, KV head) reads caches of its own, and when the weights streaming through the step have
-// evicted them, waiting for those first lines cost more than the task's arithmetic (batched SmolLM2
-// steps: attention 0.9 ms of 3.1).
-template <typename T>
-static inline void prefetch_task(const AttnTask& a, int D, T* const* kc, T* const* vc) {
-    size_t bytes = (size_t)(a.k1 - a.k0) * kv_row<T>(D) * sizeof(T);
-    bytes = bytes < (size_t)EL_PF ? bytes : (size_t)EL_PF;
-    for (size_t o = 0; o < bytes; o += 64) {
-        __builtin_prefetch((const char*)(kc[a.i] + a.base) + o, 0, 3);
-        __builtin_prefetch((const char*)(vc[a.i] + a.base) + o, 0, 3);
-    }
-}
-
 template <typename T>
 static void decode_impl(const EModel* Mp, int B, const int64_t* pos, float* h, T* const* kc, T* const* vc,
                         const int32_t* cap, const int32_t* widx, const int32_t* kfrom, void* scratch, int maxkeys,
@@ -228,6 +193,7 @@ static void decode_impl(const EModel* Mp, int B, const int64_t* pos, float* h, T
             // row-wise steps are shared out by row (each row's work is independent of the others)
 #pragma omp for schedule(static) nowait
             for (int b = 0; b < B; ++b) {
+                if (B > 1) prefetch_kv_dest(b * Mo.L + l, nkv, D, cap, widx, kc, vc);
                 if (l > 0)  // the previous layer's MLP output
                     add_residual(h + (size_t)b * H, mo + (size_t)b * H, Mo.layers[l - 1].pn2, H, Mo.eps);
                 norm_row(Ly, 0, h + (size_t)b * H, H, Mo.eps, xn + (size_t)b * H);
