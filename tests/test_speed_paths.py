@@ -220,18 +220,18 @@ def test_fused_step_logits_stay_the_callers(tiny_quantized):
     _, _, runner, fused = generate(tiny_quantized["q4f16_1"], PROMPTS[:2], 2, "O2")
     assert fused > 0
 
-    class Seq:
-        slot, prompt_ids, output_ids = 0, [5, 9, 11], []
+    class Seq:  # one token at position 0: it attends only to itself (no cache rows left unwritten)
+        slot, prompt_ids, output_ids = 0, [5], []
 
     class Chunk:
-        seq, start = Seq(), 2
+        seq, start = Seq(), 0
 
     slot = runner.pool.new_slot()
     Seq.slot = slot
-    assert runner.pool.reserve(slot, 0, 3)
+    assert runner.pool.reserve(slot, 0, 1)
     first = runner.fused([Chunk()])
     kept = first.clone()
-    Seq.prompt_ids = [5, 9, 200]
+    Seq.prompt_ids = [200]
     second = runner.fused([Chunk()])
     assert torch.equal(first, kept) and not torch.equal(first, second)
 
