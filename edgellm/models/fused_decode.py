@@ -27,7 +27,6 @@ from torch import nn
 
 from edgellm.models.base import ACTIVATIONS, RMSNorm
 
-PTR = ctypes.sizeof(ctypes.c_void_p)
 KV_KINDS = {torch.float32: 0, torch.float16: 1, torch.int8: 2}  # cache element types of the native step
 # MLP activations of the native step (ELayer.act): 0 silu, 1 gelu (tanh approximation), 2 gelu (erf)
 ACT_CODES = {"silu": 0, "swish": 0, "gelu_new": 1, "gelu_pytorch_tanh": 1, "gelu_fast": 1, "gelu": 2}
@@ -189,9 +188,11 @@ class FusedDecoder:
 
     def __call__(self, chunks) -> torch.Tensor:
         """Logits [B, vocab] of one decode step: `chunks` are the engine's, one new token per sequence."""
-        # Up to the native call this makes no torch or ctypes function call (each releases the GIL): a
-        # stream's reader woken by the last step would take it there and run on this step's critical path,
-        # where the other core idles; in the native call it runs beside the step instead.
+        # Up to the native call this makes no torch op and no ctypes function call (each releases the GIL)
+        # when the native step embeds the tokens and the batch has the last step's size (a new size
+        # allocates its logits here): a stream's reader woken by the last step would take the GIL there and
+        # run on this step's critical path, where the other core idles; in the native call it runs beside
+        # the step instead.
         model, pool, L = self.model, self.pool, self.L
         b = len(chunks)
         starts = [c.start for c in chunks]
