@@ -16,8 +16,9 @@ row is quantized on its own, so its result never depends on the other rows in th
     (Three planes, 21-bit activations, were within 1e-6 but cost a quarter more per batched step.)
   normal (default): 8 bits per group of 32, one plane, as llama.cpp's Q8 activations, at every row
     count: half the integer work of `high`, and prefill becomes an int8 GEMM (activation rows in
-    blocks of 4 per weight load on AVX2, 8 on AVX-512). No AMX tile path: on a CPU with AMX the
-    AVX512-VNNI kernels run.
+    blocks of 4 per weight load on AVX2, 8 on AVX-512; on a CPU with AMX-INT8, products of 16 rows or
+    more run on AMX tiles once a self-test on the machine has matched them to the AVX-512 kernels bit
+    for bit: see csrc/linear_amx.cpp and `_setup_amx`).
 Measured on the 2-core AVX-512 machine, one thread, 1536x576 / 8960x1536 q4f16_1 GEMV (high): this
 kernel 38 / 411 us; `_weight_int4pack_mm_for_cpu` with bf16 activations 64 / 1022 us; the best
 inductor expression 223 / 3589 us.
@@ -38,6 +39,7 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
 from pathlib import Path
@@ -199,7 +201,56 @@ def _build() -> ctypes.CDLL:
     lib.el_read.restype = ctypes.c_double
     lib.el_decode.argtypes = [ctypes.POINTER(EModel), i32, vp, vp, vp, vp, vp, vp, vp, vp, i32, i32, i32, vp, vp, vp]
     lib.el_argmax_rows.argtypes = [vp, i32, i32, vp, i32]
+    lib.el_amx_set.argtypes = [i32]
+    lib.el_amx_selftest.argtypes = [i32]
+    lib.el_amx_products.restype = ctypes.c_long
+    _setup_amx(lib, lib_path)
     return lib
+
+
+AMX_VERDICTS = {1: "its results differ from the AVX-512 kernels'", 2: "Linux did not grant the tile state"}
+
+
+def _setup_amx(lib: ctypes.CDLL, lib_path: Path) -> None:
+    """AMX-int8 tiles for products of 16 rows or more (prefill): on when the CPU has AMX-INT8 and the tile
+    kernel matched the AVX-512 kernels bit for bit in a child process on this machine (once per built
+    library: the verdict is kept beside it; a crash there costs only the child). EDGELLM_AMX=off keeps
+    them off; EDGELLM_AMX=emulate runs the tile kernel's logic with tiles emulated in C (tests, any CPU)."""
+    want = os.environ.get("EDGELLM_AMX", "auto").lower()
+    if want in ("0", "off", "false", "no"):
+        return
+    if want == "emulate":
+        lib.el_amx_set(2)
+        return
+    if not lib.el_amx_cpu():
+        return
+    stamp = lib_path.with_name("amx-selftest")
+    try:
+        verdict = stamp.read_text().strip()
+    except OSError:
+        verdict = _amx_probe(lib_path)
+        try:
+            stamp.write_text(verdict + "\n")
+        except OSError:
+            pass
+    if verdict == "ok" and lib.el_amx_set(1) == 0:
+        log.info("edgellm native kernels: AMX-int8 tiles on for products of 16 rows or more")
+    else:
+        log.warning("edgellm native kernels: this CPU has AMX-INT8 but the tile product stays off (%s); "
+                    "the AVX-512 kernels run", verdict if verdict != "ok" else "Linux did not grant the tile state")
+
+
+def _amx_probe(lib_path: Path) -> str:
+    """Run el_amx_selftest(1) in a child process: "ok", or why not."""
+    code = "import ctypes, sys; sys.exit(ctypes.CDLL(sys.argv[1]).el_amx_selftest(1))"
+    try:
+        rc = subprocess.run([sys.executable, "-c", code, str(lib_path)], capture_output=True,
+                            timeout=build_timeout()).returncode
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"the self-test did not finish: {e}"
+    if rc == 0:
+        return "ok"
+    return AMX_VERDICTS.get(rc, f"the self-test ended with {'signal ' + str(-rc) if rc < 0 else 'status ' + str(rc)}")
 
 
 def _check_abi(lib: ctypes.CDLL, path: Path) -> None:
@@ -248,11 +299,13 @@ def unavailable_reason() -> str | None:
 
 
 def isa() -> str:
-    """Which kernel variant was built: "avx512-vnni", "avx2", "portable" or "none"."""
+    """Which kernel variant was built: "avx512-vnni", "avx2", "portable" or "none"; "+amx" when the
+    AMX tile product is on ("+amx-emulated" under EDGELLM_AMX=emulate)."""
     lib = library()
     if lib is None:
         return "none"
-    return {512: "avx512-vnni", 256: "avx2"}.get(lib.el_isa(), "portable")
+    name = {512: "avx512-vnni", 256: "avx2"}.get(lib.el_isa(), "portable")
+    return name + {1: "+amx", 2: "+amx-emulated"}.get(lib.el_amx_mode(), "")
 
 
 def check_precision(precision: str) -> str:

@@ -1,13 +1,7 @@
 // The quantized product with AVX512-VNNI (vpdpbusd on 512-bit vectors).
-#include "common.h"
+#include "avx512.h"
 
 #if EL_VNNI
-static inline __m512 load_scales(const ELinear& L, int rb, int g) {
-    const size_t idx = ((size_t)rb * L.G + g) * 16;
-    if (L.half) return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)((const uint16_t*)L.scale + idx)));
-    return _mm512_loadu_ps((const float*)L.scale + idx);
-}
-
 // acc += u (unsigned bytes) . the 4 signed bytes at p broadcast, as one instruction with an embedded
 // broadcast operand (GCC does not fold the intrinsics' broadcast; measured 10-17% faster for 8 rows)
 static inline __m512i dpb(__m512i acc, __m512i u, const int8_t* p) {
@@ -19,13 +13,6 @@ static inline __m512i bcast(const int8_t* p) {
     int32_t v;
     memcpy(&v, p, 4);
     return _mm512_set1_epi32(v);
-}
-
-static inline void store_block(const ELinear& L, int rb, __m512 acc, float* y) {
-    const int n0 = rb * 16, cnt = L.N - n0 < 16 ? L.N - n0 : 16;
-    const __mmask16 m = (__mmask16)(cnt == 16 ? 0xffff : ((1u << cnt) - 1));
-    if (L.bias) acc = _mm512_add_ps(acc, _mm512_maskz_loadu_ps(m, L.bias + n0));
-    _mm512_mask_storeu_ps(y + n0, m, acc);
 }
 
 // One activation row against NB row blocks at once (NB independent weight streams keep more
@@ -364,9 +351,22 @@ static void pair_rows(const ELinear& L, const EAct& A, int m0, int m1, int rb, f
     }
 }
 
+void avx512_rows(const ELinear& L, const EAct& A, int m0, int m1, int rb, int nb, float* y, int ldy) {
+    if (nb == 2 && L.gs == 32)
+        pair_rows<32>(L, A, m0, m1, rb, y, ldy);
+    else if (nb == 2)
+        pair_rows<0>(L, A, m0, m1, rb, y, ldy);
+    else
+        rows_mb<1>(L, A, m0, m1, rb, y, ldy);
+}
+
 template <int P>
 static void gemv_planes(const ELinear& L, const EAct& A, int M, float* y, int ldy) {
     const int Nb = (L.N + 15) / 16;
+    if (P == 1 && amx_fits(L, M)) {  // a CPU with AMX-int8 (and the tiles' permission): its tile product
+        gemv_amx(L, A, M, y, ldy);
+        return;
+    }
 #if EL_STREAMS > 1
     if (M == 1) {  // EL_STREAMS weight streams per thread: blocks i, i + per, i + 2 per...
         const int per = (Nb + EL_STREAMS - 1) / EL_STREAMS;

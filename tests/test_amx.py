@@ -1,0 +1,97 @@
+"""The AMX-int8 tile product (csrc/linear_amx.cpp) gives the AVX-512 kernels' results bit for bit.
+
+On a CPU without AMX the tile kernel runs with its tiles emulated in C (mode 2): every line of its
+logic (tiling, the B rows of 4-bit codes, the per-group epilogue, the rows and blocks it leaves to the
+AVX-512 kernels) is exercised; the emulation does what the Intel SDM says tileloadd, tilezero,
+tdpbsud and tilestored do. On a CPU with AMX, kernels.py turns the hardware tiles on only after the
+same comparison (el_amx_selftest) passed in a child process, and the last test checks that verdict.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from edgellm.quantization import kernels
+from edgellm.quantization.layers import repack_model
+from edgellm.quantization.modes import get_mode
+from edgellm.quantization.pack import quantize
+from tests.helpers import forward, kv_pool
+
+pytestmark = pytest.mark.skipif(not kernels.available(),
+                                reason=f"native kernels unavailable: {kernels.unavailable_reason()}")
+
+
+@pytest.fixture
+def tiles():
+    """The library, its tile mode restored afterwards; skips where the AMX kernel is not built (no AVX-512)."""
+    lib = kernels.library()
+    before = lib.el_amx_mode()
+    if lib.el_amx_set(2) != 0:
+        pytest.skip("the AMX kernel (and its emulation) is built on AVX-512 machines only")
+    lib.el_amx_set(0)
+    yield lib
+    lib.el_amx_set(before)
+
+
+def _both(lib, fn):
+    """fn() on the AVX-512 kernels, then on (emulated) tiles; also how many products ran on tiles."""
+    lib.el_amx_set(0)
+    want = fn()
+    count = lib.el_amx_products()
+    lib.el_amx_set(2)
+    got = fn()
+    lib.el_amx_set(0)
+    return want, got, lib.el_amx_products() - count
+
+
+@pytest.mark.parametrize("quant", ["q4f16_1", "q4f32_1", "q3f16_1", "q8f16_1"])
+@pytest.mark.parametrize("n,k", [(100, 200), (40, 1000), (264, 544)])  # odd and partial last row blocks
+def test_tile_product_equals_the_avx512_kernels(tiles, quant, n, k):
+    mode = get_mode(quant)
+    torch.manual_seed(n * k + 1)
+    w = torch.randn(n, k) * torch.linspace(0.2, 3.0, k)
+    pw = kernels.PackedWeight.from_quantized(*quantize(w, mode), mode, n, k, torch.randn(n), precision="normal")
+    for m in (16, 29, 33, 70):  # one row tile, pairs of them, and rows past the last whole tile
+        x = torch.randn(m, k) * 3
+        x[-1, : min(k, 40)] = 0.0  # a whole zero group
+        want, got, on_tiles = _both(tiles, lambda x=x: pw.linear(x))
+        assert on_tiles == 1, (m, on_tiles)
+        assert torch.equal(got, want), (m, (got - want).abs().max().item())
+    # fewer than 16 rows (decode) and 16-bit activations (precision=high) stay on the AVX-512 kernels
+    _, _, on_tiles = _both(tiles, lambda: pw.linear(torch.randn(15, k)))
+    assert on_tiles == 0
+    pw.precision = "high"
+    _, _, on_tiles = _both(tiles, lambda: pw.linear(torch.randn(8, k)))
+    assert on_tiles == 0
+
+
+def test_prefill_logits_on_tiles_equal_the_avx512_kernels(tiles, tiny_model_q4):
+    from edgellm.models.loader import load_model
+
+    model, cfg = load_model(tiny_model_q4, precision="normal")
+    repack_model(model, "normal")
+    ids = torch.arange(5, 45)  # 40 tokens: two row tiles and 8 rows after them
+
+    def prefill():
+        pool, slot = kv_pool(model, cfg.context_window_size)
+        with torch.inference_mode():
+            return forward(model, pool, slot, ids, 0)
+
+    want, got, on_tiles = _both(tiles, prefill)
+    assert on_tiles >= 4 * cfg.model_config["num_hidden_layers"], on_tiles  # every layer's products
+    assert torch.equal(got, want)
+
+
+def test_self_test_verdicts(tiles):
+    assert tiles.el_amx_selftest(2) == 0  # the emulated tiles match the AVX-512 kernels
+
+
+def test_hardware_tiles_are_on_exactly_where_the_cpu_has_them():
+    lib = kernels.library()
+    if lib.el_amx_cpu():  # the CPU's own tiles passed the comparison in a child process and are in use
+        assert kernels.isa().endswith("+amx"), kernels.isa()
+    else:
+        assert lib.el_amx_selftest(1) == 2  # unavailable here, not "differs"
+        assert lib.el_amx_set(1) == -1
+        assert "+amx" not in kernels.isa()
