@@ -222,6 +222,7 @@ def run_bench(model: str | Path | None = None, *, prompt_len: int = 512, gen_len
         "opt": s.opt,
         "precision": s.precision,
         "fused_decode": s.fused and not s.adapters,
+        "kernels": _kernels_isa() if s.device == "cpu" else None,  # e.g. "avx512-vnni+amx"
         "lora_adapters": len(s.adapters),
         "tensor_parallel_shards": s.shards,
         # a compiled library keeps its own cache
@@ -244,6 +245,12 @@ def run_bench(model: str | Path | None = None, *, prompt_len: int = 512, gen_len
         report["bandwidth_limit_tokens_per_s"] = bw / wbytes * batch
         report["bandwidth_fraction"] = wbytes * steps_per_s / bw
     return report
+
+
+def _kernels_isa() -> str:
+    from edgellm.quantization import kernels
+
+    return kernels.isa()
 
 
 def format_report(r: dict[str, Any]) -> str:
@@ -269,6 +276,7 @@ def format_report(r: dict[str, Any]) -> str:
         lines.append(f"peak RSS {r['peak_rss_bytes'] / 2**20:.0f} MiB; load {r['load_s']:.2f} s; "
                      f"device {r['device']}; fused decode {'on' if r['fused_decode'] else 'off'}; "
                      f"KV cache {r.get('kv_cache_dtype') or '-'}"
+                     + (f"; kernels {r['kernels']}" if r.get("kernels") else "")
                      + (f"; model library {r['model_lib']}" if r.get("model_lib") else "")
                      + (f"; {r['tensor_parallel_shards']} tensor-parallel shards (rank 0's RSS)"
                         if r.get("tensor_parallel_shards", 1) > 1 else ""))
