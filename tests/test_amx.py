@@ -9,6 +9,8 @@ same comparison (el_amx_selftest) passed in a child process, and the last test c
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -89,7 +91,10 @@ def test_self_test_verdicts(tiles):
 
 def test_hardware_tiles_are_on_exactly_where_the_cpu_has_them():
     lib = kernels.library()
-    if lib.el_amx_cpu():  # the CPU's own tiles passed the comparison in a child process and are in use
+    if lib.el_amx_cpu():
+        # the CPU's own tiles match the AVX-512 kernels (the comparison kernels.py runs in a child process
+        # before it turns them on), and they are in use here
+        assert kernels._amx_probe(Path(lib._name)) == "ok"
         assert kernels.isa().endswith("+amx"), kernels.isa()
     else:
         assert lib.el_amx_selftest(1) == 2  # unavailable here, not "differs"
