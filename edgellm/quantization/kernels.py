@@ -229,6 +229,7 @@ def _build() -> ctypes.CDLL:
 
 
 AMX_VERDICTS = {1: "its results differ from the AVX-512 kernels'", 2: "Linux did not grant the tile state"}
+PROBE_UNFINISHED = "the self-test did not finish"
 
 
 def _setup_amx(lib: ctypes.CDLL, lib_path: Path) -> None:
@@ -249,10 +250,11 @@ def _setup_amx(lib: ctypes.CDLL, lib_path: Path) -> None:
         verdict = stamp.read_text().strip()
     except OSError:
         verdict = _amx_probe(lib_path)
-        try:
-            stamp.write_text(verdict + "\n")
-        except OSError:
-            pass
+        if not verdict.startswith(PROBE_UNFINISHED):  # a child that timed out may pass next time
+            try:
+                stamp.write_text(verdict + "\n")
+            except OSError:
+                pass
     if verdict == "ok" and lib.el_amx_set(1) == 0:
         log.info("edgellm native kernels: AMX-int8 tiles on for products of 16 rows or more")
     else:
@@ -267,7 +269,7 @@ def _amx_probe(lib_path: Path) -> str:
         rc = subprocess.run([sys.executable, "-c", code, str(lib_path)], capture_output=True,
                             timeout=build_timeout()).returncode
     except (OSError, subprocess.TimeoutExpired) as e:
-        return f"the self-test did not finish: {e}"
+        return f"{PROBE_UNFINISHED}: {e}"
     if rc == 0:
         return "ok"
     return AMX_VERDICTS.get(rc, f"the self-test ended with {'signal ' + str(-rc) if rc < 0 else 'status ' + str(rc)}")
