@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from edgellm.quantization import kernels
+from edgellm.quantization import amx, kernels
 from edgellm.quantization.layers import repack_model
 from edgellm.quantization.modes import get_mode
 from edgellm.quantization.pack import quantize
@@ -32,7 +32,9 @@ def tiles():
     if lib.el_amx_set(2) != 0:
         pytest.skip("the AMX kernel (and its emulation) is built on AVX-512 machines only")
     lib.el_amx_set(0)
+    rows = lib.el_amx_min_rows(16)  # (a CPU with AMX may have timed its tiles faster only from more rows)
     yield lib
+    lib.el_amx_min_rows(rows)
     lib.el_amx_set(before)
 
 
@@ -91,12 +93,39 @@ def test_self_test_verdicts(tiles):
 
 def test_hardware_tiles_are_on_exactly_where_the_cpu_has_them():
     lib = kernels.library()
+    path = Path(lib._name)
     if lib.el_amx_cpu():
-        # the CPU's own tiles match the AVX-512 kernels (the comparison kernels.py runs in a child process
-        # before it turns them on), and they are in use here
-        assert kernels._amx_probe(Path(lib._name)) == "ok"
-        assert kernels.isa().endswith("+amx"), kernels.isa()
+        # the CPU's own tiles match the AVX-512 kernels bit for bit (the child-process check amx.setup ran
+        # before it decided), and they are on exactly when that check also timed them faster
+        assert amx.probe(path, 300).startswith(("ok", "bit-exact")), amx.probe(path, 300)
+        verdict = path.with_name("amx-selftest").read_text().strip()
+        assert kernels.isa().endswith("+amx") == verdict.startswith("ok"), (kernels.isa(), verdict)
     else:
         assert lib.el_amx_selftest(1) == 2  # unavailable here, not "differs"
         assert lib.el_amx_set(1) == -1
+        assert lib.el_amx_time(1, 16, 64, 64, 1, 1) < 0
         assert "+amx" not in kernels.isa()
+
+
+def test_timing_restores_the_mode_and_the_threshold_follows_it(tiles):
+    tiles.el_amx_set(2)
+    assert tiles.el_amx_time(0, 16, 64, 64, 1, 1) > 0 and tiles.el_amx_time(2, 16, 64, 64, 1, 1) > 0
+    assert tiles.el_amx_mode() == 2  # the timing left the mode as it found it
+    # tiles from the fewest timed rows where they were faster at every larger count too
+    assert amx.amx_min_rows({16: (1.0, 2.0), 64: (4.0, 3.0), 256: (16.0, 9.0)}) == 64
+    assert amx.amx_min_rows({16: (1.0, 0.5), 64: (4.0, 3.0), 256: (16.0, 9.0)}) == 16
+    assert amx.amx_min_rows({16: (1.0, 0.5), 64: (4.0, 5.0), 256: (16.0, 9.0)}) == 256
+    assert amx.amx_min_rows({16: (1.0, 0.5), 64: (4.0, 3.0), 256: (16.0, 17.0)}) is None
+    assert amx.verdict_rows("ok min_rows=64 (AVX-512 / tiles: ...)") == 64
+    assert amx.verdict_rows("bit-exact, but the tiles were not faster ...") is None
+    # the threshold: 16-row products stay on the AVX-512 kernels once tiles start at 64 rows
+    mode = get_mode("q4f16_1")
+    pw = kernels.PackedWeight.from_quantized(*quantize(torch.randn(32, 64), mode), mode, 32, 64)
+    try:
+        tiles.el_amx_min_rows(64)
+        _, _, on_tiles = _both(tiles, lambda: pw.linear(torch.randn(16, 64)))
+        assert on_tiles == 0
+        _, _, on_tiles = _both(tiles, lambda: pw.linear(torch.randn(64, 64)))
+        assert on_tiles == 1
+    finally:
+        tiles.el_amx_min_rows(16)

@@ -18,7 +18,7 @@ row is quantized on its own, so its result never depends on the other rows in th
     count: half the integer work of `high`, and prefill becomes an int8 GEMM (activation rows in
     blocks of 4 per weight load on AVX2, 8 on AVX-512; on a CPU with AMX-INT8, products of 16 rows or
     more run on AMX tiles once a self-test on the machine has matched them to the AVX-512 kernels bit
-    for bit: see csrc/linear_amx.cpp and `_setup_amx`).
+    for bit: see csrc/linear_amx.cpp and quantization/amx.py).
 Measured on the 2-core AVX-512 machine, one thread, 1536x576 / 8960x1536 q4f16_1 GEMV (high): this
 kernel 38 / 411 us; `_weight_int4pack_mm_for_cpu` with bf16 activations 64 / 1022 us; the best
 inductor expression 223 / 3589 us.
@@ -40,7 +40,6 @@ import os
 import platform
 import shutil
 import subprocess
-import sys
 import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -50,6 +49,7 @@ import torch
 
 from edgellm.errors import UserError
 from edgellm.paths import edgellm_home
+from edgellm.quantization import amx
 from edgellm.quantization.arena import HugePageArena
 
 log = logging.getLogger("edgellm.kernels")
@@ -224,55 +224,12 @@ def _build() -> ctypes.CDLL:
     lib.el_amx_set.argtypes = [i32]
     lib.el_amx_selftest.argtypes = [i32]
     lib.el_amx_products.restype = ctypes.c_long
-    _setup_amx(lib, lib_path)
+    lib.el_amx_min_rows.argtypes = [i32]
+    lib.el_amx_min_rows.restype = i32
+    lib.el_amx_time.restype = ctypes.c_double
+    lib.el_amx_time.argtypes = [i32] * 6
+    amx.setup(lib, lib_path, build_timeout())
     return lib
-
-
-AMX_VERDICTS = {1: "its results differ from the AVX-512 kernels'", 2: "Linux did not grant the tile state"}
-PROBE_UNFINISHED = "the self-test did not finish"
-
-
-def _setup_amx(lib: ctypes.CDLL, lib_path: Path) -> None:
-    """AMX-int8 tiles for products of 16 rows or more (prefill): on when the CPU has AMX-INT8 and the tile
-    kernel matched the AVX-512 kernels bit for bit in a child process on this machine (once per built
-    library: the verdict is kept beside it; a crash there costs only the child). EDGELLM_AMX=off keeps
-    them off; EDGELLM_AMX=emulate runs the tile kernel's logic with tiles emulated in C (tests, any CPU)."""
-    want = os.environ.get("EDGELLM_AMX", "auto").lower()
-    if want in ("0", "off", "false", "no"):
-        return
-    if want == "emulate":
-        lib.el_amx_set(2)
-        return
-    if not lib.el_amx_cpu():
-        return
-    stamp = lib_path.with_name("amx-selftest")
-    try:
-        verdict = stamp.read_text().strip()
-    except OSError:
-        verdict = _amx_probe(lib_path)
-        if not verdict.startswith(PROBE_UNFINISHED):  # a child that timed out may pass next time
-            try:
-                stamp.write_text(verdict + "\n")
-            except OSError:
-                pass
-    if verdict == "ok" and lib.el_amx_set(1) == 0:
-        log.info("edgellm native kernels: AMX-int8 tiles on for products of 16 rows or more")
-    else:
-        log.warning("edgellm native kernels: this CPU has AMX-INT8 but the tile product stays off (%s); "
-                    "the AVX-512 kernels run", verdict if verdict != "ok" else "Linux did not grant the tile state")
-
-
-def _amx_probe(lib_path: Path) -> str:
-    """Run el_amx_selftest(1) in a child process: "ok", or why not."""
-    code = "import ctypes, sys; sys.exit(ctypes.CDLL(sys.argv[1]).el_amx_selftest(1))"
-    try:
-        rc = subprocess.run([sys.executable, "-c", code, str(lib_path)], capture_output=True,
-                            timeout=build_timeout()).returncode
-    except (OSError, subprocess.TimeoutExpired) as e:
-        return f"{PROBE_UNFINISHED}: {e}"
-    if rc == 0:
-        return "ok"
-    return AMX_VERDICTS.get(rc, f"the self-test ended with {'signal ' + str(-rc) if rc < 0 else 'status ' + str(rc)}")
 
 
 def _check_abi(lib: ctypes.CDLL, path: Path) -> None:

@@ -12,14 +12,22 @@
 //
 // The tile code is a template over the tile operations: HwTiles (the CPU's, inline asm, so no compiler
 // flag is needed) or EmuTiles (the same operations in C: the kernel's logic runs and is tested on any
-// AVX-512 CPU). Nothing here runs on its own: kernels.py turns the hardware mode on only after
-// el_amx_selftest(1) has matched the AVX-512 kernels in a child process on this machine.
+// AVX-512 CPU). Nothing here runs on its own: quantization/amx.py turns the hardware mode on only after
+// el_amx_selftest(1) has matched the AVX-512 kernels in a child process on this machine, and only from the
+// row count where el_amx_time found the tiles faster (amx_check.cpp).
 #include "avx512.h"
 
 static std::atomic<int> g_amx{0};
+static std::atomic<int> g_min_rows{16};  // the fewest rows a product needs to go to tiles
 static std::atomic<long> g_tile_products{0};  // products run on tiles (the tests' evidence that they did)
 int amx_mode() { return g_amx.load(std::memory_order_relaxed); }
 EL_API long el_amx_products() { return g_tile_products.load(std::memory_order_relaxed); }
+// products of fewer than `rows` rows (at least 16) stay on the AVX-512 kernels (quantization/amx.py sets this
+// from the timing: where the tiles were not faster); returns the threshold before (rows <= 0: only that)
+EL_API int el_amx_min_rows(int rows) {
+    if (rows <= 0) return g_min_rows.load(std::memory_order_relaxed);
+    return g_min_rows.exchange(rows < 16 ? 16 : rows, std::memory_order_relaxed);
+}
 
 #if EL_VNNI
 #include <cpuid.h>
@@ -38,7 +46,7 @@ static_assert(sizeof(TileCfg) == 64, "the tile configuration is 64 bytes");
 static inline int chunk_bytes(const ELinear& L) { return L.gs < 64 ? L.gs : 64; }
 
 bool amx_fits(const ELinear& L, int M) {
-    if (M < 16 || amx_mode() == 0 || (L.fmt != 4 && L.fmt != 8) || L.abits != 8) return false;
+    if (M < g_min_rows.load(std::memory_order_relaxed) || amx_mode() == 0 || (L.fmt != 4 && L.fmt != 8) || L.abits != 8) return false;
     const int kc = chunk_bytes(L);
     return kc >= 8 && kc % 8 == 0 && L.gs % kc == 0 && L.Kp % L.gs == 0;
 }
@@ -258,63 +266,11 @@ EL_API int el_amx_set(int mode) {
     return 0;
 }
 
-EL_API void el_linear(const ELinear* Lp, const float* x, int M, int ldx, float* y, int ldy, int nthreads);
-
-// The tile product in `mode` against the AVX-512 kernels on products that reach every path (4-bit codes in
-// groups of 32 and 8-bit codes in groups of 128 (two chunks a group); two tiles, one tile and a tail of
-// rows, also within 8-row tiles; an odd, partial last row block; biases): 0 when every result is equal bit for bit, 1 when one
-// differs, 2 when the mode is unavailable. The mode is left off.
-EL_API int el_amx_selftest(int mode) {
-    if (el_amx_set(mode) != 0) return 2;
-    int bad = 0;
-    uint32_t seed = 12345;
-    auto rnd = [&seed]() {
-        seed = seed * 1664525u + 1013904223u;
-        return seed >> 8;
-    };
-    const int N = 40, Nb = 3;
-    for (int fmt : {4, 8})
-    for (int M : {53, 29}) {
-        const int K = fmt == 4 ? 96 : 256, gs = fmt == 4 ? 32 : 128, G = K / gs;
-        const size_t wbytes = (size_t)Nb * K * (fmt == 4 ? 8 : 16);
-        uint8_t* w = (uint8_t*)malloc(wbytes);
-        uint16_t* sc = (uint16_t*)malloc((size_t)Nb * G * 16 * 2);
-        float* bias = (float*)malloc(N * sizeof(float));
-        float* x = (float*)malloc((size_t)M * K * sizeof(float));
-        float* y0 = (float*)malloc((size_t)M * N * sizeof(float));
-        float* y1 = (float*)malloc((size_t)M * N * sizeof(float));
-        for (size_t i = 0; i < wbytes; ++i) w[i] = (uint8_t)rnd();
-        for (int i = 0; i < Nb * G * 16; ++i) sc[i] = float_to_half(0.001f * (float)(1 + rnd() % 100));
-        for (int i = 0; i < N; ++i) bias[i] = (float)(rnd() % 200) / 100.0f - 1.0f;
-        for (int i = 0; i < M * K; ++i) x[i] = (float)(rnd() % 4001) / 1000.0f - 2.0f;
-        ELinear L{};
-        L.w = w;
-        L.scale = sc;
-        L.bias = bias;
-        L.N = N;
-        L.K = L.Kp = K;
-        L.G = G;
-        L.gs = gs;
-        L.fmt = fmt;
-        L.half = 1;
-        L.off = fmt == 4 ? 8 : 128;
-        L.abits = 8;
-        el_linear(&L, x, M, K, y1, N, 1);
-        g_amx.store(0, std::memory_order_relaxed);
-        el_linear(&L, x, M, K, y0, N, 1);
-        g_amx.store(mode, std::memory_order_relaxed);
-        bad |= memcmp(y0, y1, (size_t)M * N * sizeof(float)) != 0;
-        for (void* p : {(void*)w, (void*)sc, (void*)bias, (void*)x, (void*)y0, (void*)y1}) free(p);
-    }
-    g_amx.store(0, std::memory_order_relaxed);
-    return bad;
-}
 #else
 bool amx_fits(const ELinear&, int) { return false; }
 void gemv_amx(const ELinear&, const EAct&, int, float*, int) {}
 EL_API int el_amx_cpu() { return 0; }
 EL_API int el_amx_set(int mode) { return mode == 0 ? 0 : -1; }
-EL_API int el_amx_selftest(int) { return 2; }
 #endif
 
 EL_API int el_amx_mode() { return amx_mode(); }
