@@ -129,3 +129,41 @@ def test_timing_restores_the_mode_and_the_threshold_follows_it(tiles):
         assert on_tiles == 1
     finally:
         tiles.el_amx_min_rows(16)
+
+
+def test_the_gate_follows_the_cached_verdict(tmp_path, monkeypatch):
+    """amx.setup on a CPU with AMX reads the verdict kept beside the library: tiles on from its row count,
+    or off with a warning. (The library here is a stand-in that records the calls: this CPU has no AMX,
+    so the real one never reaches this code.)"""
+
+    class Lib:
+        def __init__(self):
+            self.calls = []
+
+        def el_amx_cpu(self):
+            return 1
+
+        def el_amx_set(self, mode):
+            self.calls.append(("set", mode))
+            return 0
+
+        def el_amx_min_rows(self, rows):
+            self.calls.append(("rows", rows))
+            return 16
+
+    monkeypatch.delenv("EDGELLM_AMX", raising=False)
+    lib_path = tmp_path / "libedgellm_kernels.so"
+    stamp = tmp_path / "amx-selftest"
+    stamp.write_text("ok min_rows=64 (AVX-512 / tiles: 16 rows 90 / 120 us, 64 rows 350 / 200 us)\n")
+    lib = Lib()
+    amx.setup(lib, lib_path, 10)
+    assert lib.calls == [("set", 1), ("rows", 64)]
+    stamp.write_text("bit-exact, but the tiles were not faster than the AVX-512 kernels (...)\n")
+    lib = Lib()
+    amx.setup(lib, lib_path, 10)
+    assert lib.calls == []
+    monkeypatch.setenv("EDGELLM_AMX", "off")
+    stamp.write_text("ok min_rows=16\n")
+    lib = Lib()
+    amx.setup(lib, lib_path, 10)
+    assert lib.calls == []
