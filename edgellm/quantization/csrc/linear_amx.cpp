@@ -31,7 +31,6 @@ EL_API int el_amx_min_rows(int rows) {
 
 #if EL_VNNI
 #include <cpuid.h>
-#include <initializer_list>
 #include <sys/syscall.h>
 #include <unistd.h>
 
