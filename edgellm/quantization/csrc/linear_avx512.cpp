@@ -207,9 +207,10 @@ static inline __attribute__((always_inline)) void pair_step(const uint8_t* w0, c
 // not the products bound the rate. Low and high nibbles sum in separate accumulators (no product
 // waits on another within a step). GS: the group size when known at compile time (0: L.gs); the
 // fixed 4-step inner loop of gs 32 made a 512-row SmolLM2 prefill 10-22% faster (alternating runs).
-// pf_next: this call is the first pass over the pair's rows (it prefetches the next pair).
-template <int MB, int GS>
-static void block_mb2_i8(const ELinear& L, const EAct& A, int m0, int rb, float* y, int ldy, bool pf_next) {
+// PF: this call is the first pass over the pair's rows (it prefetches the next pair). A template argument:
+// as a run-time flag its test in the inner loop cost the 4-row prefill passes ~20% (cached weights).
+template <int MB, int GS, bool PF>
+static void block_mb2_i8(const ELinear& L, const EAct& A, int m0, int rb, float* y, int ldy) {
     const int G = L.G, Kp = L.Kp;
     __m512 acc[MB][2];
 #pragma GCC unroll 8
@@ -228,7 +229,7 @@ static void block_mb2_i8(const ELinear& L, const EAct& A, int m0, int rb, float*
         const int steps = GS ? GS / 8 : L.gs / 8;
         for (int p = 0; p < steps; ++p, w0 += 64, w1 += 64) {
             __m512i lo0, hi0, lo1, hi1;
-            pair_step(w0, w1, 2 * (size_t)Kp * 8, pf_next, mask, lo0, hi0, lo1, hi1);
+            pair_step(w0, w1, 2 * (size_t)Kp * 8, PF, mask, lo0, hi0, lo1, hi1);
 #pragma GCC unroll 8
             for (int m = 0; m < MB; ++m) {
                 const __m512i x = bcast(pg + (size_t)m * Kp + 8 * p), z = bcast(pg + (size_t)m * Kp + 8 * p + 4);
@@ -263,8 +264,8 @@ static void block_mb2_i8(const ELinear& L, const EAct& A, int m0, int rb, float*
 // float sums stay in memory (the 16 integer sums and the unpacked weights fill the registers).
 // Against two passes of block_mb2_i8<4> (one core, same results): equal on L1-resident weights, +7%
 // from L3, +22% from DRAM, where an 8-stream decode step reads its weights.
-template <int GS>
-static void block_mb2_i8_8(const ELinear& L, const EAct& A, int m0, int rb, float* y, int ldy, bool pf_next) {
+template <int GS, bool PF>
+static void block_mb2_i8_8(const ELinear& L, const EAct& A, int m0, int rb, float* y, int ldy) {
     constexpr int MB = 8;
     const int G = L.G, Kp = L.Kp, gs = GS ? GS : L.gs;
     alignas(64) float acc[MB][2][16];
@@ -286,7 +287,7 @@ static void block_mb2_i8_8(const ELinear& L, const EAct& A, int m0, int rb, floa
 #pragma GCC unroll 4
         for (int p = 0; p < gs / 8; ++p, w0 += 64, w1 += 64) {
             __m512i lo0, hi0, lo1, hi1;
-            pair_step(w0, w1, 2 * (size_t)Kp * 8, pf_next, mask, lo0, hi0, lo1, hi1);
+            pair_step(w0, w1, 2 * (size_t)Kp * 8, PF, mask, lo0, hi0, lo1, hi1);
 #pragma GCC unroll 8
             for (int m = 0; m < MB; ++m) {
                 const __m512i x = bcast(pg + m * gs + 8 * p), z = bcast(pg + m * gs + 8 * p + 4);
@@ -297,7 +298,7 @@ static void block_mb2_i8_8(const ELinear& L, const EAct& A, int m0, int rb, floa
             }
         }
 #if EL_PF
-        if (pf_next) {  // and the next pair's scales of this group, non-temporal too (not prefetched, their
+        if (PF) {  // and the next pair's scales of this group, non-temporal too (not prefetched, their
                         // misses stalled the products: SmolLM2 8-stream step +4 to +5%, per-step
                         // alternating pairs of one build)
             const size_t es = L.half ? 2 : 4;
@@ -337,16 +338,25 @@ static void rows_mb(const ELinear& L, const EAct& A, int m0, int m1, int rb, flo
 }
 
 // rows m0..m1-1 against the row blocks rb, rb + 1 (8-bit activations, 4-bit weights)
+// block_mb2_i8 / block_mb2_i8_8 with PF = first
+template <int MB, int GS>
+static inline void mb2(const ELinear& L, const EAct& A, int m, int rb, float* y, int ldy, bool first) {
+    if (MB == 8)
+        first ? block_mb2_i8_8<GS, true>(L, A, m, rb, y, ldy) : block_mb2_i8_8<GS, false>(L, A, m, rb, y, ldy);
+    else
+        first ? block_mb2_i8<MB, GS, true>(L, A, m, rb, y, ldy) : block_mb2_i8<MB, GS, false>(L, A, m, rb, y, ldy);
+}
+
 template <int GS>
 static void pair_rows(const ELinear& L, const EAct& A, int m0, int m1, int rb, float* y, int ldy) {
     int m = m0;
     if (A.planes8)  // m0 starts a tile (gemv_planes' row tiles are multiples of 8)
-        for (; m + 8 <= m1 && m + 8 <= A.M8; m += 8) block_mb2_i8_8<GS>(L, A, m, rb, y, ldy, m == m0);
-    for (; m + 4 <= m1; m += 4) block_mb2_i8<4, GS>(L, A, m, rb, y, ldy, m == m0);
+        for (; m + 8 <= m1 && m + 8 <= A.M8; m += 8) mb2<8, GS>(L, A, m, rb, y, ldy, m == m0);
+    for (; m + 4 <= m1; m += 4) mb2<4, GS>(L, A, m, rb, y, ldy, m == m0);
     switch (m1 - m) {
-        case 3: block_mb2_i8<3, GS>(L, A, m, rb, y, ldy, m == m0); break;
-        case 2: block_mb2_i8<2, GS>(L, A, m, rb, y, ldy, m == m0); break;
-        case 1: block_mb2_i8<1, GS>(L, A, m, rb, y, ldy, m == m0); break;
+        case 3: mb2<3, GS>(L, A, m, rb, y, ldy, m == m0); break;
+        case 2: mb2<2, GS>(L, A, m, rb, y, ldy, m == m0); break;
+        case 1: mb2<1, GS>(L, A, m, rb, y, ldy, m == m0); break;
         default: break;
     }
 }
