@@ -210,6 +210,8 @@ def run_bench(model: str | Path | None = None, *, prompt_len: int = 512, gen_len
         close = getattr(s.runner, "close", None)  # a tensor-parallel runner stops its workers
         if close is not None:
             close()
+    from edgellm.quantization import kernels
+
     weights = s.model if s.model is not None else getattr(s.runner, "model", None)  # a .pt2 holds its own
     wbytes = weight_bytes_per_token(weights, batch) if weights is not None else 0
     report: dict[str, Any] = {
@@ -222,7 +224,7 @@ def run_bench(model: str | Path | None = None, *, prompt_len: int = 512, gen_len
         "opt": s.opt,
         "precision": s.precision,
         "fused_decode": s.fused and not s.adapters,
-        "kernels": _kernels_isa() if s.device == "cpu" else None,  # e.g. "avx512-vnni+amx"
+        "kernels": kernels.isa() if s.device == "cpu" else None,  # e.g. "avx512-vnni+amx"
         "lora_adapters": len(s.adapters),
         "tensor_parallel_shards": s.shards,
         # a compiled library keeps its own cache
@@ -245,12 +247,6 @@ def run_bench(model: str | Path | None = None, *, prompt_len: int = 512, gen_len
         report["bandwidth_limit_tokens_per_s"] = bw / wbytes * batch
         report["bandwidth_fraction"] = wbytes * steps_per_s / bw
     return report
-
-
-def _kernels_isa() -> str:
-    from edgellm.quantization import kernels
-
-    return kernels.isa()
 
 
 def format_report(r: dict[str, Any]) -> str:

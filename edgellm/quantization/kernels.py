@@ -166,12 +166,11 @@ def _compile(cxx: str, out_dir: Path, lib_path: Path, sources: list[Path]) -> No
             for job in jobs:
                 try:
                     res = job.result()
+                    if res.returncode != 0:
+                        raise RuntimeError(f"compiling the kernels in {CSRC} failed: {res.stderr.strip()[-2000:]}")
                 except Exception:
-                    pool.shutdown(cancel_futures=True)
+                    pool.shutdown(cancel_futures=True)  # the compilers not started yet need not run
                     raise
-                if res.returncode != 0:
-                    pool.shutdown(cancel_futures=True)
-                    raise RuntimeError(f"compiling the kernels in {CSRC} failed: {res.stderr.strip()[-2000:]}")
         res = _run([cxx, *FLAGS, *outs, "-o", tmp])
         if res.returncode != 0:
             raise RuntimeError(f"linking the kernels in {CSRC} failed: {res.stderr.strip()[-2000:]}")

@@ -18,8 +18,9 @@ static inline void store_block(const ELinear& L, int rb, __m512 acc, float* y) {
     _mm512_mask_storeu_ps(y + n0, m, acc);
 }
 
-// 8-bit activation rows m0..m1-1 against row block rb (nb = 1) or the pair rb, rb + 1 (nb = 2, fmt 4)
-// with the AVX-512 kernels (linear_avx512.cpp): the rows and blocks the tile product leaves over
+// 8-bit activation rows m0..m1-1 against row block rb (nb = 1) or rb and rb + 1 (nb = 2: one pass over
+// the pair for fmt 4) with the AVX-512 kernels (linear_avx512.cpp); also the rows and blocks the tile
+// product leaves over
 void avx512_rows(const ELinear& L, const EAct& A, int m0, int m1, int rb, int nb, float* y, int ldy);
 #endif
 

@@ -227,12 +227,7 @@ static void gemv_tiles(const ELinear& L, const EAct& A, int M, float* y, int ldy
         int m = 0;
         for (; m + 32 <= M16; m += 32) tile_rows<T>(L, A, m, 2, rb, nb, B, y, ldy);
         if (m < M16) tile_rows<T>(L, A, m, 1, rb, nb, B, y, ldy);
-        if (M16 < M) {
-            if (L.fmt == 4 && nb == 2)
-                avx512_rows(L, A, M16, M, rb, 2, y, ldy);
-            else
-                for (int b = 0; b < nb; ++b) avx512_rows(L, A, M16, M, rb + b, 1, y, ldy);
-        }
+        if (M16 < M) avx512_rows(L, A, M16, M, rb, nb, y, ldy);
     }
     if (configured) T::release();
 }

@@ -362,12 +362,12 @@ static void pair_rows(const ELinear& L, const EAct& A, int m0, int m1, int rb, f
 }
 
 void avx512_rows(const ELinear& L, const EAct& A, int m0, int m1, int rb, int nb, float* y, int ldy) {
-    if (nb == 2 && L.gs == 32)
+    if (nb == 2 && L.fmt == 4 && L.gs == 32)
         pair_rows<32>(L, A, m0, m1, rb, y, ldy);
-    else if (nb == 2)
+    else if (nb == 2 && L.fmt == 4)
         pair_rows<0>(L, A, m0, m1, rb, y, ldy);
     else
-        rows_mb<1>(L, A, m0, m1, rb, y, ldy);
+        for (int b = 0; b < nb; ++b) rows_mb<1>(L, A, m0, m1, rb + b, y, ldy);
 }
 
 template <int P>
@@ -406,14 +406,7 @@ static void gemv_planes(const ELinear& L, const EAct& A, int M, float* y, int ld
         for (int t0 = 0; t0 < M; t0 += mt) {
             const int t1 = t0 + mt < M ? t0 + mt : M;
 #pragma omp for schedule(static) nowait
-            for (int i = 0; i < pairs; ++i) {
-                if (2 * i + 1 == Nb)  // an odd last block
-                    rows_mb<1>(L, A, t0, t1, 2 * i, y, ldy);
-                else if (L.gs == 32)
-                    pair_rows<32>(L, A, t0, t1, 2 * i, y, ldy);
-                else
-                    pair_rows<0>(L, A, t0, t1, 2 * i, y, ldy);
-            }
+            for (int i = 0; i < pairs; ++i) avx512_rows(L, A, t0, t1, 2 * i, 2 * i + 1 == Nb ? 1 : 2, y, ldy);
         }
         return;
     }
