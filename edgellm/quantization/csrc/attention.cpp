@@ -180,6 +180,26 @@ static inline void prefetch_rows(const T* rows, int count, int R) {
     const char* pf = (const char*)rows + EL_PF;
     for (size_t b = 0; b < (size_t)count * R * sizeof(T); b += 64) _mm_prefetch(pf + b, _MM_HINT_T0);
 }
+
+// What one block of keys' scores fetches beside its own keys: the block's value rows (read by the weighted
+// sum after the softmax) and the next share of the caller's next key rows. A batched decode step's caches
+// come from DRAM (the weight stream evicts them between steps), and fetched only as they were read, each
+// task's loads waited for memory, then its arithmetic ran with the memory idle: the same task over cached
+// rows took half the time. Spread over the score blocks, 8-row SmolLM2 steps' attention -14..-18%
+// (0.86-0.95 -> 0.72-0.79 ms; 1.71 -> 1.54 after 200-token prompts), one row unchanged or better.
+struct BlockPrefetch {
+    const char* next;
+    size_t lines, share, at = 0;
+    BlockPrefetch(const void* next_k, size_t bytes, int blocks)
+        : next((const char*)next_k), lines(next_k ? bytes / 64 : 0),
+          share(blocks > 0 ? (lines + blocks - 1) / blocks : 0) {}
+    template <typename T>
+    inline void operator()(const T* vrows, int count, int R) {
+        const char* v = (const char*)vrows;
+        for (size_t b = 0; b < (size_t)count * R * sizeof(T); b += 64) _mm_prefetch(v + b, _MM_HINT_T0);
+        for (size_t q = 0; q < share && at < lines; ++q, ++at) _mm_prefetch(next + at * 64, _MM_HINT_T0);
+    }
+};
 #endif
 
 // ks[i] = scale times key row i's own scale (int8 rows), for `count` rows from `rows`
@@ -190,16 +210,20 @@ static inline void key_scales(const T* rows, int count, int R, int D, float scal
 
 template <typename T>
 void attend_group(const float* q, int rep, const T* K, const T* V, int n, int D, float scale, float softcap,
-                  float* s, float* acc_out, float* m_out, float* l_out) {
+                  float* s, float* acc_out, float* m_out, float* l_out, const void* next_k, size_t next_bytes) {
     int j = 0;
     const int R = kv_row<T>(D);
     const bool scaled = sizeof(T) == 1;  // int8 rows carry their own scale
 #if EL_VNNI
     const __mmask16 tail = (__mmask16)((D & 15) ? ((1u << (D & 15)) - 1) : 0xffff);
     const int Dfull = D & ~15;
+#if EL_PF
+    BlockPrefetch fetch(next_k, next_bytes, n / 16);
+#endif
     for (; j + 16 <= n; j += 16) {
 #if EL_PF
         prefetch_rows(K + (size_t)j * R, 16, R);
+        fetch(V + (size_t)j * R, 16, R);
 #endif
         __m512 sc16 = _mm512_set1_ps(scale);
         if (scaled) {
@@ -249,9 +273,13 @@ void attend_group(const float* q, int rep, const T* K, const T* V, int n, int D,
 #elif EL_AVX2
     if (D % 8 == 0 && D <= 256) {
         alignas(32) float kf[8 * 256];
+#if EL_PF
+        BlockPrefetch fetch(next_k, next_bytes, n / 8);
+#endif
         for (; j + 8 <= n; j += 8) {
 #if EL_PF
             prefetch_rows(K + (size_t)j * R, 8, R);
+            fetch(V + (size_t)j * R, 8, R);
 #endif
             __m256 sc8 = _mm256_set1_ps(scale);
             if (scaled) {
@@ -374,8 +402,8 @@ int attn_parts(int nkeys) {
 }
 
 template void attend_group<float>(const float*, int, const float*, const float*, int, int, float, float, float*, float*,
-                                  float*, float*);
+                                  float*, float*, const void*, size_t);
 template void attend_group<uint16_t>(const float*, int, const uint16_t*, const uint16_t*, int, int, float, float, float*,
-                                     float*, float*, float*);
+                                     float*, float*, float*, const void*, size_t);
 template void attend_group<int8_t>(const float*, int, const int8_t*, const int8_t*, int, int, float, float, float*, float*,
-                                   float*, float*);
+                                   float*, float*, const void*, size_t);

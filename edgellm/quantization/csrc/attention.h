@@ -96,9 +96,12 @@ static inline void axpy_kv(float* o, float p, const T* v, int D) {
 // once for all the heads. Outputs per head: unnormalized sum_j exp(s_j - m) v_j, m, and
 // l = sum_j exp(s_j - m). s = scratch of rep * n floats. softcap > 0: scores become
 // tanh(s / softcap) * softcap before the softmax. Instantiated for float, uint16_t (float16), int8_t.
+// next_k / next_bytes: the key rows the caller reads next (its next task's), prefetched a share per block of
+// keys while the scores are computed, or null.
 template <typename T>
 void attend_group(const float* q, int rep, const T* K, const T* V, int n, int D, float scale, float softcap,
-                  float* s, float* acc_out, float* m_out, float* l_out);
+                  float* s, float* acc_out, float* m_out, float* l_out, const void* next_k = nullptr,
+                  size_t next_bytes = 0);
 // number of key ranges each (sequence, kv head) is split into, so every thread has work
 #define ATTN_MAX_PARTS 8
 int attn_parts(int nkeys);

@@ -222,15 +222,20 @@ static void decode_impl(const EModel* Mp, int B, const int64_t* pos, float* h, T
             for (int t = 0; t < B * nkv * P; ++t) {
                 AttnTask a;
                 if (!attn_task<T>(t, l, Mo.L, nkv, P, D, cap, widx, kfrom, &a)) continue;
+                const void* next_k = nullptr;
+                size_t next_bytes = 0;
 #if EL_PF
                 AttnTask next;
-                if (t + 1 < B * nkv * P && attn_task<T>(t + 1, l, Mo.L, nkv, P, D, cap, widx, kfrom, &next))
+                if (t + 1 < B * nkv * P && attn_task<T>(t + 1, l, Mo.L, nkv, P, D, cap, widx, kfrom, &next)) {
                     prefetch_task(next, D, kc, vc);
+                    next_k = kc[next.i] + next.base;
+                    next_bytes = (size_t)(next.k1 - next.k0) * kv_row<T>(D) * sizeof(T);
+                }
 #endif
                 float* pr = part + (size_t)t * rep * (D + 2);
                 attend_group(qkv + (size_t)a.b * QKV + (size_t)a.kh * rep * D, rep, kc[a.i] + a.base, vc[a.i] + a.base,
                              a.k1 - a.k0, D, Mo.scale, Mo.softcap, sc + (size_t)tid * maxkeys * rep, pr,
-                             pr + (size_t)rep * D, pr + (size_t)rep * D + rep);
+                             pr + (size_t)rep * D, pr + (size_t)rep * D + rep, next_k, next_bytes);
             }
             bar.wait();
             EAct Ao = A;
