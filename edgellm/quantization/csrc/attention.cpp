@@ -174,10 +174,10 @@ static void pv8_heads(const float* s, int n, int sn, const T* V, int D, float* a
 #endif
 
 #if EL_PF && (EL_VNNI || EL_AVX2)
-// prefetch `count` key rows (R elements each), EL_PF bytes ahead of `rows`
+// prefetch `count` rows (R elements each), `ahead` bytes ahead of `rows`
 template <typename T>
-static inline void prefetch_rows(const T* rows, int count, int R) {
-    const char* pf = (const char*)rows + EL_PF;
+static inline void prefetch_rows(const T* rows, int count, int R, size_t ahead = EL_PF) {
+    const char* pf = (const char*)rows + ahead;
     for (size_t b = 0; b < (size_t)count * R * sizeof(T); b += 64) _mm_prefetch(pf + b, _MM_HINT_T0);
 }
 
@@ -195,8 +195,7 @@ struct BlockPrefetch {
           share(blocks > 0 ? (lines + blocks - 1) / blocks : 0) {}
     template <typename T>
     inline void operator()(const T* vrows, int count, int R) {
-        const char* v = (const char*)vrows;
-        for (size_t b = 0; b < (size_t)count * R * sizeof(T); b += 64) _mm_prefetch(v + b, _MM_HINT_T0);
+        prefetch_rows(vrows, count, R, 0);
         for (size_t q = 0; q < share && at < lines; ++q, ++at) _mm_prefetch(next + at * 64, _MM_HINT_T0);
     }
 };
