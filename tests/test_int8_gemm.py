@@ -85,8 +85,8 @@ def test_library_with_another_abi_is_refused(tmp_path):
     lib_path = tmp_path / "libold.so"
     subprocess.run(["g++", "-shared", "-fPIC", str(src), "-o", str(lib_path)], check=True)
     with pytest.raises(RuntimeError, match="kernel ABI 1"):
-        kernels._check_abi(ctypes.CDLL(str(lib_path)), lib_path)
-    kernels._check_abi(kernels.library(), tmp_path / "current")  # the built one passes
+        kernels.check_abi(ctypes.CDLL(str(lib_path)), lib_path)
+    kernels.check_abi(kernels.library(), tmp_path / "current")  # the built one passes
 
 
 def test_engine_option_precision_is_checked_before_loading():
