@@ -32,7 +32,7 @@ def tiles():
     if lib.el_amx_set(2) != 0:
         pytest.skip("the AMX kernel (and its emulation) is built on AVX-512 machines only")
     lib.el_amx_set(0)
-    rows = lib.el_amx_min_rows(16)  # (a CPU with AMX may have timed its tiles faster only from more rows)
+    rows = lib.el_amx_min_rows(8)  # (a CPU with AMX may have timed its tiles faster only from more rows)
     yield lib
     lib.el_amx_min_rows(rows)
     lib.el_amx_set(before)
@@ -56,14 +56,17 @@ def test_tile_product_equals_the_avx512_kernels(tiles, quant, n, k):
     torch.manual_seed(n * k + 1)
     w = torch.randn(n, k) * torch.linspace(0.2, 3.0, k)
     pw = kernels.PackedWeight.from_quantized(*quantize(w, mode), mode, n, k, torch.randn(n), precision="normal")
-    for m in (16, 29, 33, 70):  # one row tile, pairs of them, and rows past the last whole tile
+    # one 8-row tile (a decode step of 8 sequences) and rows after it, one 16-row tile, pairs of them, and
+    # rows past the last whole tile
+    for m in (8, 13, 16, 29, 33, 70):
         x = torch.randn(m, k) * 3
         x[-1, : min(k, 40)] = 0.0  # a whole zero group
         want, got, on_tiles = _both(tiles, lambda x=x: pw.linear(x))
         assert on_tiles == 1, (m, on_tiles)
         assert torch.equal(got, want), (m, (got - want).abs().max().item())
-    # fewer than 16 rows (decode) and 16-bit activations (precision=high) stay on the AVX-512 kernels
-    _, _, on_tiles = _both(tiles, lambda: pw.linear(torch.randn(15, k)))
+    # fewer than 8 rows (decode of up to 7 sequences) and 16-bit activations (precision=high) stay on the
+    # AVX-512 kernels
+    _, _, on_tiles = _both(tiles, lambda: pw.linear(torch.randn(7, k)))
     assert on_tiles == 0
     pw.precision = "high"
     _, _, on_tiles = _both(tiles, lambda: pw.linear(torch.randn(8, k)))
@@ -85,6 +88,25 @@ def test_prefill_logits_on_tiles_equal_the_avx512_kernels(tiles, tiny_model_q4):
     want, got, on_tiles = _both(tiles, prefill)
     assert on_tiles >= 4 * cfg.model_config["num_hidden_layers"], on_tiles  # every layer's products
     assert torch.equal(got, want)
+
+
+def test_batched_decode_on_tiles_equals_the_avx512_kernels(tiles, tiny_model_q4):
+    """Decode steps of 8 sequences (the fused native step: every product has 8 rows) give the same tokens
+    and logits on 8-row tiles as on the AVX-512 kernels' 8-row pair kernel, and every product ran on tiles."""
+    from tests.test_speed_paths import generate
+
+    prompts = [[3 + 7 * i] for i in range(8)]  # one-token prompts: every step is a fused 8-row step
+
+    def decode():
+        return generate(tiny_model_q4, prompts, 4, "O2", precision="normal")
+
+    want, got, on_tiles = _both(tiles, decode)
+    runner, steps = got[2], got[3]
+    assert steps == 4 and want[3] == 4  # the one native call for all 8 rows, every step
+    assert on_tiles == steps * (4 * runner.model.cfg.num_layers + 1)  # every layer's 4 products and the head
+    assert got[0] == want[0]
+    for a, b in zip(got[1], want[1]):
+        assert torch.equal(a, b)
 
 
 def test_self_test_verdicts(tiles):
@@ -118,7 +140,9 @@ def test_timing_restores_the_mode_and_the_threshold_follows_it(tiles):
     assert amx.amx_min_rows({16: (1.0, 0.5), 64: (4.0, 3.0), 256: (16.0, 17.0)}) is None
     assert amx.verdict_rows("ok min_rows=64 (AVX-512 / tiles: ...)") == 64
     assert amx.verdict_rows("bit-exact, but the tiles were not faster ...") is None
-    # the threshold: 16-row products stay on the AVX-512 kernels once tiles start at 64 rows
+    # the threshold: 16-row products stay on the AVX-512 kernels once tiles start at 64 rows; it is never
+    # below the shortest row tile (8)
+    assert tiles.el_amx_min_rows(2) == 8 and tiles.el_amx_min_rows(0) == 8
     mode = get_mode("q4f16_1")
     pw = kernels.PackedWeight.from_quantized(*quantize(torch.randn(32, 64), mode), mode, 32, 64)
     try:
@@ -128,7 +152,7 @@ def test_timing_restores_the_mode_and_the_threshold_follows_it(tiles):
         _, _, on_tiles = _both(tiles, lambda: pw.linear(torch.randn(64, 64)))
         assert on_tiles == 1
     finally:
-        tiles.el_amx_min_rows(16)
+        tiles.el_amx_min_rows(8)
 
 
 def test_the_gate_follows_the_cached_verdict(tmp_path, monkeypatch):

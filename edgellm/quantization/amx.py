@@ -21,7 +21,7 @@ log = logging.getLogger("edgellm.kernels")
 VERDICTS = {1: "its results differ from the AVX-512 kernels'", 2: "Linux did not grant the tile state"}
 PROBE_UNFINISHED = "the self-test did not finish"
 # rows of the products the child process times (a 1536 x 1536 4-bit weight, one thread, both kernels)
-TIMED_ROWS = (16, 64, 256)
+TIMED_ROWS = (8, 16, 64, 256)  # 8: a decode step of 8 sequences
 _PROBE = """
 import ctypes, sys
 lib = ctypes.CDLL(sys.argv[1])
@@ -41,11 +41,11 @@ print(" ".join(f"{m}:{best[m, 0]:.6g}:{best[m, 1]:.6g}" for m in map(int, sys.ar
 
 
 def setup(lib: ctypes.CDLL, lib_path: Path, timeout: float) -> None:
-    """AMX-int8 tiles for products of 16 rows or more (prefill): on when the CPU has AMX-INT8, the tile
-    kernel matched the AVX-512 kernels bit for bit in a child process on this machine, and from the row count
-    where that child timed the tiles faster (once per built library: the verdict is kept beside it; a crash
-    there costs only the child). EDGELLM_AMX=off keeps them off; EDGELLM_AMX=emulate runs the tile kernel's
-    logic with tiles emulated in C (tests, any AVX-512 CPU)."""
+    """AMX-int8 tiles for products of 8 rows or more (prefill, decode steps of 8+ sequences): on when the CPU
+    has AMX-INT8, the tile kernel matched the AVX-512 kernels bit for bit in a child process on this machine,
+    and from the row count where that child timed the tiles faster (once per built library: the verdict is
+    kept beside it; a crash there costs only the child). EDGELLM_AMX=off keeps them off; EDGELLM_AMX=emulate
+    runs the tile kernel's logic with tiles emulated in C (tests, any AVX-512 CPU)."""
     want = os.environ.get("EDGELLM_AMX", "auto").lower()
     if want in ("0", "off", "false", "no"):
         return

@@ -16,9 +16,9 @@ row is quantized on its own, so its result never depends on the other rows in th
     (Three planes, 21-bit activations, were within 1e-6 but cost a quarter more per batched step.)
   normal (default): 8 bits per group of 32, one plane, as llama.cpp's Q8 activations, at every row
     count: half the integer work of `high`, and prefill becomes an int8 GEMM (activation rows in
-    blocks of 4 per weight load on AVX2, 8 on AVX-512; on a CPU with AMX-INT8, products of 16 rows or
-    more run on AMX tiles once a self-test on the machine has matched them to the AVX-512 kernels bit
-    for bit: see csrc/linear_amx.cpp and quantization/amx.py).
+    blocks of 4 per weight load on AVX2, 8 on AVX-512; on a CPU with AMX-INT8, products of 8 rows or
+    more (prefill, batched decode) run on AMX tiles once a self-test on the machine has matched them to
+    the AVX-512 kernels bit for bit and timed them faster: see csrc/linear_amx.cpp and quantization/amx.py).
 Measured on the 2-core AVX-512 machine, one thread, 1536x576 / 8960x1536 q4f16_1 GEMV (high): this
 kernel 38 / 411 us; `_weight_int4pack_mm_for_cpu` with bf16 activations 64 / 1022 us; the best
 inductor expression 223 / 3589 us.

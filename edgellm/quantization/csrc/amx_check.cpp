@@ -9,6 +9,7 @@
 
 EL_API int el_amx_set(int mode);
 EL_API int el_amx_mode();
+EL_API int el_amx_min_rows(int rows);
 EL_API void el_linear(const ELinear* Lp, const float* x, int M, int ldx, float* y, int ldy, int nthreads);
 
 namespace {
@@ -51,15 +52,17 @@ struct Product {
 }  // namespace
 
 // The tile product in `mode` against the AVX-512 kernels on products that reach every path (4-bit codes in
-// groups of 32 and 8-bit codes in groups of 128 (two chunks a group); two tiles, one tile and a tail of
-// rows, also within 8-row tiles; an odd, partial last row block; biases): 0 when every result is equal bit
+// groups of 32 and 8-bit codes in groups of 128 (two chunks a group); two 16-row tiles, one and a tail of
+// rows, also within the pair kernels' 8-row tiles; one 8-row tile (8-15 rows) and its tail; an odd, partial
+// last row block; biases): 0 when every result is equal bit
 // for bit, 1 when one differs, 2 when the mode is unavailable. The mode in use before is restored.
 EL_API int el_amx_selftest(int mode) {
     const int before = el_amx_mode();
     if (el_amx_set(mode) != 0) return 2;
+    const int rows = el_amx_min_rows(8);  // every row count tested goes to tiles
     int bad = 0;
     for (int fmt : {4, 8})
-        for (int M : {53, 29}) {
+        for (int M : {53, 29, 13, 8}) {
             const Product p(fmt, M, 40, fmt == 4 ? 96 : 256, fmt == 4 ? 32 : 128, 12345u + 7u * M + fmt);
             std::vector<float> y0((size_t)M * 40), y1(y0.size());
             el_amx_set(mode);
@@ -68,16 +71,18 @@ EL_API int el_amx_selftest(int mode) {
             p.run(y0.data(), 1);
             bad |= memcmp(y0.data(), y1.data(), y0.size() * sizeof(float)) != 0;
         }
+    el_amx_min_rows(rows);
     el_amx_set(before);
     return bad;
 }
 
 // Seconds per product (the best of `reps`, after one warm-up) of M rows against a random N x K 4-bit weight
 // (groups of 32) on `nthreads` threads, with the tiles in `mode` (0: the AVX-512 kernels); -1 when the mode
-// is unavailable. The mode in use before is restored.
+// is unavailable. The mode and the row threshold in use before are restored.
 EL_API double el_amx_time(int mode, int M, int N, int K, int reps, int nthreads) {
     const int before = el_amx_mode();
     if (el_amx_set(mode) != 0) return -1.0;
+    const int rows = el_amx_min_rows(8);  // M rows go to tiles in mode 1 or 2
     const Product p(4, M, N, K, 32, 777u);
     std::vector<float> y((size_t)M * N);
     p.run(y.data(), nthreads);
@@ -88,6 +93,7 @@ EL_API double el_amx_time(int mode, int M, int N, int K, int reps, int nthreads)
         const double t = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
         best = t < best ? t : best;
     }
+    el_amx_min_rows(rows);
     el_amx_set(before);
     return best;
 }

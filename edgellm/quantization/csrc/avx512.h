@@ -28,5 +28,5 @@ void avx512_rows(const ELinear& L, const EAct& A, int m0, int m1, int rb, int nb
 // C (tests the kernel's logic on any AVX-512 CPU). amx_fits: whether L's products of M rows go to tiles.
 int amx_mode();
 bool amx_fits(const ELinear& L, int M);
-// all of L's row blocks for M >= 16 8-bit activation rows (`omp for nowait`, as gemv_avx512)
+// all of L's row blocks for M >= 8 8-bit activation rows (`omp for nowait`, as gemv_avx512)
 void gemv_amx(const ELinear& L, const EAct& A, int M, float* y, int ldy);

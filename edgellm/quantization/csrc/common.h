@@ -7,7 +7,7 @@
 // Files: common.h (this), info.cpp (ABI handshake, ISA, bandwidth probe), repack.cpp (weight layout,
 // dequantization), linear.cpp (activation quantization, the product's dispatch, el_linear),
 // linear_avx512.cpp / linear_avx2.cpp / linear_portable.cpp (the quantized product per ISA),
-// linear_amx.cpp (AMX-int8 tiles for products of 16 rows or more; avx512.h: what it shares with AVX-512;
+// linear_amx.cpp (AMX-int8 tiles for products of 8 rows or more; avx512.h: what it shares with AVX-512;
 // amx_check.cpp: its self-test and timing),
 // attention.h / attention.cpp (KV cache elements, decode attention), fused_decode.cpp (el_decode).
 //

@@ -1,13 +1,14 @@
-// The int8 product on AMX tiles (Intel Sapphire Rapids and later) for products of 16 rows or more (prefill)
+// The int8 product on AMX tiles (Intel Sapphire Rapids and later) for products of 8 rows or more (prefill, and
+// decode steps of 8 or more sequences)
 // with 8-bit activations and 4-bit (fmt 4) or 8-bit (fmt 8) weight codes.
 //
-// Tiles: C0..C3 (tmm0-3) hold the int32 sums of two 16-row activation tiles against two 16-row weight
-// blocks, A0/A1 (tmm4-5) 16 activation rows x kc bytes, B0/B1 (tmm6-7) kc/4 rows of (16 weight rows x 4
+// Tiles: C0..C3 (tmm0-3) hold the int32 sums of two h-row activation tiles (h = 16, or 8 for products of 8-15
+// rows) against two 16-row weight blocks, A0/A1 (tmm4-5) h activation rows x kc bytes, B0/B1 (tmm6-7) kc/4 rows of (16 weight rows x 4
 // codes): exactly the packed layout's 64-byte chunks (fmt 8 in place; fmt 4 once each chunk's low and high
 // nibbles are split into two rows). Per group: zero C, tdpbsud (signed activations x unsigned codes) over
 // the group's kc-byte chunks, store C, then the AVX-512 kernels' own float epilogue (correction + sum,
 // times weight scale times activation scale, fma into the row's sum), so results equal theirs bit for bit
-// (integer sums are exact in any order). Rows past the last full 16 and an odd last block go to the
+// (integer sums are exact in any order). Rows past the last full tile and an odd last block go to the
 // AVX-512 kernels.
 //
 // The tile code is a template over the tile operations: HwTiles (the CPU's, inline asm, so no compiler
@@ -18,15 +19,17 @@
 #include "avx512.h"
 
 static std::atomic<int> g_amx{0};
+#define AMX_MIN_ROWS 8  // the shortest row tile the kernel makes
 static std::atomic<int> g_min_rows{16};  // the fewest rows a product needs to go to tiles
-static std::atomic<long> g_tile_products{0};  // products run on tiles (the tests' evidence that they did)
+static std::atomic<long> g_tile_products{0};  // products with rows on tiles (the tests' evidence that they were)
 int amx_mode() { return g_amx.load(std::memory_order_relaxed); }
 EL_API long el_amx_products() { return g_tile_products.load(std::memory_order_relaxed); }
-// products of fewer than `rows` rows (at least 16) stay on the AVX-512 kernels (quantization/amx.py sets this
-// from the timing: where the tiles were not faster); returns the threshold before (rows <= 0: only that)
+// products of fewer than `rows` rows (at least AMX_MIN_ROWS) stay on the AVX-512 kernels (quantization/amx.py
+// sets this from the timing: where the tiles were not faster); returns the threshold before (rows <= 0: only
+// that)
 EL_API int el_amx_min_rows(int rows) {
     if (rows <= 0) return g_min_rows.load(std::memory_order_relaxed);
-    return g_min_rows.exchange(rows < 16 ? 16 : rows, std::memory_order_relaxed);
+    return g_min_rows.exchange(rows < AMX_MIN_ROWS ? AMX_MIN_ROWS : rows, std::memory_order_relaxed);
 }
 
 #if EL_VNNI
@@ -50,11 +53,12 @@ bool amx_fits(const ELinear& L, int M) {
     return kc >= 8 && kc % 8 == 0 && L.gs % kc == 0 && L.Kp % L.gs == 0;
 }
 
-static TileCfg tile_config(int kc) {
+// h: rows of the activation and sum tiles (16 or 8)
+static TileCfg tile_config(int kc, int h) {
     TileCfg c{};
     c.palette = 1;
     for (int t = 0; t < 8; ++t) {
-        c.rows[t] = t < 6 ? 16 : (uint8_t)(kc / 4);
+        c.rows[t] = t < 6 ? (uint8_t)h : (uint8_t)(kc / 4);
         c.colsb[t] = t >= 4 && t < 6 ? (uint16_t)kc : 64;
     }
     return c;
@@ -159,10 +163,10 @@ static const uint8_t* block_rows(const ELinear& L, int rb, uint8_t* buf) {
     return buf;
 }
 
-// activation rows m0 .. m0 + 16 nt - 1 (nt = 1 or 2 row tiles) against row blocks rb .. rb + nb - 1
+// activation rows m0 .. m0 + h nt - 1 (nt = 1 or 2 row tiles of h = 16 or 8 rows) against row blocks rb .. rb + nb - 1
 template <class T>
-static void tile_rows(const ELinear& L, const EAct& A, int m0, int nt, int rb, int nb, const uint8_t* const* B,
-                      float* y, int ldy) {
+static void tile_rows(const ELinear& L, const EAct& A, int m0, int nt, int h, int rb, int nb,
+                      const uint8_t* const* B, float* y, int ldy) {
     const int G = L.G, Kp = L.Kp, gs = L.gs, kc = chunk_bytes(L);
     alignas(64) float acc[2][16][2][16];  // [row tile][row][block][16 weight rows]
     alignas(64) int32_t c[4][16][16];
@@ -171,7 +175,7 @@ static void tile_rows(const ELinear& L, const EAct& A, int m0, int nt, int rb, i
         for (int r = 0; r < nt; ++r)
             for (int b = 0; b < nb; ++b) T::zero(2 * r + b);
         for (int k0 = g * gs; k0 < (g + 1) * gs; k0 += kc) {
-            for (int r = 0; r < nt; ++r) T::load(4 + r, A.planes + (size_t)(m0 + 16 * r) * Kp + k0, Kp);
+            for (int r = 0; r < nt; ++r) T::load(4 + r, A.planes + (size_t)(m0 + h * r) * Kp + k0, Kp);
             for (int b = 0; b < nb; ++b) T::load(6 + b, B[b] + (size_t)k0 / 4 * 64, 64);
             for (int r = 0; r < nt; ++r)
                 for (int b = 0; b < nb; ++b) T::dp(2 * r + b);
@@ -180,8 +184,8 @@ static void tile_rows(const ELinear& L, const EAct& A, int m0, int nt, int rb, i
             for (int b = 0; b < nb; ++b) T::store(2 * r + b, c[2 * r + b], 64);
         const __m512 s0 = load_scales(L, rb, g), s1 = nb > 1 ? load_scales(L, rb + 1, g) : s0;
         for (int r = 0; r < nt; ++r)
-            for (int i = 0; i < 16; ++i) {
-                const size_t mg = (size_t)(m0 + 16 * r + i) * G + g;
+            for (int i = 0; i < h; ++i) {
+                const size_t mg = (size_t)(m0 + h * r + i) * G + g;
                 const __m512i corr = _mm512_set1_epi32(A.corr[mg]);
                 const __m512 sa = _mm512_set1_ps(A.gsc[mg]);
                 for (int b = 0; b < nb; ++b) {
@@ -192,9 +196,9 @@ static void tile_rows(const ELinear& L, const EAct& A, int m0, int nt, int rb, i
             }
     }
     for (int r = 0; r < nt; ++r)
-        for (int i = 0; i < 16; ++i)
+        for (int i = 0; i < h; ++i)
             for (int b = 0; b < nb; ++b)
-                store_block(L, rb + b, _mm512_load_ps(acc[r][i][b]), y + (size_t)(m0 + 16 * r + i) * ldy);
+                store_block(L, rb + b, _mm512_load_ps(acc[r][i][b]), y + (size_t)(m0 + h * r + i) * ldy);
 }
 
 // a thread's buffer of at least n bytes, 64-aligned (grown as needed, kept for the thread's life)
@@ -211,29 +215,31 @@ static uint8_t* thread_buffer(size_t n) {
 
 template <class T>
 static void gemv_tiles(const ELinear& L, const EAct& A, int M, float* y, int ldy) {
-    const int Nb = (L.N + 15) / 16, pairs = (Nb + 1) / 2, M16 = M / 16 * 16;
+    // row tiles of 16, or of 8 for 8-15 rows (a decode step of 8+ sequences); the rest to the AVX-512 kernels
+    const int h = M >= 16 ? 16 : AMX_MIN_ROWS, Mh = M / h * h;
+    const int Nb = (L.N + 15) / 16, pairs = (Nb + 1) / 2;
     const size_t rows_bytes = (size_t)L.Kp / 4 * 64;  // one block's B rows
     uint8_t* buf = L.fmt == 4 ? thread_buffer(2 * rows_bytes) : nullptr;
+    if (Mh > 0 && omp_get_thread_num() == 0) g_tile_products.fetch_add(1, std::memory_order_relaxed);
     bool configured = false;
 #pragma omp for schedule(static) nowait
     for (int i = 0; i < pairs; ++i) {
         if (!configured) {
-            T::config(tile_config(chunk_bytes(L)));
+            T::config(tile_config(chunk_bytes(L), h));
             configured = true;
         }
         const int rb = 2 * i, nb = rb + 1 < Nb ? 2 : 1;
         const uint8_t* B[2] = {nullptr, nullptr};
         for (int b = 0; b < nb; ++b) B[b] = block_rows(L, rb + b, buf ? buf + b * rows_bytes : nullptr);
         int m = 0;
-        for (; m + 32 <= M16; m += 32) tile_rows<T>(L, A, m, 2, rb, nb, B, y, ldy);
-        if (m < M16) tile_rows<T>(L, A, m, 1, rb, nb, B, y, ldy);
-        if (M16 < M) avx512_rows(L, A, M16, M, rb, nb, y, ldy);
+        for (; m + 2 * h <= Mh; m += 2 * h) tile_rows<T>(L, A, m, 2, h, rb, nb, B, y, ldy);
+        if (m < Mh) tile_rows<T>(L, A, m, 1, h, rb, nb, B, y, ldy);
+        if (Mh < M) avx512_rows(L, A, Mh, M, rb, nb, y, ldy);
     }
     if (configured) T::release();
 }
 
 void gemv_amx(const ELinear& L, const EAct& A, int M, float* y, int ldy) {
-    if (omp_get_thread_num() == 0) g_tile_products.fetch_add(1, std::memory_order_relaxed);
     if (amx_mode() == 1)
         gemv_tiles<HwTiles>(L, A, M, y, ldy);
     else
