@@ -145,6 +145,32 @@ def test_decodes_a_small_window_per_token(tok):
     assert sum(counting.lengths) < 10 * len(ids)
 
 
+def test_tokenizers_stream_gives_the_same_deltas(tok):
+    """Through `tokenizers`' DecodeStream (edgellm's Tokenizer) and through the rule in StreamDecoder (any
+    object with `decode`), the same deltas."""
+    ids = tok.encode((MIXED + " " + CHINESE + " " + EMOJI) * 3)
+    assert stream(tok, ids) == stream(CountingTokenizer(tok), ids)
+
+
+def test_a_refused_step_hands_the_stream_to_the_rule(tok):
+    """When tokenizers' DecodeStream refuses a step (its InvalidPrefix: a decoder whose text of a window does
+    not extend the text of the window's start), the stream goes on by StreamDecoder's own rule from where
+    DecodeStream last emitted: the same deltas, nothing lost or repeated."""
+
+    class Refuses:
+        def step(self, backend, token_id):
+            raise Exception("Invalid prefix encountered")
+
+    ids = tok.encode((MIXED + " " + CHINESE) * 2)
+    want = stream(CountingTokenizer(tok), ids)
+    for cut in (1, 7, len(ids) // 2):
+        decoder = StreamDecoder(tok)
+        got = [decoder.put(i) for i in ids[:cut]]
+        decoder._stream = Refuses()
+        got += [decoder.put(i) for i in ids[cut:]] + [decoder.flush()]
+        assert got == want and decoder._stream is None, cut
+
+
 def test_stop_string_across_deltas():
     stop = StopMatcher(["<|end|>"])
     assert stop.feed("Hello wor") == ("Hello wor", False)

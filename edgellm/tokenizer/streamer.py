@@ -5,6 +5,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Protocol
 
+from tokenizers import Tokenizer as RawTokenizer
+from tokenizers.decoders import DecodeStream
+
 _REPLACEMENT = "\ufffd"
 
 
@@ -21,6 +24,9 @@ class StreamDecoder:
     BPE or from <0x..> byte-fallback tokens), the text is held back. Only a small window is decoded
     per token: the ids from the previous emission point (`prefix_offset`) on, compared with the text
     of the ids up to the last emission (`read_offset`), so the cost does not grow with the length.
+    With a `tokenizers` tokenizer (edgellm's Tokenizer) that window is decoded by `tokenizers`' own
+    DecodeStream (one decode per token, the prefix's text kept), the same rule; a step it refuses (a
+    decoder whose text of the window does not extend the prefix's) hands the stream to the rule here.
     """
 
     def __init__(self, tokenizer: _Decoder, skip_special_tokens: bool = True):
@@ -29,13 +35,27 @@ class StreamDecoder:
         self.ids: list[int] = []
         self.prefix_offset = 0
         self.read_offset = 0
+        backend = getattr(tokenizer, "backend", None)
+        self._backend = backend if isinstance(backend, RawTokenizer) else None
+        self._stream = DecodeStream(skip_special_tokens=skip_special_tokens) if self._backend is not None else None
 
     def _decode(self, start: int, end: int | None = None) -> str:
         return self.tokenizer.decode(self.ids[start:end], skip_special_tokens=self.skip_special_tokens)
 
     def put(self, token_id: int) -> str:
         """Add one token; return the text it completes (often "", e.g. inside a multi-byte character)."""
-        self.ids.append(int(token_id))
+        token_id = int(token_id)
+        self.ids.append(token_id)
+        if self._stream is not None:
+            try:
+                text = self._stream.step(self._backend, token_id)
+            except Exception:  # its InvalidPrefix: the offsets below are still those of its last emission
+                self._stream = None
+            else:
+                if text is None:
+                    return ""
+                self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+                return text
         prefix_text = self._decode(self.prefix_offset, self.read_offset)
         new_text = self._decode(self.prefix_offset)
         if len(new_text) <= len(prefix_text) or new_text.endswith(_REPLACEMENT):
