@@ -1,15 +1,14 @@
-// The int8 product on AMX tiles (Intel Sapphire Rapids and later) for products of 8 rows or more (prefill, and
-// decode steps of 8 or more sequences)
-// with 8-bit activations and 4-bit (fmt 4) or 8-bit (fmt 8) weight codes.
+// The int8 product on AMX tiles (Intel Sapphire Rapids and later) for products of 8 rows or more (prefill,
+// and decode steps of 8 or more sequences) with 8-bit activations and 4-bit (fmt 4) or 8-bit (fmt 8) codes.
 //
-// Tiles: C0..C3 (tmm0-3) hold the int32 sums of two h-row activation tiles (h = 16, or 8 for products of 8-15
-// rows) against two 16-row weight blocks, A0/A1 (tmm4-5) h activation rows x kc bytes, B0/B1 (tmm6-7) kc/4 rows of (16 weight rows x 4
-// codes): exactly the packed layout's 64-byte chunks (fmt 8 in place; fmt 4 once each chunk's low and high
-// nibbles are split into two rows). Per group: zero C, tdpbsud (signed activations x unsigned codes) over
-// the group's kc-byte chunks, store C, then the AVX-512 kernels' own float epilogue (correction + sum,
-// times weight scale times activation scale, fma into the row's sum), so results equal theirs bit for bit
-// (integer sums are exact in any order). Rows past the last full tile and an odd last block go to the
-// AVX-512 kernels.
+// Tiles: C0..C3 (tmm0-3) hold the int32 sums of two h-row activation tiles (h = 16, or 8 for products of
+// 8-15 rows) against two 16-row weight blocks, A0/A1 (tmm4-5) h activation rows x kc bytes, B0/B1 (tmm6-7)
+// kc/4 rows of (16 weight rows x 4 codes): exactly the packed layout's 64-byte chunks (fmt 8 in place; fmt 4
+// once each chunk's low and high nibbles are split into two rows). Per group: zero C, tdpbsud (signed
+// activations x unsigned codes) over the group's kc-byte chunks, store C, then the AVX-512 kernels' own
+// float epilogue (correction + sum, times weight scale times activation scale, fma into the row's sum), so
+// results equal theirs bit for bit (integer sums are exact in any order). Rows past the last full tile and
+// an odd last block go to the AVX-512 kernels.
 //
 // The tile code is a template over the tile operations: HwTiles (the CPU's, inline asm, so no compiler
 // flag is needed) or EmuTiles (the same operations in C: the kernel's logic runs and is tested on any
@@ -163,7 +162,8 @@ static const uint8_t* block_rows(const ELinear& L, int rb, uint8_t* buf) {
     return buf;
 }
 
-// activation rows m0 .. m0 + h nt - 1 (nt = 1 or 2 row tiles of h = 16 or 8 rows) against row blocks rb .. rb + nb - 1
+// activation rows m0 .. m0 + h nt - 1 (nt = 1 or 2 row tiles of h = 16 or 8 rows) against row blocks
+// rb .. rb + nb - 1
 template <class T>
 static void tile_rows(const ELinear& L, const EAct& A, int m0, int nt, int h, int rb, int nb,
                       const uint8_t* const* B, float* y, int ldy) {
