@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from edgellm.errors import UserError
-from edgellm.quantization import kernels
+from edgellm.quantization import kernel_build, kernels
 from edgellm.quantization.layers import QuantLinear, set_precision
 from edgellm.quantization.modes import get_mode
 from edgellm.quantization.pack import quantize, unpack
@@ -85,8 +85,8 @@ def test_library_with_another_abi_is_refused(tmp_path):
     lib_path = tmp_path / "libold.so"
     subprocess.run(["g++", "-shared", "-fPIC", str(src), "-o", str(lib_path)], check=True)
     with pytest.raises(RuntimeError, match="kernel ABI 1"):
-        kernels.check_abi(ctypes.CDLL(str(lib_path)), lib_path)
-    kernels.check_abi(kernels.library(), tmp_path / "current")  # the built one passes
+        kernel_build.check_abi(ctypes.CDLL(str(lib_path)), lib_path)
+    kernel_build.check_abi(kernels.library(), tmp_path / "current")  # the built one passes
 
 
 def test_engine_option_precision_is_checked_before_loading():

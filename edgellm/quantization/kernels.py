@@ -45,17 +45,8 @@ from edgellm.errors import UserError
 from edgellm.quantization import kernel_build
 from edgellm.quantization.arena import HugePageArena
 
-# the ABI's structs and the build's settings, named here for the kernels' users (K.EModel, ...)
-from edgellm.quantization.kernel_build import (  # noqa: F401
-    ABI_VERSION,
-    CSRC,
-    FLAGS,
-    ELayer,
-    ELinear,
-    EModel,
-    build_timeout,
-    check_abi,
-)
+# the ABI's structs, named here for the kernels' users (K.EModel, K.ELayer)
+from edgellm.quantization.kernel_build import ELayer, ELinear, EModel  # noqa: F401
 
 log = logging.getLogger("edgellm.kernels")
 
