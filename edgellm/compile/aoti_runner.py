@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from edgellm.compile.static_runner import StaticRunner, _State
+from edgellm.compile.static_runner import SlotState, StaticRunner
 from edgellm.errors import UserError
 from edgellm.models.fused_decode import _token_at
 
@@ -105,7 +105,7 @@ class AOTIRunner(StaticRunner):
                 return logits
         return super().step(chunks)
 
-    def _one(self, st: _State, seq, start: int) -> torch.Tensor:
+    def _one(self, st: SlotState, seq, start: int) -> torch.Tensor:
         # a decode step straight into the native step (no tensor of ids, no chunk loop): the compiled
         # runtime's Python per token was 90 us against the eager runner's 35
         if self.decoder is None or start + 1 > self.max_len:

@@ -12,7 +12,9 @@ import torch
 from edgellm.errors import UserError
 
 
-class _State:
+class SlotState:
+    """One state of the compiled program (its own caches): the tokens they hold and whose they are."""
+
     __slots__ = ("slot", "tokens", "handle", "owner")
 
     def __init__(self, slot: int, handle):
@@ -57,7 +59,7 @@ class StaticRunner:
         self.pool = ledger  # the scheduler's slots: a state whose slot is gone is the first to reuse
         want = num_sequences or 1
         self.capacity = max(1, min(int(meta.get("max_batch_size") or 1), want)) + 1  # +1 keeps a prefix
-        self.states: OrderedDict[int, _State] = OrderedDict()  # LRU order
+        self.states: OrderedDict[int, SlotState] = OrderedDict()  # LRU order
 
     # ---- subclass API -------------------------------------------------------------------------
     def _new_handle(self):
@@ -77,17 +79,17 @@ class StaticRunner:
             return True
         return slot in getattr(self.pool, "seqs", {}) or slot in getattr(self.pool, "prefix_cache", {})
 
-    def _take_state(self, slot: int, keep: set[int]) -> _State:
+    def _take_state(self, slot: int, keep: set[int]) -> SlotState:
         if len(self.states) < self.capacity:
-            return _State(slot, self._new_handle())
+            return SlotState(slot, self._new_handle())
         victims = [s for s in self.states if s not in keep]
         dead = [s for s in victims if not self._alive(s)]
         if not victims:
             raise RuntimeError("more sequences in one step than the library's states")
         victim = self.states.pop((dead or victims)[0])
-        return _State(slot, victim.handle)
+        return SlotState(slot, victim.handle)
 
-    def _state_for(self, seq, start: int, keep: set[int]) -> _State:
+    def _state_for(self, seq, start: int, keep: set[int]) -> SlotState:
         st = self.states.get(seq.slot)
         if st is not None and st.owner is seq and len(st.tokens) == start:
             # the same sequence's next token (a decode step): its tokens so far are the state's, as
@@ -98,7 +100,7 @@ class StaticRunner:
         st.owner = seq
         return st
 
-    def _prefix_state(self, seq, st: _State | None, start: int, keep: set[int]) -> _State:
+    def _prefix_state(self, seq, st: SlotState | None, start: int, keep: set[int]) -> SlotState:
         """The state of `seq` (st: its slot's current one, if any) holding its first `start` tokens."""
         ids = seq.all_ids
         if st is not None and len(st.tokens) >= start and st.tokens[:start] == ids[:start]:
@@ -121,11 +123,11 @@ class StaticRunner:
         self.states.move_to_end(seq.slot)
         return st
 
-    def _one(self, st: _State, seq, start: int) -> torch.Tensor:
+    def _one(self, st: SlotState, seq, start: int) -> torch.Tensor:
         """Logits [1, vocab] of the token of `seq` at `start` (a decode step)."""
         return self._run(st, _ids(seq, start, start + 1), start)
 
-    def _run(self, st: _State, ids: list[int], start: int) -> torch.Tensor:
+    def _run(self, st: SlotState, ids: list[int], start: int) -> torch.Tensor:
         end = start + len(ids)
         if end > self.max_len:
             raise UserError(f"sequence of {end} tokens exceeds the library's context window "
