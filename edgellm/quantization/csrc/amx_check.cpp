@@ -49,17 +49,27 @@ struct Product {
     }
     void run(float* y, int nthreads) const { el_linear(&L, x.data(), M, L.K, y, L.N, nthreads); }
 };
+
+// The tile mode and row threshold as found, put back when the scope ends; meanwhile every product of 8 rows
+// or more may go to tiles (the self-test and the timing choose the mode themselves)
+struct AmxScope {
+    const int mode = el_amx_mode(), rows = el_amx_min_rows(0);
+    AmxScope() { el_amx_min_rows(8); }
+    ~AmxScope() {
+        el_amx_min_rows(rows);
+        el_amx_set(mode);
+    }
+};
 }  // namespace
 
 // The tile product in `mode` against the AVX-512 kernels on products that reach every path (4-bit codes in
 // groups of 32 and 8-bit codes in groups of 128 (two chunks a group); two 16-row tiles, one and a tail of
 // rows, also within the pair kernels' 8-row tiles; one 8-row tile (8-15 rows) and its tail; an odd, partial
-// last row block; biases): 0 when every result is equal bit
-// for bit, 1 when one differs, 2 when the mode is unavailable. The mode in use before is restored.
+// last row block; biases): 0 when every result is equal bit for bit, 1 when one differs, 2 when the mode is
+// unavailable. The mode and the row threshold in use before are restored.
 EL_API int el_amx_selftest(int mode) {
-    const int before = el_amx_mode();
+    const AmxScope scope;
     if (el_amx_set(mode) != 0) return 2;
-    const int rows = el_amx_min_rows(8);  // every row count tested goes to tiles
     int bad = 0;
     for (int fmt : {4, 8})
         for (int M : {53, 29, 13, 8}) {
@@ -71,8 +81,6 @@ EL_API int el_amx_selftest(int mode) {
             p.run(y0.data(), 1);
             bad |= memcmp(y0.data(), y1.data(), y0.size() * sizeof(float)) != 0;
         }
-    el_amx_min_rows(rows);
-    el_amx_set(before);
     return bad;
 }
 
@@ -80,9 +88,8 @@ EL_API int el_amx_selftest(int mode) {
 // (groups of 32) on `nthreads` threads, with the tiles in `mode` (0: the AVX-512 kernels); -1 when the mode
 // is unavailable. The mode and the row threshold in use before are restored.
 EL_API double el_amx_time(int mode, int M, int N, int K, int reps, int nthreads) {
-    const int before = el_amx_mode();
+    const AmxScope scope;
     if (el_amx_set(mode) != 0) return -1.0;
-    const int rows = el_amx_min_rows(8);  // M rows go to tiles in mode 1 or 2
     const Product p(4, M, N, K, 32, 777u);
     std::vector<float> y((size_t)M * N);
     p.run(y.data(), nthreads);
@@ -93,7 +100,5 @@ EL_API double el_amx_time(int mode, int M, int N, int K, int reps, int nthreads)
         const double t = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
         best = t < best ? t : best;
     }
-    el_amx_min_rows(rows);
-    el_amx_set(before);
     return best;
 }
