@@ -13,7 +13,7 @@ import torch
 from edgellm.errors import UserError
 from edgellm.quantization import kernel_build, kernels
 from edgellm.quantization.layers import QuantLinear, set_precision
-from edgellm.quantization.modes import get_mode
+from edgellm.quantization.modes import get_mode, with_layout
 from edgellm.quantization.pack import quantize, unpack
 
 pytestmark = pytest.mark.skipif(not kernels.available(),
@@ -35,10 +35,12 @@ def int8_reference(x: torch.Tensor, q_weight: torch.Tensor, q_scale: torch.Tenso
     return (dots.double() * (q_scale.double()[None] * sa.double()[:, None])).sum(-1)
 
 
-@pytest.mark.parametrize("quant", ["q4f16_1", "q4f32_1", "q3f16_1", "q8f16_1"])
+# q4f16_1:128 = groups of 128 (each kernel has a path for groups of 32 and one for longer multiples of 32)
+@pytest.mark.parametrize("quant", ["q4f16_1", "q4f16_1:128", "q4f32_1", "q3f16_1", "q8f16_1"])
 @pytest.mark.parametrize("n,k", [(100, 200), (96, 64), (40, 1000), (264, 544)])  # K not a multiple of 256
 def test_int8_gemm_matches_reference_math(quant, n, k):
-    mode = get_mode(quant)
+    name, _, gs = quant.partition(":")
+    mode = get_mode(name) if not gs else with_layout(get_mode(name), group_size=int(gs))
     torch.manual_seed(n * k)
     w = torch.randn(n, k) * torch.linspace(0.2, 3.0, k)
     qw, qs = quantize(w, mode)
