@@ -338,7 +338,7 @@ def test_native_argmax_is_numpys():
     """The decode step's own argmax (greedy tokens) picks what numpy's does: the first of equal maxima,
     the first NaN of a row that has one, index 0 of a row of -inf; any row length."""
     torch.manual_seed(0)
-    for n in (1, 5, 16, 17, 33, 49152):
+    for n in (1, 5, 8, 9, 15, 16, 17, 33, 49152):  # both vector widths and their tails
         x = torch.randn(6, n)
         x[1] = 0.5  # all equal: index 0
         x[2, n // 3:] = x[2].max() + 1  # ties after the first maximum

@@ -294,6 +294,37 @@ int32_t argmax_row(const float* x, int n) {
                 }
         }
     }
+#elif EL_AVX2
+    if (n >= 8) {  // as the AVX-512 scan, 8 lanes (a head's 49k logits: ~25 us scalar, ~5 here)
+        __m256 bv = _mm256_loadu_ps(x);
+        __m256i bi = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+        __m256i idx = bi;
+        const __m256i step = _mm256_set1_epi32(8);
+        __m256 nan = _mm256_cmp_ps(bv, bv, _CMP_UNORD_Q);
+        for (i = 8; i + 8 <= n; i += 8) {
+            idx = _mm256_add_epi32(idx, step);
+            const __m256 v = _mm256_loadu_ps(x + i);
+            nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+            const __m256 gt = _mm256_cmp_ps(v, bv, _CMP_GT_OQ);
+            bv = _mm256_blendv_ps(bv, v, gt);
+            bi = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(bi), _mm256_castsi256_ps(idx), gt));
+        }
+        if (_mm256_movemask_ps(nan)) {  // rare: the scalar scan below finds the first NaN
+            i = 0;
+        } else {
+            alignas(32) float v[8];
+            alignas(32) int32_t k[8];
+            _mm256_store_ps(v, bv);
+            _mm256_store_si256((__m256i*)k, bi);
+            best = v[0];
+            at = k[0];
+            for (int l = 1; l < 8; ++l)
+                if (v[l] > best || (v[l] == best && k[l] < at)) {
+                    best = v[l];
+                    at = k[l];
+                }
+        }
+    }
 #endif
     for (; i < n; ++i) {
         const float v = x[i];
