@@ -246,6 +246,50 @@ static void block_avx2_i8_c32(const ELinear& L, const EAct& A, int m0, int rb, f
     store_i8<MB>(L, acc, m0, rb, y, ldy);
 }
 
+// 8-bit activations against 8-bit weights (fmt 8), MB activation rows (1..3) per pass over a row block's
+// weights: |a| x (w with a's sign) by vpmaddubsw (|a| <= 127, |w| <= 127: a pair's sum fits 16 bits), each
+// widened by vpmaddwd; the weights are loaded and flipped to signed once for the MB rows. Same integer
+// sums and float accumulation order as block_avx2<1> (one row at a time, which it replaces for M > 1).
+template <int MB>
+static void block_avx2_q8(const ELinear& L, const EAct& A, int m0, int rb, float* y, int ldy) {
+    const int G = L.G, Kp = L.Kp, C = L.gs / 4;
+    const __m256i flip = _mm256_set1_epi8((char)0x80), ones = _mm256_set1_epi16(1);
+    const uint8_t* w = L.w + (size_t)rb * Kp * 16;
+    __m256 acc[2][MB];
+    for (int h = 0; h < 2; ++h)
+        for (int m = 0; m < MB; ++m) acc[h][m] = _mm256_setzero_ps();
+    const int8_t* a = A.planes + (size_t)m0 * Kp;
+    for (int g = 0; g < G; ++g) {
+        __m256i s[2][MB];
+        for (int h = 0; h < 2; ++h)
+            for (int m = 0; m < MB; ++m) s[h][m] = _mm256_setzero_si256();
+        for (int c = 0; c < C; ++c, w += 64, a += 4) {
+#if EL_PF
+            _mm_prefetch((const char*)w + EL_PF, EL_PF_HINT);
+#endif
+            const __m256i v0 = _mm256_xor_si256(_mm256_loadu_si256((const __m256i*)w), flip);
+            const __m256i v1 = _mm256_xor_si256(_mm256_loadu_si256((const __m256i*)(w + 32)), flip);
+#pragma GCC unroll 4
+            for (int m = 0; m < MB; ++m) {
+                const __m256i b = bc8(a + (size_t)m * Kp), ab = _mm256_abs_epi8(b);
+                s[0][m] = _mm256_add_epi32(s[0][m], _mm256_madd_epi16(_mm256_maddubs_epi16(ab, _mm256_sign_epi8(v0, b)), ones));
+                s[1][m] = _mm256_add_epi32(s[1][m], _mm256_madd_epi16(_mm256_maddubs_epi16(ab, _mm256_sign_epi8(v1, b)), ones));
+            }
+        }
+        const size_t idx = ((size_t)rb * G + g) * 16;
+        const __m256 sc0 = L.half ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)((const uint16_t*)L.scale + idx)))
+                                  : _mm256_loadu_ps((const float*)L.scale + idx);
+        const __m256 sc1 = L.half ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)((const uint16_t*)L.scale + idx + 8)))
+                                  : _mm256_loadu_ps((const float*)L.scale + idx + 8);
+        for (int m = 0; m < MB; ++m) {
+            const __m256 gs = _mm256_set1_ps(A.gsc[(size_t)(m0 + m) * G + g]);
+            acc[0][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s[0][m]), _mm256_mul_ps(sc0, gs), acc[0][m]);
+            acc[1][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s[1][m]), _mm256_mul_ps(sc1, gs), acc[1][m]);
+        }
+    }
+    store_i8<MB>(L, acc, m0, rb, y, ldy);
+}
+
 // One row of 8-bit activations against NB row blocks at once (4-bit weights): NB independent weight
 // streams keep more memory requests in flight than one (single-row decode is bound by bandwidth).
 // Same integer sums and the same float accumulation order as block_avx2_i8<1>.
@@ -351,6 +395,19 @@ void gemv_avx2(const ELinear& L, const EAct& A, int M, float* y, int ldy) {
 #pragma omp for schedule(static) nowait
         for (int rb = 0; rb < Nb; ++rb)
             for (int m = 0; m < M; ++m) block_avx2<2>(L, A, m, rb, y + (size_t)m * ldy);
+        return;
+    }
+    if (L.fmt == 8 && M > 1 && L.gs % 4 == 0) {  // 8-bit weights, several rows
+#pragma omp for schedule(static) nowait
+        for (int rb = 0; rb < Nb; ++rb) {
+            int m = 0;  // 3 rows a pass: 4 need more than AVX2's 16 registers (sums spilled to the stack)
+            for (; m + 3 <= M; m += 3) block_avx2_q8<3>(L, A, m, rb, y, ldy);
+            switch (M - m) {
+                case 2: block_avx2_q8<2>(L, A, m, rb, y, ldy); break;
+                case 1: block_avx2_q8<1>(L, A, m, rb, y, ldy); break;
+                default: break;
+            }
+        }
         return;
     }
     const bool i8 = L.fmt == 4 && L.gs % 8 == 0;
