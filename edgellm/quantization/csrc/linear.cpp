@@ -258,6 +258,17 @@ EL_API void el_linear(const ELinear* Lp, const float* x, int M, int ldx, float* 
 // ------------------------------------------------------------------------------------------
 // greedy sampling's argmax (numpy's semantics: the first maximum; the first NaN wins over everything)
 
+// the vector scans' lanes merged: the largest value, the first index on ties (no lane holds a NaN)
+[[maybe_unused]] static inline void best_lane(const float* v, const int32_t* k, int lanes, float* best, int32_t* at) {
+    *best = v[0];
+    *at = k[0];
+    for (int l = 1; l < lanes; ++l)
+        if (v[l] > *best || (v[l] == *best && k[l] < *at)) {
+            *best = v[l];
+            *at = k[l];
+        }
+}
+
 int32_t argmax_row(const float* x, int n) {
     int i = 0;
     float best = -INFINITY;
@@ -285,13 +296,7 @@ int32_t argmax_row(const float* x, int n) {
             alignas(64) int32_t k[16];
             _mm512_store_ps(v, bv);
             _mm512_store_epi32(k, bi);
-            best = v[0];
-            at = k[0];
-            for (int l = 1; l < 16; ++l)
-                if (v[l] > best || (v[l] == best && k[l] < at)) {
-                    best = v[l];
-                    at = k[l];
-                }
+            best_lane(v, k, 16, &best, &at);
         }
     }
 #elif EL_AVX2
@@ -316,13 +321,7 @@ int32_t argmax_row(const float* x, int n) {
             alignas(32) int32_t k[8];
             _mm256_store_ps(v, bv);
             _mm256_store_si256((__m256i*)k, bi);
-            best = v[0];
-            at = k[0];
-            for (int l = 1; l < 8; ++l)
-                if (v[l] > best || (v[l] == best && k[l] < at)) {
-                    best = v[l];
-                    at = k[l];
-                }
+            best_lane(v, k, 8, &best, &at);
         }
     }
 #endif

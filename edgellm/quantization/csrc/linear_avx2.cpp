@@ -23,6 +23,13 @@ static inline __m256i bc8(const int8_t* p) {
     return _mm256_set1_epi32(v);
 }
 
+// 8 weight scales of row block rb's group g from row 8h on (float16 or float32 as stored)
+static inline __m256 scale8(const ELinear& L, int rb, int g, int h) {
+    const size_t idx = ((size_t)rb * L.G + g) * 16 + 8 * h;
+    return L.half ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)((const uint16_t*)L.scale + idx)))
+                  : _mm256_loadu_ps((const float*)L.scale + idx);
+}
+
 // one activation row, rows 0-7 and 8-15 of the block in two 256-bit halves
 template <int P>
 static void block_avx2(const ELinear& L, const EAct& A, int m, int rb, float* y) {
@@ -75,15 +82,7 @@ static void block_avx2(const ELinear& L, const EAct& A, int m, int rb, float* y)
         }
         const __m256i d0 = P == 2 ? _mm256_add_epi32(x0, _mm256_slli_epi32(x1, 8)) : x0;
         const __m256i d1 = P == 2 ? _mm256_add_epi32(y0, _mm256_slli_epi32(y1, 8)) : y0;
-        const size_t idx = ((size_t)rb * G + g) * 16;
-        __m256 s0, s1;
-        if (L.half) {
-            s0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)((const uint16_t*)L.scale + idx)));
-            s1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)((const uint16_t*)L.scale + idx + 8)));
-        } else {
-            s0 = _mm256_loadu_ps((const float*)L.scale + idx);
-            s1 = _mm256_loadu_ps((const float*)L.scale + idx + 8);
-        }
+        const __m256 s0 = scale8(L, rb, g, 0), s1 = scale8(L, rb, g, 1);
         const __m256 gs = _mm256_set1_ps(gsc[g]);
         acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d0), _mm256_mul_ps(s0, gs), acc0);
         acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d1), _mm256_mul_ps(s1, gs), acc1);
@@ -109,6 +108,18 @@ static void store_i8(const ELinear& L, const __m256 (&acc)[2][MB], int m0, int r
             _mm256_store_ps(v, acc[h][m]);
             for (int r = 0; r < cnt; ++r) o[r] = v[r] + (L.bias ? L.bias[n0 + r] : 0.f);
         }
+    }
+}
+
+// acc[h][m] += s[h][m] (group g's integer sums of activation row m0 + m) x weight scales x activation scale
+template <int MB>
+static inline void scale_group(const ELinear& L, const EAct& A, int m0, int rb, int g, const __m256i (&s)[2][MB],
+                               __m256 (&acc)[2][MB]) {
+    const __m256 sc[2] = {scale8(L, rb, g, 0), scale8(L, rb, g, 1)};
+    for (int m = 0; m < MB; ++m) {
+        const __m256 gs = _mm256_set1_ps(A.gsc[(size_t)(m0 + m) * L.G + g]);
+        for (int h = 0; h < 2; ++h)
+            acc[h][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s[h][m]), _mm256_mul_ps(sc[h], gs), acc[h][m]);
     }
 }
 
@@ -173,15 +184,7 @@ static void block_avx2_i8(const ELinear& L, const EAct& A, int m0, int rb, float
                 for (int m = 0; m < MB; ++m) s[h][m] = _mm256_add_epi32(s[h][m], _mm256_madd_epi16(t[h][m], ones));
         }
 #endif
-        const float* gsc = A.gsc + (size_t)m0 * G + g;
-        for (int h = 0; h < NH; ++h) {
-            const size_t idx = ((size_t)rb * G + g) * 16 + 8 * h;
-            const __m256 sc = L.half ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)((const uint16_t*)L.scale + idx)))
-                                     : _mm256_loadu_ps((const float*)L.scale + idx);
-            for (int m = 0; m < MB; ++m)
-                acc[h][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s[h][m]),
-                                            _mm256_mul_ps(sc, _mm256_set1_ps(gsc[(size_t)m * G])), acc[h][m]);
-        }
+        scale_group<MB>(L, A, m0, rb, g, s, acc);
     }
     store_i8<MB>(L, acc, m0, rb, y, ldy);
 }
@@ -201,6 +204,7 @@ static void block_avx2_i8_c32(const ELinear& L, const EAct& A, int m0, int rb, f
     const int8_t* a = A.planes + (size_t)m0 * Kp;
     for (int g = 0; g < G; ++g) {
         __m256i s[2][MB];
+        for (int m = 0; m < MB; ++m) s[0][m] = s[1][m] = _mm256_set1_epi32(A.corr[(size_t)(m0 + m) * G + g]);
         for (int c = 0; c < C; ++c, a += 32) {
             __m256i t[2][MB];
 #pragma GCC unroll 4
@@ -224,24 +228,10 @@ static void block_avx2_i8_c32(const ELinear& L, const EAct& A, int m0, int rb, f
                     __asm__("" : "+x"(t[0][m]), "+x"(t[1][m]));
                 }
             }
-            for (int m = 0; m < MB; ++m) {
-                const __m256i base = c ? s[0][m] : _mm256_set1_epi32(A.corr[(size_t)(m0 + m) * G + g]);
-                const __m256i base1 = c ? s[1][m] : base;
-                s[0][m] = _mm256_add_epi32(base, _mm256_madd_epi16(t[0][m], ones));
-                s[1][m] = _mm256_add_epi32(base1, _mm256_madd_epi16(t[1][m], ones));
-            }
+            for (int m = 0; m < MB; ++m)
+                for (int h = 0; h < 2; ++h) s[h][m] = _mm256_add_epi32(s[h][m], _mm256_madd_epi16(t[h][m], ones));
         }
-        const size_t idx = ((size_t)rb * G + g) * 16;
-        const __m256 sc0 = L.half ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)((const uint16_t*)L.scale + idx)))
-                                  : _mm256_loadu_ps((const float*)L.scale + idx);
-        const __m256 sc1 = L.half ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)((const uint16_t*)L.scale + idx + 8)))
-                                  : _mm256_loadu_ps((const float*)L.scale + idx + 8);
-#pragma GCC unroll 4
-        for (int m = 0; m < MB; ++m) {
-            const __m256 gs = _mm256_set1_ps(A.gsc[(size_t)(m0 + m) * G + g]);
-            acc[0][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s[0][m]), _mm256_mul_ps(sc0, gs), acc[0][m]);
-            acc[1][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s[1][m]), _mm256_mul_ps(sc1, gs), acc[1][m]);
-        }
+        scale_group<MB>(L, A, m0, rb, g, s, acc);
     }
     store_i8<MB>(L, acc, m0, rb, y, ldy);
 }
@@ -276,16 +266,7 @@ static void block_avx2_q8(const ELinear& L, const EAct& A, int m0, int rb, float
                 s[1][m] = _mm256_add_epi32(s[1][m], _mm256_madd_epi16(_mm256_maddubs_epi16(ab, _mm256_sign_epi8(v1, b)), ones));
             }
         }
-        const size_t idx = ((size_t)rb * G + g) * 16;
-        const __m256 sc0 = L.half ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)((const uint16_t*)L.scale + idx)))
-                                  : _mm256_loadu_ps((const float*)L.scale + idx);
-        const __m256 sc1 = L.half ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)((const uint16_t*)L.scale + idx + 8)))
-                                  : _mm256_loadu_ps((const float*)L.scale + idx + 8);
-        for (int m = 0; m < MB; ++m) {
-            const __m256 gs = _mm256_set1_ps(A.gsc[(size_t)(m0 + m) * G + g]);
-            acc[0][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s[0][m]), _mm256_mul_ps(sc0, gs), acc[0][m]);
-            acc[1][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s[1][m]), _mm256_mul_ps(sc1, gs), acc[1][m]);
-        }
+        scale_group<MB>(L, A, m0, rb, g, s, acc);
     }
     store_i8<MB>(L, acc, m0, rb, y, ldy);
 }
@@ -339,9 +320,7 @@ static void block_avx2_m1s(const ELinear& L, const EAct& A, int m, const int* rb
         const __m256 gs = _mm256_set1_ps(A.gsc[(size_t)m * G + g]);
         for (int i = 0; i < NB; ++i)
             for (int h = 0; h < 2; ++h) {
-                const size_t idx = ((size_t)rbs[i] * G + g) * 16 + 8 * h;
-                const __m256 sc = L.half ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)((const uint16_t*)L.scale + idx)))
-                                         : _mm256_loadu_ps((const float*)L.scale + idx);
+                const __m256 sc = scale8(L, rbs[i], g, h);
                 acc[i][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s[i][h]), _mm256_mul_ps(sc, gs), acc[i][h]);
             }
     }
